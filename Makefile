@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both install what they need).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/llm-assets
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+
+.PHONY: demo test ui install clean-state
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	@# dagster 1.13's asset-selection parser needs antlr 4.13; dvc (via hydra/omegaconf) pins 4.9
+	@# and only `dvc exp` params need that. Without this, every string selection fails.
+	$(PY) -m pip install -q --no-deps 'antlr4-python3-runtime==4.13.2'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(CLI) init
+	$(CLI) materialize --config configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -ra
+
+ui: install
+	$(CLI) init
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# Forget every materialization and artifact (keeps .venv and the DVC remote).
+clean-state:
+	rm -rf .dagster data/lake dvc.lock

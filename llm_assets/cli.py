@@ -1,0 +1,197 @@
+"""The `llm-assets` command: set up, materialize, inspect and restore the asset graph.
+
+    llm-assets init                                  # Dagster home + DVC remote (idempotent)
+    llm-assets materialize [--select SEL] [--config configs/demo.yaml]
+    llm-assets status                                # latest versions, and what DVC sees
+    llm-assets restore ASSET MD5                     # bring back an earlier artifact version
+
+Runs go through the Dagster instance in $DAGSTER_HOME (default: <project>/.dagster), so they show
+up in `dagster dev` exactly like runs launched from the UI. Selections use Dagster's selection
+syntax (`raw_corpus`, `group:data`, `+deduped_shards`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+DAGSTER_YAML = """\
+# Written by `llm-assets init`. SQLite storage under this directory (the default); point
+# `storage:` at Postgres to share the instance between machines.
+telemetry:
+  enabled: false
+nux:
+  enabled: false
+"""
+SUMMARY_FIELDS = (
+    "documents", "documents_in", "duplicate_rate", "exact_duplicates", "near_duplicates",
+    "removed_share", "train_documents", "validation_documents", "shards", "bytes",
+)
+
+
+def project_dir() -> Path:
+    from llm_assets.defs.resources import default_project_dir
+
+    return Path(default_project_dir()).resolve()
+
+
+def ensure_dagster_home(project: Path) -> Path:
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(project / ".dagster"))).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    return home
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from llm_assets.lib.versioning import init_dvc
+
+    project = project_dir()
+    home = ensure_dagster_home(project)
+    init_dvc(project)
+    for sub in ("raw", "incoming", "lake"):
+        (project / "data" / sub).mkdir(parents=True, exist_ok=True)
+    print(f"project      {project}\nDAGSTER_HOME {home}\nDVC          initialized, default remote configured")
+    return 0
+
+
+def _load_defs():
+    from llm_assets.definitions import defs
+
+    return defs()
+
+
+def _run_config(paths: list[str], selected_ops: set[str]) -> dict:
+    """Merge run-config YAML files; drop `ops` entries for assets outside the selection so one
+    file (configs/demo.yaml) serves every selection."""
+    merged: dict = {}
+    for path in paths:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+    if "ops" in merged:
+        merged["ops"] = {k: v for k, v in merged["ops"].items() if k in selected_ops}
+    return merged
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    project = project_dir()
+    ensure_dagster_home(project)
+    defs = _load_defs()
+    graph = defs.resolve_asset_graph()
+    keys = (dg.AssetSelection.from_string(args.select).resolve(graph) if args.select
+            else graph.materializable_asset_keys)
+    if not keys:
+        print(f"selection {args.select!r} matches no asset", file=sys.stderr)
+        return 2
+    job = defs.resolve_implicit_global_asset_job_def()
+    run_config = _run_config(args.config, {k.to_user_string() for k in keys})
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            run_config=run_config, instance=instance, asset_selection=sorted(keys), raise_on_error=False)
+        print_summary(instance, sorted(keys), project)
+    if not result.success:
+        print(f"\nrun {result.run_id} FAILED; see `make ui` (Runs) for the logs", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2%}" if value <= 1 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_summary(instance, keys, project: Path) -> None:
+    print("\nasset             figures")
+    for key in keys:
+        event = instance.get_latest_materialization_event(key)
+        if event is None:
+            print(f"{key.to_user_string():<17} not materialized")
+            continue
+        md = event.asset_materialization.metadata
+        figures = "  ".join(f"{f}={_fmt(md[f].value)}" for f in SUMMARY_FIELDS if f in md)
+        print(f"{key.to_user_string():<17} {figures}")
+        if "path" in md:
+            short = md["dvc_md5"].value[:12] if "dvc_md5" in md else "-"
+            print(f"{'':<17} {Path(md['path'].value).relative_to(project)}  (dvc {short})")
+    print(f"\nDagster home: {os.environ['DAGSTER_HOME']}\nOpen the UI:  make ui  ->  http://127.0.0.1:3000")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from llm_assets.lib.versioning import dvc_status
+
+    project = project_dir()
+    ensure_dagster_home(project)
+    defs = _load_defs()
+    with dg.DagsterInstance.get() as instance:
+        for key in sorted(defs.resolve_asset_graph().materializable_asset_keys):
+            event = instance.get_latest_materialization_event(key)
+            if event is None:
+                print(f"{key.to_user_string():<17} never materialized")
+                continue
+            version = event.asset_materialization.tags.get("dagster/data_version", "-")
+            print(f"{key.to_user_string():<17} {event.timestamp and _ts(event.timestamp)}  version {version}  run {event.run_id[:8]}")
+    status = dvc_status(project)
+    print("\ndvc status: " + ("data and pipelines are up to date" if not status else ""))
+    for stage, changes in status.items():
+        print(f"  {stage}: {changes}")
+    return 0
+
+
+def _ts(ts: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from llm_assets.lib.versioning import restore_version
+
+    project = project_dir()
+    ensure_dagster_home(project)
+    version = restore_version(project, args.asset, args.md5)
+    with dg.DagsterInstance.get() as instance:
+        # The restore is recorded as an observation carrying the restored data version, so the UI
+        # shows that the artifact on disk no longer matches the latest materialization.
+        instance.report_runless_asset_event(dg.AssetObservation(
+            asset_key=args.asset, tags={"dagster/data_version": version.md5},
+            metadata={"restored_md5": version.md5, "path": dg.MetadataValue.path(str(project / version.path))}))
+    print(f"restored {args.asset} to {version.md5} ({version.nfiles} files, {version.size:,} bytes) at {version.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-assets", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", help="prepare DAGSTER_HOME and DVC (idempotent)").set_defaults(fn=cmd_init)
+    p = sub.add_parser("materialize", help="materialize all assets or a selection")
+    p.add_argument("--select", help="Dagster asset selection, e.g. 'raw_corpus' or 'group:data' (default: all)")
+    p.add_argument("--config", action="append", default=[], help="run-config YAML (repeatable), e.g. configs/demo.yaml")
+    p.set_defaults(fn=cmd_materialize)
+    sub.add_parser("status", help="latest versions and DVC status").set_defaults(fn=cmd_status)
+    p = sub.add_parser("restore", help="restore an earlier version of an asset's artifact")
+    p.add_argument("asset")
+    p.add_argument("md5", help="the DVC hash shown as dvc_md5 in the asset's metadata")
+    p.set_defaults(fn=cmd_restore)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

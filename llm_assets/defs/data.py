@@ -1,0 +1,170 @@
+"""Group `data`: raw_corpus -> clean_corpus -> deduped_shards, each a DVC-versioned directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from llm_assets.defs.resources import LakeResource, artifact_metadata
+from llm_assets.lib import clean, corpus, dedup
+from llm_assets.lib.report import histogram_markdown, markdown_table
+
+
+class CorpusConfig(dg.Config):
+    include_stdlib: bool = Field(True, description="Include the embedded default corpus: this Python's standard library.")
+    stdlib_parts: list[str] = Field(
+        list(corpus.STDLIB_PARTS),
+        description="Which stdlib parts: 'modules' (source), 'tests' (its test suite), 'docs' (pydoc topics, .txt docs).")
+    stdlib_max_documents: int = Field(0, description="Keep at most this many stdlib documents, spread evenly (0 = all).")
+    user_globs: list[str] = Field(
+        ["**/*.txt", "**/*.md", "**/*.jsonl", "**/*.parquet"],
+        description="Glob patterns, relative to data/raw/, selecting the user's corpus files.")
+    jsonl_text_field: str = Field("text", description="Field holding the document text in .jsonl files.")
+    parquet_text_column: str = Field("text", description="Column holding the document text in .parquet files.")
+
+
+class CleanConfig(dg.Config):
+    min_chars: int = Field(200, description="Drop documents shorter than this after normalization.")
+    max_chars: int = Field(1_000_000, description="Drop documents longer than this.")
+    max_line_chars: int = Field(2_000, description="Drop documents with a longer line (minified code, data blobs).")
+    min_alpha_share: float = Field(0.25, description="Drop documents whose share of letters is lower.")
+    max_repeated_line_share: float = Field(0.6, description="Drop documents where a larger share of characters sits in repeated lines.")
+    max_control_share: float = Field(0.001, description="Drop documents with a higher share of control characters.")
+    max_replacement_share: float = Field(0.001, description="Drop documents with a higher share of U+FFFD (invalid UTF-8).")
+
+
+class DedupConfig(dg.Config):
+    threshold: float = Field(0.8, description="Estimated Jaccard similarity of word 5-gram shingles at which two documents are near duplicates.")
+    num_perm: int = Field(128, description="MinHash signature length (a power of two).")
+    shingle_size: int = Field(5, description="Words per shingle.")
+    seed: int = Field(1, description="Seed of the MinHash hash functions.")
+    validation_fraction: float = Field(0.1, description="Share of duplicate clusters assigned to the validation split.")
+    shard_target_mb: float = Field(8.0, description="Target uncompressed text per Parquet shard, in MB.")
+
+
+@dg.asset(group_name="data", kinds={"parquet", "dvc"})
+def raw_corpus(context: dg.AssetExecutionContext, config: CorpusConfig, lake: LakeResource) -> dg.MaterializeResult:
+    """Documents from the configured sources (default: this Python's standard library, sources,
+    tests and docs; plus .txt/.md/.jsonl/.parquet files under data/raw/) as one Parquet file."""
+    sources = corpus.CorpusSources(raw_dir=lake.raw_dir, **config.model_dump())
+    docs, stats = corpus.collect_documents(sources)
+    if not docs:
+        raise dg.Failure(f"raw_corpus: no documents (stdlib {'on' if config.include_stdlib else 'off'}, "
+                         f"no files matching {config.user_globs} under {lake.raw_dir})")
+    out = lake.artifact_dir("raw_corpus")
+    with lake.write("raw_corpus") as tmp:
+        corpus.write_documents(docs, tmp / "corpus.parquet")
+    version = lake.record("raw_corpus")
+    rows = [(src, n) for src, n in sorted(stats.by_source.items())]
+    return dg.MaterializeResult(
+        metadata={
+            **artifact_metadata(out, version),
+            "documents": stats.documents,
+            "text_bytes": stats.bytes,
+            "user_files": stats.files_read,
+            "invalid_utf8_bytes": stats.invalid_utf8_bytes,
+            "documents_with_invalid_utf8": stats.documents_with_invalid_utf8,
+            "by_source": dg.MetadataValue.md(markdown_table(["source", "documents"], rows)),
+        },
+        data_version=dg.DataVersion(version.md5),
+    )
+
+
+@dg.asset(
+    group_name="data",
+    kinds={"parquet", "dvc"},
+    deps=[raw_corpus],
+    check_specs=[dg.AssetCheckSpec("clean_corpus_keeps_most_documents", asset="clean_corpus",
+                                   description="Warns when the filters remove more than half the documents.")],
+)
+def clean_corpus(config: CleanConfig, lake: LakeResource) -> dg.MaterializeResult:
+    """Normalized text (NFC, LF, no control characters, no trailing whitespace) after the quality
+    filters; metadata counts what each rule removed, with examples."""
+    docs = corpus.read_documents(lake.artifact_dir("raw_corpus") / "corpus.parquet")
+    kept, report = clean.clean_documents(docs, clean.CleanRules(**config.model_dump()))
+    out = lake.artifact_dir("clean_corpus")
+    with lake.write("clean_corpus") as tmp:
+        corpus.write_documents(kept, tmp / "corpus.parquet")
+    version = lake.record("clean_corpus")
+    rows = [(rule, report.removed.get(rule, 0), ", ".join(report.examples.get(rule, [])))
+            for rule in clean.RULES]
+    removed_share = 1 - report.documents_out / report.documents_in
+    return dg.MaterializeResult(
+        metadata={
+            **artifact_metadata(out, version),
+            "documents_in": report.documents_in,
+            "documents": report.documents_out,
+            "removed_share": removed_share,
+            "chars": report.chars_out,
+            **{f"removed_{rule}": report.removed.get(rule, 0) for rule in clean.RULES},
+            "filters": dg.MetadataValue.md(markdown_table(["rule", "removed", "examples"], rows)),
+        },
+        data_version=dg.DataVersion(version.md5),
+        check_results=[dg.AssetCheckResult(
+            check_name="clean_corpus_keeps_most_documents", passed=removed_share <= 0.5,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"threshold": 0.5, "observed_removed_share": removed_share})],
+    )
+
+
+@dg.asset(
+    group_name="data",
+    kinds={"parquet", "dvc"},
+    deps=[clean_corpus],
+    check_specs=[dg.AssetCheckSpec(
+        "deduped_shards_splits_disjoint", asset="deduped_shards", blocking=True,
+        description="Both splits are non-empty and no document or duplicate cluster appears in both.")],
+)
+def deduped_shards(config: DedupConfig, lake: LakeResource) -> dg.MaterializeResult:
+    """Exact and MinHash-LSH near-duplicate removal, then Parquet shards of a target size with a
+    deterministic train/validation split that keeps each duplicate cluster on one side."""
+    docs = corpus.read_documents(lake.artifact_dir("clean_corpus") / "corpus.parquet")
+    params = dedup.DedupParams(**config.model_dump(exclude={"shard_target_mb"}))
+    result = dedup.deduplicate(docs, params)
+    out = lake.artifact_dir("deduped_shards")
+    with lake.write("deduped_shards") as tmp:
+        manifest = dedup.write_shards(result, tmp, config.shard_target_mb)
+    version = lake.record("deduped_shards")
+    check = _splits_disjoint(out)
+    near = [d for d in result.duplicates if d.kind == "near"]
+    examples = sorted(near, key=lambda d: d.jaccard)[:: max(1, len(near) // 8)][:8]
+    split_rows = [(s, v["documents"], v["text_bytes"], v["shards"]) for s, v in manifest["splits"].items()]
+    metadata = {
+        **artifact_metadata(out, version),
+        "documents_in": result.documents_in,
+        "documents": len(result.kept),
+        "duplicate_rate": result.duplicate_rate,
+        "exact_duplicates": result.exact_duplicates,
+        "near_duplicates": result.near_duplicates,
+        "train_documents": manifest["splits"]["train"]["documents"],
+        "validation_documents": manifest["splits"]["validation"]["documents"],
+        "shards": len(manifest["shards"]),
+        "splits": dg.MetadataValue.md(markdown_table(["split", "documents", "text bytes", "shards"], split_rows)),
+        "example_clusters": dg.MetadataValue.md(markdown_table(
+            ["kept document", "removed near duplicate", "estimated Jaccard"],
+            [(d.kept_doc_id, d.doc_id, d.jaccard) for d in examples])),
+    }
+    if near:
+        metadata["jaccard_histogram"] = dg.MetadataValue.md(histogram_markdown(
+            [d.jaccard for d in near], "near-duplicate pairs", "estimated Jaccard with the kept document"))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version.md5), check_results=[check])
+
+
+def _splits_disjoint(shard_dir: Path) -> dg.AssetCheckResult:
+    """Reads the written shards back: the gate checks the artifact, not the in-memory result."""
+    ids = {s: set(dedup.read_split(shard_dir, s).column("doc_id").to_pylist())
+           if list(shard_dir.glob(f"{s}-*.parquet")) else set() for s in ("train", "validation")}
+    overlap = ids["train"] & ids["validation"]
+    removed = set(pq.read_table(shard_dir / "duplicates.parquet").column("doc_id").to_pylist())
+    leaked = removed & (ids["train"] | ids["validation"])
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    passed = bool(ids["train"]) and bool(ids["validation"]) and not overlap and not leaked
+    return dg.AssetCheckResult(
+        check_name="deduped_shards_splits_disjoint", passed=passed,
+        metadata={"train_documents": len(ids["train"]), "validation_documents": len(ids["validation"]),
+                  "documents_in_both_splits": len(overlap), "removed_duplicates_still_present": len(leaked),
+                  "threshold": 0, "shards": len(manifest["shards"])})

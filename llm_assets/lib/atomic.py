@@ -1,0 +1,54 @@
+"""Atomic artifact directories: a crash never leaves a half-written artifact that looks complete.
+
+    with atomic_dir(Path("data/lake/raw_corpus")) as tmp:
+        write_everything_into(tmp)
+    # only now does data/lake/raw_corpus hold the new files
+
+The staging directory sits next to the target (same filesystem, so `rename` is atomic) under a
+dot-prefixed name that DVC and git ignore. On an exception the staging directory is removed and
+the previous artifact is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{token}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # Linux cannot rename a directory over a non-empty one, so the old artifact is first moved
+    # aside. Between the two renames the target is briefly absent, never half-written.
+    trash = target.parent / f"{TRASH_PREFIX}{target.name}-{token}"
+    if target.exists():
+        target.rename(trash)
+    staging.rename(target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def sweep_leftovers(parent: Path) -> list[Path]:
+    """Remove staging/trash directories left behind by a killed process; returns what it removed."""
+    removed = []
+    if not Path(parent).is_dir():
+        return removed
+    for path in Path(parent).iterdir():
+        if path.is_dir() and path.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

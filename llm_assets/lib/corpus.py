@@ -1,0 +1,236 @@
+"""Raw corpus: documents from the embedded default (this Python's standard library) and user files.
+
+    docs, stats = collect_documents(CorpusSources(raw_dir=Path("data/raw")))
+    write_documents(docs, Path("out/corpus.parquet"))
+
+Every document is a `Document(doc_id, source, path, text, n_bytes, invalid_utf8)`.
+
+- Embedded default, present on every machine: the standard library's module sources
+  (`stdlib-module`), its own test suite (`stdlib-test`, rich in genuine near-duplicates) and the
+  documentation text that ships with it (`stdlib-doc`: the pydoc help topics from `pydoc_data` and
+  the `.txt` documentation files in the library tree).
+- User files under `raw_dir`: `.txt` and `.md` (one document per file), `.jsonl` (one document per
+  line, text in a configurable field) and `.parquet` (one document per row, configurable column).
+
+Invalid UTF-8 is never fatal and never silent: each undecodable byte becomes U+FFFD and is counted
+per document (`invalid_utf8`); the cleaning stage drops documents where that share is high.
+Malformed structure (bad JSON, a missing or non-string text field, a missing column) raises
+`CorpusFormatError` naming the file and line (or row).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sysconfig
+import tokenize
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+USER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+STDLIB_PARTS = ("modules", "tests", "docs")
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("path", pa.string()),
+        ("text", pa.string()),
+        ("n_bytes", pa.int64()),
+        ("invalid_utf8", pa.int32()),
+    ]
+)
+
+
+class CorpusFormatError(ValueError):
+    """A user file is structurally malformed; the message names the file and line or row."""
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    source: str
+    path: str
+    text: str
+    n_bytes: int
+    invalid_utf8: int = 0
+
+
+@dataclass(frozen=True)
+class CorpusSources:
+    """What goes into the raw corpus (documented for users on `CorpusConfig` in the defs)."""
+
+    raw_dir: Path
+    include_stdlib: bool = True
+    stdlib_parts: tuple[str, ...] = STDLIB_PARTS
+    stdlib_max_documents: int = 0
+    user_globs: tuple[str, ...] = ("**/*.txt", "**/*.md", "**/*.jsonl", "**/*.parquet")
+    jsonl_text_field: str = "text"
+    parquet_text_column: str = "text"
+
+
+@dataclass
+class CorpusStats:
+    documents: int = 0
+    bytes: int = 0
+    invalid_utf8_bytes: int = 0
+    documents_with_invalid_utf8: int = 0
+    by_source: Counter = field(default_factory=Counter)
+    files_read: int = 0
+
+
+def decode_counting(raw: bytes, encoding: str = "utf-8") -> tuple[str, int]:
+    """Decode, replacing each undecodable byte with U+FFFD; returns (text, bytes replaced)."""
+    text = raw.decode(encoding, errors="surrogateescape")
+    n_bad = len(_SURROGATE.findall(text))
+    if n_bad:
+        text = _SURROGATE.sub("\ufffd", text)
+    return text, n_bad
+
+
+def _read_python_source(path: Path) -> tuple[str, int]:
+    raw = path.read_bytes()
+    try:
+        # Honour PEP 263 coding cookies: a few stdlib test modules are latin-1 on purpose.
+        encoding, _ = tokenize.detect_encoding(iter(raw.splitlines(keepends=True)).__next__)
+    except SyntaxError:
+        encoding = "utf-8"  # deliberately broken cookies (test/bad_coding*.py)
+    encoding = "utf-8" if encoding == "utf-8-sig" else encoding
+    return decode_counting(raw, encoding)
+
+
+def iter_stdlib_documents(parts: Iterable[str] = STDLIB_PARTS) -> Iterator[Document]:
+    """The standard library of the running interpreter, in a stable (sorted) order."""
+    parts = set(parts)
+    unknown = parts - set(STDLIB_PARTS)
+    if unknown:
+        raise ValueError(f"stdlib_parts: unknown part(s) {sorted(unknown)}; choose from {STDLIB_PARTS}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if "site-packages" in rel.parts or "__pycache__" in rel.parts or not path.is_file():
+            continue
+        in_tests = bool({"test", "tests"} & set(rel.parts[:-1]))
+        if path.suffix == ".py":
+            source, part = ("stdlib-test", "tests") if in_tests else ("stdlib-module", "modules")
+        elif path.suffix == ".txt":
+            # .txt beside the tests is test data (several deliberately not UTF-8); elsewhere docs.
+            source, part = ("stdlib-test", "tests") if in_tests else ("stdlib-doc", "docs")
+        else:
+            continue
+        if part not in parts:
+            continue
+        if path.suffix == ".py":
+            text, bad = _read_python_source(path)
+        else:
+            text, bad = decode_counting(path.read_bytes())
+        yield Document(f"stdlib/{rel.as_posix()}", source, str(path), text, path.stat().st_size, bad)
+    if "docs" in parts:
+        from pydoc_data.topics import topics  # the text behind help('TOPIC'), shipped with Python
+
+        for name in sorted(topics):
+            text = topics[name]
+            yield Document(f"stdlib-doc/pydoc_topics/{name}", "stdlib-doc", "pydoc_data.topics",
+                           text, len(text.encode()), 0)
+
+
+def _read_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            decoded, bad = decode_counting(line)
+            try:
+                record = json.loads(decoded)
+            except json.JSONDecodeError as e:
+                raise CorpusFormatError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+            if not isinstance(record, dict):
+                raise CorpusFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            if text_field not in record:
+                raise CorpusFormatError(
+                    f"{path}:{lineno}: missing text field {text_field!r} (keys: {sorted(record)[:10]})")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise CorpusFormatError(
+                    f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
+            yield Document(f"raw/{rel}#L{lineno}", "user", str(path), text, len(line), bad)
+
+
+def _read_parquet(path: Path, rel: str, column: str) -> Iterator[Document]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusFormatError(f"{path}: not a readable Parquet file: {e}") from e
+    if column not in table.column_names:
+        raise CorpusFormatError(f"{path}: missing text column {column!r} (columns: {table.column_names})")
+    col = table.column(column)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise CorpusFormatError(f"{path}: column {column!r} must be a string column, got {col.type}")
+    for row, text in enumerate(col.to_pylist()):
+        if text is None:
+            raise CorpusFormatError(f"{path}: row {row}: column {column!r} is null")
+        yield Document(f"raw/{rel}#R{row}", "user", str(path), text, len(text.encode()), 0)
+
+
+def iter_user_documents(sources: CorpusSources) -> Iterator[tuple[Path, Iterator[Document]]]:
+    """(file, its documents) for every selected user file under `raw_dir`, sorted by path."""
+    raw_dir = Path(sources.raw_dir)
+    if not raw_dir.is_dir():
+        return
+    files = sorted({p for g in sources.user_globs for p in raw_dir.glob(g) if p.is_file()})
+    for path in files:
+        rel = path.relative_to(raw_dir).as_posix()
+        if path.suffix in (".txt", ".md"):
+            raw = path.read_bytes()
+            text, bad = decode_counting(raw)
+            yield path, iter([Document(f"raw/{rel}", "user", str(path), text, len(raw), bad)])
+        elif path.suffix == ".jsonl":
+            yield path, _read_jsonl(path, rel, sources.jsonl_text_field)
+        elif path.suffix == ".parquet":
+            yield path, _read_parquet(path, rel, sources.parquet_text_column)
+        else:
+            raise CorpusFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {USER_SUFFIXES}")
+
+
+def _take_evenly(docs: list[Document], n: int) -> list[Document]:
+    """n documents spread evenly over the sorted list (every part of the library is sampled)."""
+    if n <= 0 or n >= len(docs):
+        return docs
+    return [docs[i * len(docs) // n] for i in range(n)]
+
+
+def collect_documents(sources: CorpusSources) -> tuple[list[Document], CorpusStats]:
+    docs: list[Document] = []
+    stats = CorpusStats()
+    if sources.include_stdlib:
+        stdlib = list(iter_stdlib_documents(sources.stdlib_parts))
+        docs.extend(_take_evenly(stdlib, sources.stdlib_max_documents))
+    for _path, file_docs in iter_user_documents(sources):
+        stats.files_read += 1
+        docs.extend(file_docs)
+    for d in docs:
+        stats.documents += 1
+        stats.bytes += d.n_bytes
+        stats.invalid_utf8_bytes += d.invalid_utf8
+        stats.documents_with_invalid_utf8 += d.invalid_utf8 > 0
+        stats.by_source[d.source] += 1
+    return docs, stats
+
+
+def write_documents(docs: list[Document], path: Path, row_group_size: int = 1024) -> None:
+    """Parquet with fixed settings (zstd, fixed row groups) so identical input gives identical bytes
+    and therefore an identical DVC hash."""
+    columns = {name: [getattr(d, name) for d in docs] for name in SCHEMA.names}
+    table = pa.table(columns, schema=SCHEMA)
+    pq.write_table(table, path, compression="zstd", row_group_size=row_group_size)
+
+
+def read_documents(path: Path) -> list[Document]:
+    table = pq.read_table(path, columns=SCHEMA.names)
+    return [Document(**row) for row in table.to_pylist()]

@@ -1,0 +1,191 @@
+"""Deduplicated shards: exact and near-duplicate removal, a leak-free train/validation split, and
+Parquet shards of a target size.
+
+    result = deduplicate(docs, DedupParams())
+    manifest = write_shards(result, out_dir, target_mb=8.0)
+
+1. Exact duplicates: identical normalized text (sha256); the smallest doc_id is kept.
+2. Near duplicates among the exact-unique documents: MinHash signatures (`minhash.signatures`) fed to
+   datasketch's LSH index (`near_dup.near_duplicate_clusters`); pairs whose estimated Jaccard
+   similarity of word 5-gram shingles reaches the threshold are merged into clusters (union-find).
+   Each cluster keeps its smallest doc_id (the documents are sorted by doc_id first).
+3. Split: a document goes to validation when a hash of its cluster id (the kept doc_id) falls under
+   the validation fraction. Only one member per cluster survives, and the decision depends on the
+   cluster, not on the member, so duplicates can never straddle train and validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm_assets.lib.corpus import Document
+from llm_assets.lib.minhash import signatures
+from llm_assets.lib.near_dup import near_duplicate_clusters
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("text", pa.string()),
+        ("cluster_size", pa.int32()),  # documents this one stands for (1 = it had no duplicates)
+    ]
+)
+DUPLICATE_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),  # the removed document
+        ("kept_doc_id", pa.string()),  # the cluster member that was kept
+        ("kind", pa.string()),  # "exact" or "near"
+        ("jaccard", pa.float64()),  # estimated Jaccard with the kept document (1.0 for exact)
+    ]
+)
+
+
+@dataclass(frozen=True)
+class DedupParams:
+    threshold: float = 0.8
+    num_perm: int = 128
+    shingle_size: int = 5
+    seed: int = 1
+    validation_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    doc_id: str
+    kept_doc_id: str
+    kind: str
+    jaccard: float
+
+
+@dataclass
+class DedupResult:
+    kept: list[Document]
+    cluster_size: dict[str, int]  # kept doc_id -> members it stands for
+    duplicates: list[Duplicate]
+    split: dict[str, str]  # kept doc_id -> "train" | "validation"
+    documents_in: int
+
+    @property
+    def exact_duplicates(self) -> int:
+        return sum(d.kind == "exact" for d in self.duplicates)
+
+    @property
+    def near_duplicates(self) -> int:
+        return sum(d.kind == "near" for d in self.duplicates)
+
+    @property
+    def duplicate_rate(self) -> float:
+        return len(self.duplicates) / self.documents_in if self.documents_in else 0.0
+
+
+def split_of(cluster_id: str, validation_fraction: float) -> str:
+    """Deterministic across machines and Python runs (no `hash()` randomization)."""
+    bucket = int.from_bytes(hashlib.sha256(cluster_id.encode()).digest()[:8], "big") / 2**64
+    return "validation" if bucket < validation_fraction else "train"
+
+
+def deduplicate(docs: list[Document], params: DedupParams) -> DedupResult:
+    if not 0.0 < params.threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {params.threshold}")
+    if not 0.0 <= params.validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {params.validation_fraction}")
+    docs = sorted(docs, key=lambda d: d.doc_id)
+    duplicates: list[Duplicate] = []
+
+    first_by_text: dict[bytes, Document] = {}
+    unique: list[Document] = []
+    exact_count: dict[str, int] = {}
+    for doc in docs:
+        key = hashlib.sha256(doc.text.encode()).digest()
+        if key in first_by_text:
+            kept = first_by_text[key]
+            duplicates.append(Duplicate(doc.doc_id, kept.doc_id, "exact", 1.0))
+            exact_count[kept.doc_id] += 1
+        else:
+            first_by_text[key] = doc
+            unique.append(doc)
+            exact_count[doc.doc_id] = 1
+
+    sigs = signatures([d.text for d in unique], num_perm=params.num_perm, k=params.shingle_size, seed=params.seed)
+    removed: set[int] = set()
+    cluster_size = dict(exact_count)
+    for cluster in near_duplicate_clusters(sigs, threshold=params.threshold):
+        rep = unique[cluster.members[0]]
+        for idx, jac in zip(cluster.members[1:], cluster.jaccard[1:]):
+            removed.add(idx)
+            member = unique[idx]
+            duplicates.append(Duplicate(member.doc_id, rep.doc_id, "near", float(jac)))
+            # exact copies of a near duplicate now point at the cluster's kept document too
+            cluster_size[rep.doc_id] += cluster_size.pop(member.doc_id)
+    near_of = {d.doc_id: d.kept_doc_id for d in duplicates if d.kind == "near"}
+    duplicates = [
+        Duplicate(d.doc_id, near_of[d.kept_doc_id], "exact", d.jaccard) if d.kept_doc_id in near_of else d
+        for d in duplicates
+    ]
+    kept = [d for i, d in enumerate(unique) if i not in removed]
+    split = {d.doc_id: split_of(d.doc_id, params.validation_fraction) for d in kept}
+    return DedupResult(kept, cluster_size, duplicates, split, len(docs))
+
+
+def write_shards(result: DedupResult, out_dir: Path, target_mb: float) -> dict:
+    """`train-00000.parquet`, ..., `validation-00000.parquet`, ..., `duplicates.parquet` and
+    `manifest.json` in `out_dir`. A shard is closed once its UTF-8 text reaches `target_mb` MB, so
+    shards are about that size uncompressed (Parquet zstd makes them smaller on disk)."""
+    if target_mb <= 0:
+        raise ValueError(f"shard target size must be positive, got {target_mb} MB")
+    target = int(target_mb * 1_000_000)
+    manifest: dict = {"shards": [], "splits": {}}
+    for split_name in ("train", "validation"):
+        docs = [d for d in result.kept if result.split[d.doc_id] == split_name]
+        batches: list[list[Document]] = [[]]
+        size = 0
+        for doc in docs:
+            if batches[-1] and size >= target:
+                batches.append([])
+                size = 0
+            batches[-1].append(doc)
+            size += len(doc.text.encode())
+        if not batches[-1]:
+            batches.pop()
+        for i, batch in enumerate(batches):
+            name = f"{split_name}-{i:05d}.parquet"
+            table = pa.table(
+                {
+                    "doc_id": [d.doc_id for d in batch],
+                    "source": [d.source for d in batch],
+                    "text": [d.text for d in batch],
+                    "cluster_size": [result.cluster_size[d.doc_id] for d in batch],
+                },
+                schema=SHARD_SCHEMA,
+            )
+            pq.write_table(table, out_dir / name, compression="zstd")
+            manifest["shards"].append(
+                {"file": name, "split": split_name, "documents": len(batch),
+                 "text_bytes": sum(len(d.text.encode()) for d in batch),
+                 "file_bytes": (out_dir / name).stat().st_size})
+        manifest["splits"][split_name] = {
+            "documents": len(docs),
+            "text_bytes": sum(len(d.text.encode()) for d in docs),
+            "shards": len(batches),
+        }
+    dup_table = pa.table(
+        {name: [getattr(d, name) for d in result.duplicates] for name in DUPLICATE_SCHEMA.names},
+        schema=DUPLICATE_SCHEMA,
+    )
+    pq.write_table(dup_table, out_dir / "duplicates.parquet", compression="zstd")
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_split(shard_dir: Path, split: str) -> pa.Table:
+    """All shards of one split as one table (the contract later stages read)."""
+    files = sorted(Path(shard_dir).glob(f"{split}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{shard_dir}: no {split} shards ({split}-*.parquet)")
+    return pa.concat_tables(pq.read_table(f) for f in files)

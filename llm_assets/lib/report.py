@@ -1,0 +1,44 @@
+"""Small presentation helpers shared by the stages: markdown tables and inline PNG plots.
+
+Dagster has no image metadata type; a PNG embedded as a data URI in markdown renders in the UI
+(see FIELD_NOTES), so plots travel as markdown strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers, CI or Dagster run workers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def figure_markdown(fig: "plt.Figure", alt: str) -> str:
+    """Render a matplotlib figure to an inline PNG markdown image and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def histogram_markdown(values: Sequence[float], title: str, xlabel: str, bins: int = 20) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(values, bins=bins, color="#4f6bed")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return figure_markdown(fig, title)
