@@ -1,6 +1,5 @@
 """Group `data`: raw_corpus -> clean_corpus -> deduped_shards, each a DVC-versioned directory."""
 
-from __future__ import annotations
 
 import json
 from pathlib import Path

@@ -1,0 +1,80 @@
+"""In-process materialization of the data group on a throwaway project with real DVC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llm_assets.defs.data import clean_corpus, deduped_shards, raw_corpus
+from llm_assets.defs.resources import LakeResource
+
+ASSETS = [raw_corpus, clean_corpus, deduped_shards]
+
+
+def materialize(project: Path, run_config: dict, selection=None, instance=None):
+    return dg.materialize(
+        ASSETS, selection=selection, run_config=run_config, instance=instance,
+        resources={"lake": LakeResource(project_dir=str(project))}, raise_on_error=False)
+
+
+def lock_md5(project: Path, stage: str) -> str:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return lock["stages"][stage]["outs"][0]["md5"]
+
+
+def test_data_group_materializes_with_metadata_and_dvc_versions(project, tiny_run_config):
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = materialize(project, tiny_run_config, instance=instance)
+        assert result.success
+        for asset in ("raw_corpus", "clean_corpus", "deduped_shards"):
+            event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+            md = event.asset_materialization.metadata
+            assert md["dvc_md5"].value == lock_md5(project, asset)
+            assert event.asset_materialization.tags["dagster/data_version"] == md["dvc_md5"].value
+            assert Path(md["path"].value) == project / "data" / "lake" / asset
+            assert md["bytes"].value > 0
+    raw = result.asset_materializations_for_node("raw_corpus")[0].metadata
+    dedup = result.asset_materializations_for_node("deduped_shards")[0].metadata
+    assert raw["documents"].value == 240
+    assert dedup["documents_in"].value + dedup["documents"].value > 0
+    assert dedup["duplicate_rate"].value == pytest.approx(
+        (dedup["exact_duplicates"].value + dedup["near_duplicates"].value) / dedup["documents_in"].value)
+    assert dedup["train_documents"].value > 0 and dedup["validation_documents"].value > 0
+    assert "| split |" in dedup["splits"].value
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["deduped_shards_splits_disjoint"] is True
+    manifest = json.loads((project / "data/lake/deduped_shards/manifest.json").read_text())
+    shard = pq.read_table(project / "data/lake/deduped_shards" / manifest["shards"][0]["file"])
+    assert shard.column_names == ["doc_id", "source", "text", "cluster_size"]
+    # the DVC remote holds the pushed objects
+    assert any((project.parent / "remote").rglob("*.dir"))
+
+
+def test_malformed_jsonl_fails_with_file_and_line_and_keeps_previous_artifact(project):
+    cfg = {"ops": {"raw_corpus": {"config": {"include_stdlib": False}}}}
+    (project / "data/raw/good.jsonl").write_text('{"text": "a fine document"}\n')
+    assert materialize(project, cfg, selection=[raw_corpus]).success
+    before = (project / "data/lake/raw_corpus/corpus.parquet").read_bytes()
+
+    (project / "data/raw/bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
+    result = materialize(project, cfg, selection=[raw_corpus])
+    assert not result.success
+    error = result.get_step_failure_events()[0].event_specific_data.error
+    assert "bad.jsonl:2: invalid JSON" in error.to_string()
+    assert (project / "data/lake/raw_corpus/corpus.parquet").read_bytes() == before
+    assert [p.name for p in (project / "data/lake").iterdir()] == ["raw_corpus"]  # no staging left
+
+
+def test_no_documents_left_fails_clearly(project):
+    (project / "data/raw/short.txt").write_text("too short to keep")
+    cfg = {"ops": {"raw_corpus": {"config": {"include_stdlib": False}}}}
+    result = materialize(project, cfg, selection=[raw_corpus, clean_corpus])
+    assert not result.success
+    error = result.get_step_failure_events()[0].event_specific_data.error.to_string()
+    assert "no documents left after cleaning (1 in; removed by too_short: 1)" in error
+    assert not (project / "data/lake/clean_corpus").exists()
