@@ -28,7 +28,7 @@ nux:
   enabled: false
 """
 SUMMARY_FIELDS = (
-    "documents", "documents_in", "duplicate_rate", "exact_duplicates", "near_duplicates",
+    "documents", "text_bytes", "documents_in", "duplicate_rate", "exact_duplicates", "near_duplicates",
     "removed_share", "train_documents", "validation_documents", "shards", "bytes",
 )
 
@@ -78,6 +78,8 @@ def _run_config(paths: list[str], selected_ops: set[str]) -> dict:
                 merged[key] = value
     if "ops" in merged:
         merged["ops"] = {k: v for k, v in merged["ops"].items() if k in selected_ops}
+    # Step-level DEBUG events drown the summary in a terminal; the UI keeps every event anyway.
+    merged.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
     return merged
 
 
@@ -98,7 +100,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
             run_config=run_config, instance=instance, asset_selection=sorted(keys), raise_on_error=False)
-        print_summary(instance, sorted(keys), project)
+        print_summary(instance, [k for k in graph.toposorted_asset_keys if k in keys], project)
     if not result.success:
         print(f"\nrun {result.run_id} FAILED; see `make ui` (Runs) for the logs", file=sys.stderr)
         return 1
@@ -138,7 +140,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ensure_dagster_home(project)
     defs = _load_defs()
     with dg.DagsterInstance.get() as instance:
-        for key in sorted(defs.resolve_asset_graph().materializable_asset_keys):
+        graph = defs.resolve_asset_graph()
+        for key in [k for k in graph.toposorted_asset_keys if k in graph.materializable_asset_keys]:
             event = instance.get_latest_materialization_event(key)
             if event is None:
                 print(f"{key.to_user_string():<17} never materialized")
@@ -148,7 +151,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = dvc_status(project)
     print("\ndvc status: " + ("data and pipelines are up to date" if not status else ""))
     for stage, changes in status.items():
-        print(f"  {stage}: {changes}")
+        # dvc status gives [{"changed deps": {path: state}}, {"changed outs": {...}}] per stage
+        parts = [f"{kind} ({', '.join(f'{p} {st}' for p, st in paths.items())})"
+                 for change in changes if isinstance(change, dict) for kind, paths in change.items()]
+        print(f"  {stage}: {'; '.join(parts) or changes}")
     return 0
 
 

@@ -10,6 +10,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _dvc_env(tmp_path_factory: pytest.TempPathFactory):
+    """DVC keeps per-repo state under /var/tmp/dvc/ and reports analytics by default: keep test
+    repos' state in the test's temp dir and stay offline."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DVC_SITE_CACHE_DIR", str(tmp_path_factory.mktemp("dvc-site")))
+    mp.setenv("DVC_NO_ANALYTICS", "1")
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A project root like the checkout: dvc.yaml, the code it lists as deps, data/raw, and DVC
