@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.lib import versioning
-from llm_assets.lib.atomic import atomic_dir
+from llm_assets.lib.atomic import atomic_dir, sweep_leftovers
 
 PROJECT_DIR_ENV = "LLM_ASSETS_PROJECT_DIR"
 
@@ -48,6 +48,7 @@ class LakeResource(dg.ConfigurableResource):
     @contextlib.contextmanager
     def write(self, asset: str) -> Iterator[Path]:
         """A staging directory that replaces `data/lake/<asset>` only if the block succeeds."""
+        sweep_leftovers(self.artifact_dir(asset))  # debris of runs killed mid-write (never complete-looking)
         with atomic_dir(self.artifact_dir(asset)) as staging:
             yield staging
 

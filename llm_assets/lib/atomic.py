@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,13 +43,19 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def sweep_leftovers(parent: Path) -> list[Path]:
-    """Remove staging/trash directories left behind by a killed process; returns what it removed."""
-    removed = []
-    if not Path(parent).is_dir():
+def sweep_leftovers(target: Path, older_than_s: float = 3600.0) -> list[Path]:
+    """Remove staging/trash directories of `target` left behind by a killed process; returns them.
+
+    Only directories untouched for `older_than_s` go, so a write still in progress elsewhere (a
+    second run of the same asset) is never pulled from under its feet."""
+    target = Path(target)
+    removed: list[Path] = []
+    if not target.parent.is_dir():
         return removed
-    for path in Path(parent).iterdir():
-        if path.is_dir() and path.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    now = time.time()
+    for prefix in (STAGING_PREFIX, TRASH_PREFIX):
+        for path in target.parent.glob(f"{prefix}{target.name}-*"):
+            if path.is_dir() and now - path.stat().st_mtime > older_than_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed

@@ -33,3 +33,19 @@ def test_failure_on_first_write_leaves_no_artifact(tmp_path: Path):
             (tmp / "part.parquet").write_bytes(b"\0" * 10)
             raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_removes_only_old_leftovers_of_that_target(tmp_path: Path):
+    import os
+
+    from llm_assets.lib.atomic import sweep_leftovers
+
+    old = tmp_path / ".staging-asset-dead1234"
+    fresh = tmp_path / ".staging-asset-live5678"
+    other = tmp_path / ".staging-other-dead0000"
+    for d in (old, fresh, other):
+        d.mkdir()
+    os.utime(old, (0, 0))
+    os.utime(other, (0, 0))
+    assert sweep_leftovers(tmp_path / "asset") == [old]
+    assert fresh.exists() and other.exists()
