@@ -21,23 +21,49 @@ def _dvc_env(tmp_path_factory: pytest.TempPathFactory):
     mp.undo()
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
+def make_project(base: Path) -> Path:
     """A project root like the checkout: dvc.yaml, the code it lists as deps, data/raw, and DVC
-    initialized with a local-directory remote inside tmp_path."""
+    initialized with a local-directory remote beside it."""
     from llm_assets.lib.versioning import init_dvc
 
-    root = tmp_path / "project"
+    root = base / "project"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "llm_assets").symlink_to(REPO / "llm_assets")  # dvc.yaml lists code files as deps
     (root / "data" / "raw").mkdir(parents=True)
-    init_dvc(root, remote_url=str(tmp_path / "remote"))
+    init_dvc(root, remote_url=str(base / "remote"))
     return root
+
+
+def load_tiny_config(assets: list[str] | None = None) -> dict:
+    """configs/tiny.yaml, optionally restricted to `assets` (Dagster rejects config for assets
+    outside the run)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    if assets is not None:
+        cfg["ops"] = {k: v for k, v in cfg["ops"].items() if k in assets}
+    return cfg
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def project_factory(tmp_path_factory: pytest.TempPathFactory):
+    """For module-scoped fixtures that share one (expensive) materialized project."""
+    return lambda name: make_project(tmp_path_factory.mktemp(name))
 
 
 @pytest.fixture
 def tiny_run_config() -> dict:
-    import yaml
+    """configs/tiny.yaml for the data group (raw_corpus, clean_corpus, deduped_shards)."""
+    return load_tiny_config(["raw_corpus", "clean_corpus", "deduped_shards"])
 
-    return yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A function returning a fresh copy of configs/tiny.yaml (callers may mutate it)."""
+    return load_tiny_config

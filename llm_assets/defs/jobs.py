@@ -1,4 +1,4 @@
-"""Jobs: named selections people and sensors launch. Training jobs join as their stages land."""
+"""Jobs: named selections people and sensors launch."""
 
 import dagster as dg
 
@@ -6,4 +6,10 @@ data_job = dg.define_asset_job(
     "data_job",
     selection=dg.AssetSelection.groups("data"),
     description="Ingest, clean and deduplicate the corpus into versioned Parquet shards.",
+)
+
+pretrain_job = dg.define_asset_job(
+    "pretrain_job",
+    selection=dg.AssetSelection.assets("tokenizer", "tokenized_shards", "base_checkpoint"),
+    description="Train the tokenizer, pack the shards and pretrain the base checkpoint (expensive: never automatic).",
 )

@@ -45,6 +45,12 @@ class LakeResource(dg.ConfigurableResource):
     def artifact_dir(self, asset: str) -> Path:
         return self.root / "data" / "lake" / asset
 
+    def work_dir(self, asset: str) -> Path:
+        """Scratch space that survives a crash (resumable checkpoints); never DVC-tracked."""
+        path = self.root / "data" / "lake" / ".work" / asset
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     @contextlib.contextmanager
     def write(self, asset: str) -> Iterator[Path]:
         """A staging directory that replaces `data/lake/<asset>` only if the block succeeds."""
@@ -69,4 +75,4 @@ def artifact_metadata(path: Path, version: versioning.ArtifactVersion) -> dict:
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"lake": LakeResource()})
+    return dg.Definitions(resources={"lake": LakeResource(), "pipes_subprocess_client": dg.PipesSubprocessClient()})

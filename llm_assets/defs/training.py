@@ -1,0 +1,99 @@
+"""Group `training`: base_checkpoint, pretrained from scratch in a subprocess through Dagster Pipes.
+
+Training runs as `python -m llm_assets.lib.pretrain` (or under `torchrun --nproc_per_node N` for
+DDP) so a crash of the trainer never takes the Dagster step down with it, logs and final metrics
+stream back over Pipes, and a re-run resumes from the last checkpoint in `data/lake/.work/`.
+"""
+
+import base64
+import json
+import sys
+from dataclasses import asdict
+
+import dagster as dg
+from pydantic import Field
+
+from llm_assets.defs.resources import LakeResource, artifact_metadata
+from llm_assets.lib import model as model_lib
+from llm_assets.lib.pretrain import PretrainSettings, load_tokens
+from llm_assets.lib.report import markdown_table
+
+_D = PretrainSettings()  # the defaults live with the trainer; the descriptions live here
+
+
+class PretrainConfig(dg.Config):
+    size: str = Field(_D.size, description=f"Model size dial: {', '.join(model_lib.MODEL_SIZES)} (tiny = tests, demo = make demo, large = real use on a GPU).")
+    seq_len: int = Field(_D.seq_len, description="Tokens per training window; at most the model size's context.")
+    micro_batch: int = Field(_D.micro_batch, description="Windows per forward/backward pass, per process.")
+    grad_accum: int = Field(_D.grad_accum, description="Micro-batches accumulated into one optimizer step.")
+    max_steps: int = Field(_D.max_steps, description="Optimizer steps. Tokens per step = processes x micro_batch x grad_accum x seq_len.")
+    lr: float = Field(_D.lr, description="Peak AdamW learning rate, reached after warmup, then cosine decay.")
+    min_lr_ratio: float = Field(_D.min_lr_ratio, description="The cosine ends at lr x min_lr_ratio.")
+    warmup_steps: int = Field(_D.warmup_steps, description="Linear warmup steps.")
+    weight_decay: float = Field(_D.weight_decay, description="AdamW decoupled weight decay on matrices (not norms or biases).")
+    grad_clip: float = Field(_D.grad_clip, description="Maximum global gradient norm (0 = no clipping).")
+    eval_every: int = Field(_D.eval_every, description="Steps between validation evaluations (0 = only at the end).")
+    eval_batches: int = Field(_D.eval_batches, description="Validation micro-batches per evaluation (fixed windows).")
+    checkpoint_every: int = Field(_D.checkpoint_every, description="Steps between resumable checkpoints (0 = only at the end).")
+    log_every: int = Field(_D.log_every, description="Steps between progress log lines.")
+    seed: int = Field(_D.seed, description="Seeds initialization and every batch, so a resumed run sees the same data.")
+    precision: str = Field(_D.precision, description="auto (bf16 autocast on CUDA when supported, else fp32) | fp32 | bf16.")
+    num_threads: int = Field(_D.num_threads, description="torch CPU threads per process (0 = torch's default).")
+    nproc_per_node: int = Field(1, ge=1, description="Processes for torch DDP via torchrun (gloo on CPU, nccl on GPU); 1 = plain process.")
+
+    def settings(self) -> PretrainSettings:
+        return PretrainSettings(**self.model_dump(exclude={"nproc_per_node"}))
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"pytorch", "dvc"},
+    deps=["tokenized_shards", "tokenizer"],
+    check_specs=[dg.AssetCheckSpec(
+        "base_checkpoint_beats_unigram", asset="base_checkpoint",
+        description="Validation perplexity is at most half the unigram baseline's (the demo quality bar).")],
+)
+def base_checkpoint(context: dg.AssetExecutionContext, config: PretrainConfig, lake: LakeResource,
+                    pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    """A small decoder-only transformer (transformers Llama, built from a size dial) pretrained from
+    scratch on the packed shards; saved with save_pretrained (safetensors) together with its
+    tokenizer and the exact training config. Resumes from the last checkpoint after a crash."""
+    settings = config.settings()
+    # A config or data that cannot work (seq_len over the context, empty or short shards) fails
+    # here, in the step, with the field named, before any training process starts.
+    settings.validate()
+    load_tokens(lake.artifact_dir("tokenized_shards"), settings.seq_len)
+    work = lake.work_dir("base_checkpoint")
+    settings_file = work / "settings.json"
+    settings_file.write_text(json.dumps(asdict(settings), indent=2))
+    out = lake.artifact_dir("base_checkpoint")
+    with lake.write("base_checkpoint") as staging:
+        args = ["-m", "llm_assets.lib.pretrain", "--settings", str(settings_file),
+                "--tokens", str(lake.artifact_dir("tokenized_shards")),
+                "--tokenizer", str(lake.artifact_dir("tokenizer")), "--work", str(work), "--out", str(staging)]
+        if config.nproc_per_node > 1:
+            args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.nproc_per_node}", *args]
+        reported = pipes_subprocess_client.run(
+            command=[sys.executable, *args], context=context, cwd=str(lake.root)).get_materialize_result()
+        curve = (staging / "loss_curve.png").read_bytes()
+    version = lake.record("base_checkpoint")
+    m = {k: v.value for k, v in reported.metadata.items()}
+    ratio = m["val_perplexity"] / m["unigram_perplexity"]
+    rows = [("validation perplexity", m["val_perplexity"]), ("unigram perplexity (baseline)", m["unigram_perplexity"]),
+            ("ratio (bar: <= 0.5)", ratio), ("parameters", m["parameters"]), ("tokens seen", m["tokens_seen"]),
+            ("tokens/s", m["tokens_per_second"]), ("MFU vs measured matmul peak", m["mfu"])]
+    return dg.MaterializeResult(
+        metadata={
+            **artifact_metadata(out, version),
+            **reported.metadata,
+            "perplexity_ratio_to_unigram": ratio,
+            "processes": config.nproc_per_node,
+            "summary": dg.MetadataValue.md(markdown_table(["figure", "value"], rows)),
+            "loss_curve": dg.MetadataValue.md(
+                f"![loss curve](data:image/png;base64,{base64.b64encode(curve).decode()})"),
+        },
+        data_version=dg.DataVersion(version.md5),
+        check_results=[dg.AssetCheckResult(
+            check_name="base_checkpoint_beats_unigram", passed=ratio <= 0.5, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"threshold": 0.5, "observed_ratio": ratio})],
+    )

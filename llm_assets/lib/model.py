@@ -1,0 +1,92 @@
+"""The base model: a small Llama-style decoder built from a config, with one size dial.
+
+    model = build_model("demo", vocab_size=8192, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    n = count_parameters(model)            # == estimate_parameters(MODEL_SIZES["demo"], 8192)
+    training_memory_bytes(n)               # AdamW fp32 footprint, activations excluded
+    training_flops(n, tokens=1_000_000)    # the 6·N·D rule
+
+The model is `transformers.LlamaForCausalLM` (RMSNorm, rotary positions, SwiGLU MLP) with tied input
+and output embeddings, so every checkpoint loads with `AutoModelForCausalLM.from_pretrained` and
+works with `generate`, PEFT, TRL and bitsandbytes downstream. Sizes:
+
+- tiny:  tests only; trains in milliseconds per step.
+- demo:  `make demo` on a 2-core CPU (~3-4 minutes of pretraining; see lib/pretrain.py's defaults).
+- large: GPT-2-small scale for real use on a GPU; never run in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    n_layers: int  # decoder blocks
+    d_model: int  # hidden width (embedding dimension)
+    n_heads: int  # attention heads; head dim = d_model / n_heads
+    d_ff: int  # SwiGLU inner width (~8/3·d_model, as in Llama)
+    context: int  # maximum sequence length in tokens (rotary positions need no table)
+
+
+MODEL_SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(n_layers=2, d_model=64, n_heads=2, d_ff=172, context=128),
+    "demo": ModelSize(n_layers=4, d_model=256, n_heads=4, d_ff=688, context=256),
+    "large": ModelSize(n_layers=12, d_model=768, n_heads=12, d_ff=2048, context=1024),
+}
+
+
+def model_config(size: str, vocab_size: int, bos_token_id: int, eos_token_id: int,
+                 pad_token_id: int) -> LlamaConfig:
+    """The `LlamaConfig` of a named size; unknown sizes raise ValueError naming `size`."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"size: unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    s = MODEL_SIZES[size]
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=s.d_model,
+        intermediate_size=s.d_ff,
+        num_hidden_layers=s.n_layers,
+        num_attention_heads=s.n_heads,
+        num_key_value_heads=s.n_heads,  # plain multi-head attention; GQA saves little at this scale
+        max_position_embeddings=s.context,
+        tie_word_embeddings=True,  # the embedding matrix is most of a small model's parameters
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        attention_dropout=0.0,  # no dropout: one pass over the data never overfits
+    )
+
+
+def build_model(size: str, vocab_size: int, bos_token_id: int, eos_token_id: int,
+                pad_token_id: int) -> LlamaForCausalLM:
+    """A freshly initialized fp32 model (seed torch before calling for a reproducible init)."""
+    config = model_config(size, vocab_size, bos_token_id, eos_token_id, pad_token_id)
+    return LlamaForCausalLM(config).to(torch.float32)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct trainable parameters (tied embeddings count once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def estimate_parameters(size: ModelSize, vocab_size: int) -> int:
+    """Parameters from the shape alone: embeddings + per block (attention 4·d², SwiGLU 3·d·d_ff, two
+    RMSNorm gains) + the final norm. Tied output head: no extra matrix."""
+    d = size.d_model
+    per_block = 4 * d * d + 3 * d * size.d_ff + 2 * d
+    return vocab_size * d + size.n_layers * per_block + d
+
+
+def training_memory_bytes(parameters: int) -> int:
+    """AdamW in fp32: weights, gradients and two moments, 4 bytes each = 16 bytes per parameter.
+    Activations come on top and scale with micro_batch × seq_len."""
+    return 16 * parameters
+
+
+def training_flops(parameters: int, tokens: int) -> float:
+    """Training compute by the 6·N·D rule (2 forward + 4 backward FLOPs per parameter per token;
+    attention's own O(seq_len) term is left out, small while seq_len ≪ 6·d_model)."""
+    return 6.0 * parameters * tokens

@@ -1,0 +1,71 @@
+"""base_checkpoint materialized in-process: the trainer runs as a subprocess through Dagster Pipes."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llm_assets.definitions import defs
+
+UPSTREAM = ["raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "tokenized_shards"]
+
+
+def materialize(project: Path, run_config: dict, selection: list[str], instance):
+    d = defs()
+    job = d.resolve_implicit_global_asset_job_def()
+    resources = {"lake": {"config": {"project_dir": str(project)}}}
+    return job.execute_in_process(
+        run_config={**run_config, "resources": resources}, instance=instance,
+        asset_selection=[dg.AssetKey(k) for k in selection], raise_on_error=False)
+
+
+@pytest.fixture(scope="module")
+def trained(project_factory, tiny_config):
+    """One tiny end-to-end run shared by the assertions below (the training is the slow part)."""
+    project = project_factory("train")
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize(project, tiny_config(), [*UPSTREAM, "base_checkpoint"], instance)
+    return project, instance, result
+
+
+def test_base_checkpoint_metadata_and_files(trained):
+    project, instance, result = trained
+    assert result.success
+    md = instance.get_latest_materialization_event(dg.AssetKey("base_checkpoint")).asset_materialization.metadata
+    out = project / "data/lake/base_checkpoint"
+    assert Path(md["path"].value) == out
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "training_config.json",
+                 "metrics.jsonl", "loss_curve.png"):
+        assert (out / name).is_file(), name
+    for key in ("train_loss", "val_loss", "val_perplexity", "unigram_perplexity", "tokens_seen",
+                "tokens_per_second", "mfu", "parameters", "memory_bytes", "compute_flops"):
+        assert md[key].value > 0, key
+    assert md["perplexity_ratio_to_unigram"].value == pytest.approx(
+        md["val_perplexity"].value / md["unigram_perplexity"].value)
+    assert md["loss_curve"].value.startswith("![loss curve](data:image/png;base64,")
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["base_checkpoint"]["outs"][0]["md5"] == md["dvc_md5"].value
+    checks = {e.check_name for e in result.get_asset_check_evaluations()}
+    assert "base_checkpoint_beats_unigram" in checks
+
+
+def test_checkpoint_loads_and_generates(trained):
+    project, _, _ = trained
+    out = project / "data/lake/base_checkpoint"
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("def ", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
+
+
+def test_config_that_cannot_work_fails_before_training(trained, tiny_config):
+    project, instance, _ = trained
+    cfg = tiny_config()
+    cfg["ops"]["base_checkpoint"]["config"]["seq_len"] = 4096
+    result = materialize(project, cfg, ["base_checkpoint"], instance)
+    assert not result.success
+    error = result.get_step_failure_events()[0].event_specific_data.error.to_string()
+    assert "seq_len" in error and "context" in error
