@@ -29,7 +29,9 @@ nux:
 """
 SUMMARY_FIELDS = (
     "documents", "text_bytes", "documents_in", "duplicate_rate", "exact_duplicates", "near_duplicates",
-    "removed_share", "train_documents", "validation_documents", "shards", "bytes",
+    "removed_share", "train_documents", "validation_documents", "shards", "vocab_size",
+    "bytes_per_token", "train_tokens", "validation_tokens", "val_perplexity", "unigram_perplexity",
+    "perplexity_vs_unigram", "tokens_per_second", "parameters", "bytes",
 )
 
 

@@ -4,6 +4,7 @@
     n = count_parameters(model)            # == estimate_parameters(MODEL_SIZES["demo"], 8192)
     training_memory_bytes(n)               # AdamW fp32 footprint, activations excluded
     training_flops(n, tokens=1_000_000)    # the 6·N·D rule
+    matmul_peak_flops(torch.device("cpu"), torch.float32)  # measured FLOP/s: the MFU denominator
 
 The model is `transformers.LlamaForCausalLM` (RMSNorm, rotary positions, SwiGLU MLP) with tied input
 and output embeddings, so every checkpoint loads with `AutoModelForCausalLM.from_pretrained` and
@@ -16,6 +17,7 @@ works with `generate`, PEFT, TRL and bitsandbytes downstream. Sizes:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -90,3 +92,21 @@ def training_flops(parameters: int, tokens: int) -> float:
     """Training compute by the 6·N·D rule (2 forward + 4 backward FLOPs per parameter per token;
     attention's own O(seq_len) term is left out, small while seq_len ≪ 6·d_model)."""
     return 6.0 * parameters * tokens
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """FLOP/s of a dense square matmul in `dtype`, measured here and now: the MFU denominator.
+    The best single matmul over `seconds` counts, so a moment of contention does not lower it."""
+    n = 1024 if device.type == "cpu" else 8192  # ~10 ms per matmul on 2 CPU cores, ~1 ms on H100
+    gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: thread pools, kernel selection
+    sync()
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

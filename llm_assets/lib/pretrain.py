@@ -4,27 +4,23 @@
         --work DIR --out DIR
     torchrun --standalone --nproc_per_node 2 -m llm_assets.lib.pretrain ...   # DDP, gloo on CPU
 
-`--tokens` holds train.bin and validation.bin (flat token ids, documents separated by eos, dtype
-from meta.json) and meta.json; `--tokenizer` is a transformers tokenizer directory; `--settings` is
-a JSON object of `PretrainSettings` fields (missing ones take the defaults below). In order:
+`--tokens`: train.bin and validation.bin (flat token ids, documents separated by eos) + meta.json;
+`--tokenizer`: a transformers tokenizer dir; `--settings`: JSON of `PretrainSettings` fields.
 
 1. Settings and data are checked before anything trains; errors name the field or file.
-2. Batches are random windows of seq_len+1 tokens drawn from the memmap by a generator seeded with
-   (seed, step, rank, micro_step): no data-loader state exists, so a resumed run sees exactly the
-   batches an uninterrupted one would.
-3. AdamW (weight decay on ≥2-D weights only), linear warmup then cosine decay, gradient clipping and
-   accumulation, bf16 autocast on GPUs that support it.
-4. Evaluation on fixed, evenly spaced validation windows; the baseline is an add-one-smoothed unigram
-   model of the train split scored on the same validation tokens.
-5. Checkpoints in `--work` (written atomically, only the latest kept) carry a hash of the settings
-   and data; a run resumes from the latest one only if the hash matches, else it starts over.
-6. `--out` receives the model (`save_pretrained`, safetensors), the tokenizer, training_config.json,
-   metrics.jsonl, final_metrics.json and loss_curve.png.
+2. A batch is random windows of seq_len+1 tokens from the memmap, drawn by a generator seeded with
+   (seed, step, rank, micro_step): no loader state, so a resumed run sees the same batches.
+3. AdamW (decay on ≥2-D weights), linear warmup + cosine decay, clipping, accumulation, autocast.
+4. Evaluation on fixed, evenly spaced validation windows; the baseline is an add-one unigram model
+   of the train split scored on the same tokens.
+5. Checkpoints in `--work` (atomic, latest kept) carry a hash of settings + data; a run resumes
+   from the latest only if the hash matches, else it starts over and says so.
+6. `--out`: the model (safetensors) and tokenizer, training_config.json, metrics.jsonl,
+   final_metrics.json and loss_curve.png.
 
-Progress is printed as JSON lines. Launched through Dagster Pipes (DAGSTER_PIPES_CONTEXT set), rank 0
-alone opens Pipes, streams progress as log lines and reports the final metrics as the
-materialization's metadata: a second rank reporting would make two materializations for one asset.
-One run per work directory at a time; under DDP all ranks must see the same filesystem.
+Progress goes out as JSON lines. Under Dagster Pipes (DAGSTER_PIPES_CONTEXT set) rank 0 alone opens
+Pipes, logs progress and reports the final metrics: a second reporter would make two
+materializations of one asset. One run per work dir at a time; DDP ranks share one filesystem.
 """
 
 from __future__ import annotations
@@ -49,10 +45,10 @@ from safetensors.torch import load_model, save_model
 
 from llm_assets.lib.atomic import atomic_dir
 from llm_assets.lib.model import (MODEL_SIZES, build_model, count_parameters, estimate_parameters,
-                                  training_flops, training_memory_bytes)
+                                  matmul_peak_flops, training_flops, training_memory_bytes)
 
 CHECKPOINT_PREFIX = "checkpoint-"  # work_dir/checkpoint-00000120/ = state after 120 steps
-# Fields that change how a run is watched, not what it computes: editing them keeps checkpoints valid.
+# Fields that change how a run is watched, not what it computes: editing them keeps checkpoints.
 OPERATIONAL_FIELDS = ("log_every", "checkpoint_every", "num_threads")
 
 
@@ -62,18 +58,18 @@ class PretrainSettings:
     seq_len: int = 256  # tokens per training window; at most the model's context
     micro_batch: int = 8  # windows per forward/backward pass, per rank
     grad_accum: int = 1  # micro-batches summed into one optimizer step
-    max_steps: int = 250  # optimizer steps; tokens/step = world × micro_batch × grad_accum × seq_len
+    max_steps: int = 250  # optimizer steps; tokens/step = world·micro_batch·grad_accum·seq_len
     lr: float = 2e-3  # peak learning rate, reached at the end of warmup
     min_lr_ratio: float = 0.1  # the cosine ends at lr × min_lr_ratio on the last step
     warmup_steps: int = 20  # steps of linear warmup from lr / warmup_steps up to lr
     weight_decay: float = 0.1  # AdamW decoupled decay on ≥2-D weights (not norms)
     grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
     eval_every: int = 50  # steps between validation evaluations; 0 = only after the last step
-    eval_batches: int = 8  # validation micro-batches per evaluation (the same windows every time)
-    checkpoint_every: int = 50  # steps between checkpoints in work_dir; 0 = only after the last step
+    eval_batches: int = 4  # validation micro-batches per evaluation (the same windows each time)
+    checkpoint_every: int = 50  # steps between checkpoints in work_dir; 0 = only after the last
     log_every: int = 10  # steps between progress rows (train loss, lr, tokens/s)
     seed: int = 1337  # seeds the initialization and every batch
-    precision: str = "auto"  # auto (bf16 autocast on CUDA when supported, else fp32) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA if supported, else fp32) | fp32 | bf16
     num_threads: int = 0  # torch CPU threads per process; 0 keeps torch's default
 
     @classmethod
@@ -88,7 +84,7 @@ class PretrainSettings:
 
     def validate(self) -> None:
         """Raise ValueError naming the first offending field."""
-        kinds = {"int": (int,), "float": (int, float), "str": (str,)}  # annotations are strings here
+        kinds = {"int": (int,), "float": (int, float), "str": (str,)}  # annotations are strings
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, kinds[f.type]):
@@ -100,7 +96,7 @@ class PretrainSettings:
 
         need(self.size in MODEL_SIZES, "size", f"must be one of {sorted(MODEL_SIZES)}")
         context = MODEL_SIZES[self.size].context
-        need(1 <= self.seq_len <= context, "seq_len", f"must be 1..{context}, the {self.size} context")
+        need(1 <= self.seq_len <= context, "seq_len", f"must be 1..{context}, the model's context")
         for name in ("micro_batch", "grad_accum", "max_steps", "eval_batches", "log_every"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("eval_every", "checkpoint_every", "num_threads", "weight_decay", "grad_clip"):
@@ -111,18 +107,15 @@ class PretrainSettings:
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
 
 
-# ---------------------------------------------------------------------------------------- data
-
-
 def load_tokens(tokens_dir: Path, seq_len: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """(meta, {"train": memmap, "validation": memmap}) after checking every promise of the format."""
+    """(meta, {"train": memmap, "validation": memmap}) after checking each promise of the format."""
     meta_path = tokens_dir / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"tokens_dir: no meta.json in {tokens_dir}")
     meta = json.loads(meta_path.read_text())
-    for key in ("dtype", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
-        if key not in meta:
-            raise ValueError(f"meta.json: missing {key!r} in {meta_path}")
+    missing = {"dtype", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"} - set(meta)
+    if missing:
+        raise ValueError(f"meta.json: missing {sorted(missing)} in {meta_path}")
     if meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"meta.json dtype: must be uint16 or uint32, got {meta['dtype']!r}")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")  # the format is little-endian on any host
@@ -131,12 +124,10 @@ def load_tokens(tokens_dir: Path, seq_len: int) -> tuple[dict, dict[str, np.ndar
         path = tokens_dir / f"{split}.bin"
         if not path.is_file():
             raise FileNotFoundError(f"tokens_dir: no {split}.bin in {tokens_dir}")
-        size = path.stat().st_size
-        if size == 0:
-            raise ValueError(f"tokens_dir: {split}.bin is empty (0 tokens) in {tokens_dir}")
-        if size % dtype.itemsize:
-            raise ValueError(f"{split}.bin: {size} bytes is not a whole number of {meta['dtype']}")
-        n = size // dtype.itemsize
+        n, rest = divmod(path.stat().st_size, dtype.itemsize)
+        if n == 0 or rest:
+            raise ValueError(f"tokens_dir: {split}.bin is empty or not whole {meta['dtype']} "
+                             f"tokens ({path.stat().st_size} bytes)")
         if n < seq_len + 1:
             raise ValueError(f"seq_len: {split}.bin holds {n} tokens, fewer than seq_len + 1 = "
                              f"{seq_len + 1}; lower seq_len or add {split} data")
@@ -146,12 +137,13 @@ def load_tokens(tokens_dir: Path, seq_len: int) -> tuple[dict, dict[str, np.ndar
         tokens = np.memmap(path, dtype=dtype, mode="r")
         top = int(tokens.max())  # one sequential pass; an out-of-range id would crash mid-run
         if top >= meta["vocab_size"]:
-            raise ValueError(f"meta.json vocab_size: {split}.bin holds id {top} >= {meta['vocab_size']}")
+            raise ValueError(f"meta.json vocab_size: {split}.bin holds id {top} >= "
+                             f"{meta['vocab_size']}")
         splits[split] = tokens
     return meta, splits
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
     """Inputs and next-token targets, both int64 (len(starts), seq_len)."""
     w = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
     return w[:, :-1], w[:, 1:]
@@ -178,28 +170,26 @@ def unigram_perplexity(train_tokens: np.ndarray, targets: np.ndarray, vocab_size
     return float(np.exp(-log_p[targets].mean()))
 
 
-# --------------------------------------------------------------------------------- the model
-
-
 def lr_factor(step: int, s: PretrainSettings) -> float:
     """Multiplier of the peak lr at `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
     if step < s.warmup_steps:
         return (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, s.max_steps - 1 - s.warmup_steps)  # 0 → 1
-    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.max_steps - 1 - s.warmup_steps))
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: torch.nn.Module, s: PretrainSettings):
     matrices = [p for p in model.parameters() if p.dim() >= 2]  # embeddings and linear weights
-    vectors = [p for p in model.parameters() if p.dim() < 2]  # RMSNorm gains: decay would shrink them
+    vectors = [p for p in model.parameters() if p.dim() < 2]  # RMSNorm gains: decay shrinks them
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": s.weight_decay},
                                    {"params": vectors, "weight_decay": 0.0}],
                                   lr=s.lr, betas=(0.9, 0.95))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, s))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, s))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = plain fp32). bf16 on CPU only when asked: it is often slower."""
+    """The autocast dtype (None = plain fp32). bf16 on CPU only when asked: it is fast only where
+    the CPU has bf16 instructions (AVX512-BF16, AMX) and emulated, slower, elsewhere."""
     bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
     if precision == "bf16" and not bf16_ok:
         raise ValueError("precision: bf16 requested but this GPU does not support it")
@@ -209,7 +199,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def evaluate(model, tokens, starts, s: PretrainSettings, device, amp, rank: int, world: int) -> float:
+def evaluate(model, tokens, starts, s: PretrainSettings, device, amp, rank: int, world: int):
     """Mean next-token loss (nats) over the windows at `starts`, split across ranks."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (summed nats, tokens)
@@ -218,7 +208,8 @@ def evaluate(model, tokens, starts, s: PretrainSettings, device, amp, rank: int,
         x, y = windows(tokens, mine[i : i + s.micro_batch], s.seq_len)
         with amp():
             logits = model(input_ids=x.to(device)).logits  # (B, T, vocab)
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
+                                    reduction="sum")
         total[1] += y.numel()
     if world > 1:
         dist.all_reduce(total)
@@ -226,34 +217,13 @@ def evaluate(model, tokens, starts, s: PretrainSettings, device, amp, rank: int,
     return (total[0] / total[1]).item()
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """FLOP/s of a dense square matmul in `dtype`, measured here and now: the MFU denominator."""
-    n = 1024 if device.type == "cpu" else 8192
-    gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
-    a @ b  # warm-up: thread pools, kernel selection
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-        if device.type == "cuda" and reps % 10:
-            continue
-        sync()
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-
-
 def run_hash(s: PretrainSettings, meta: dict, tokens_dir: Path, world: int) -> str:
     """Identity of what a run computes: the settings that matter, the world size (it decides the
     batches), the data meta and the bytes of both splits (blake2b, ~1 s per GB)."""
     h = hashlib.blake2b(digest_size=16)
     wanted = {k: v for k, v in asdict(s).items() if k not in OPERATIONAL_FIELDS}
-    h.update(json.dumps({"settings": wanted, "world": world, "meta": meta}, sort_keys=True).encode())
+    described = {"settings": wanted, "world": world, "meta": meta}
+    h.update(json.dumps(described, sort_keys=True).encode())
     for split in ("train", "validation"):
         with open(tokens_dir / f"{split}.bin", "rb") as f:
             while chunk := f.read(1 << 24):
@@ -270,53 +240,64 @@ def save_checkpoint(work_dir: Path, model, optimizer, scheduler, state: dict) ->
     """Write checkpoint-<step>/ through a staging dir + rename, then delete every older one."""
     target = work_dir / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
     with atomic_dir(target) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding
+        save_model(model, str(tmp / "model.safetensors"))  # stores the tied embedding once
         model.config.to_json_file(tmp / "config.json")
-        # Only tensors, numbers and lists inside: loads back with weights_only=True.
+        # Tensors, numbers and lists only: loads back with weights_only=True. No RNG draws happen
+        # in training (no dropout; batches come from the seed), the torch state is kept anyway.
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / "state.json").write_text(json.dumps(state))  # step, tokens, hash, metric history
     for old in work_dir.glob(f"{CHECKPOINT_PREFIX}*"):
         if old != target:
             shutil.rmtree(old)
     return target
 
 
-def find_resumable(work_dir: Path, expected_hash: str, emit) -> Path | None:
-    """The latest checkpoint if it was written by this exact config and data, else None (said)."""
-    for stale in work_dir.glob(f".staging-{CHECKPOINT_PREFIX}*"):  # a write cut short by a kill
-        shutil.rmtree(stale)
-    ckpt = latest_checkpoint(work_dir)
-    if ckpt is None:
-        return None
-    found = json.loads((ckpt / "state.json").read_text())["run_hash"]
-    if found != expected_hash:
-        emit({"event": "start_over", "checkpoint": str(ckpt), "message": f"{ckpt.name} was "
-              f"written for other settings or data ({found} != {expected_hash}); starting over"})
-        return None
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------- outputs
+def resume(work_dir: Path, run_id: str, rank: int, world: int, device, model, optimizer,
+           scheduler, emit) -> tuple[int, list[dict], int]:
+    """(step, history, tokens_seen) of the latest checkpoint written by this exact run, loaded into
+    model/optimizer/scheduler; (0, [], 0) when there is none. Rank 0 decides and says why (a
+    checkpoint of other settings or data is never resumed); every rank loads the same one."""
+    step = 0
+    if rank == 0:
+        for stale in work_dir.glob(f".staging-{CHECKPOINT_PREFIX}*"):  # a write cut by a kill
+            shutil.rmtree(stale)
+        ckpt = latest_checkpoint(work_dir)
+        found = json.loads((ckpt / "state.json").read_text())["run_hash"] if ckpt else run_id
+        if found != run_id:
+            emit({"event": "start_over", "checkpoint": str(ckpt), "message": f"{ckpt.name} was "
+                  f"written for other settings or data ({found} != {run_id}); starting over"})
+        elif ckpt:
+            step = int(ckpt.name.removeprefix(CHECKPOINT_PREFIX))
+    if world > 1:  # every rank must run the same steps
+        agreed = torch.tensor([step], device=device)
+        dist.broadcast(agreed, src=0)
+        step = int(agreed.item())
+    if step == 0:
+        return 0, [], 0
+    ckpt = work_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+    saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"].cpu())
+    state = json.loads((ckpt / "state.json").read_text())
+    emit({"event": "resume", "step": step, "message": f"resumed from step {step} ({ckpt})"})
+    return step, state["history"], state["tokens_seen"]
 
 
 def plot_loss_curve(history: list[dict], unigram_ppl: float, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # renders with Agg; no pyplot global state
 
-    matplotlib.use("Agg")  # no display; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    rows = [r for r in history if "train_loss" in r]
-    ax.plot([r["tokens_seen"] for r in rows], [r["train_loss"] for r in rows], label="train")
-    rows = [r for r in history if "val_loss" in r]
-    ax.plot([r["tokens_seen"] for r in rows], [r["val_loss"] for r in rows], "o-", label="validation")
+    fig = Figure(figsize=(7, 4), layout="tight")
+    ax = fig.subplots()
+    for key, style, label in (("train_loss", "-", "train"), ("val_loss", "o-", "validation")):
+        rows = [r for r in history if key in r]
+        ax.plot([r["tokens_seen"] for r in rows], [r[key] for r in rows], style, label=label)
     ax.axhline(math.log(unigram_ppl), ls="--", c="gray", label="unigram baseline (validation)")
     ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="pretraining loss")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_outputs(out_dir: Path, model, tokenizer, config: dict, history: list[dict], final: dict):
@@ -329,17 +310,10 @@ def write_outputs(out_dir: Path, model, tokenizer, config: dict, history: list[d
         plot_loss_curve(history, final["unigram_perplexity"], tmp / "loss_curve.png")
 
 
-# ---------------------------------------------------------------------------------- the workflow
-
-
-def print_json(event: dict) -> None:
-    print(json.dumps(event), flush=True)
-
-
 def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_dir,
-          log: Callable[[dict], None] = print_json) -> dict:
-    """Pretrain (or resume), write out_dir on rank 0 and return the final metrics. Every rank returns
-    the loss and throughput figures; rank 0 adds the unigram baseline, MFU and the estimates."""
+          log: Callable[[dict], None] | None = None) -> dict:
+    """Pretrain (or resume), write out_dir on rank 0 and return the final metrics. Every rank
+    returns the loss and throughput figures; rank 0 adds the baseline, MFU and the estimates."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -350,59 +324,45 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
     meta, data = load_tokens(tokens_dir, s.seq_len)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if len(tokenizer) > meta["vocab_size"] or tokenizer.eos_token_id != meta["eos_token_id"]:
-        raise ValueError(f"tokenizer_dir: {len(tokenizer)} tokens / eos {tokenizer.eos_token_id} do "
-                         f"not fit meta.json's vocab_size {meta['vocab_size']} / eos {meta['eos_token_id']}")
+        raise ValueError(f"tokenizer_dir: {len(tokenizer)} tokens, eos {tokenizer.eos_token_id}; "
+                         f"meta.json says vocab_size {meta['vocab_size']}, eos {meta['eos_token_id']}")
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar would clutter the JSON lines
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
+    if cuda:
         torch.cuda.set_device(device)
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
     amp_dtype = autocast_dtype(s.precision, device)
-    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    emit = log if rank == 0 else (lambda event: None)
+
+    def amp():  # a fresh autocast context per use; a no-op for fp32
+        return torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
+
+    log = log or (lambda event: print(json.dumps(event), flush=True))
+    emit = log if rank == 0 else (lambda event: None)  # one voice: rank 0
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     try:
         torch.manual_seed(s.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-        model = build_model(s.size, meta["vocab_size"], meta["bos_token_id"], meta["eos_token_id"],
-                            meta["pad_token_id"]).to(device)
+        model = build_model(s.size, meta["vocab_size"], meta["bos_token_id"],
+                            meta["eos_token_id"], meta["pad_token_id"]).to(device)
         optimizer, scheduler = make_optimizer(model, s)
         n_params = count_parameters(model)
-
-        # Resume: rank 0 decides, every rank loads the same checkpoint (shared filesystem).
-        expected_hash = run_hash(s, meta, tokens_dir, world) if rank == 0 else ""
-        ckpt = find_resumable(work_dir, expected_hash, emit) if rank == 0 else None
-        start = torch.tensor([int(ckpt.name.removeprefix(CHECKPOINT_PREFIX)) if ckpt else -1])
-        if world > 1:
-            start = start.to(device)
-            dist.broadcast(start, src=0)
-        start_step, history, tokens_seen = int(start.item()), [], 0
-        if start_step >= 0:
-            ckpt = work_dir / f"{CHECKPOINT_PREFIX}{start_step:08d}"
-            load_model(model, str(ckpt / "model.safetensors"), device=str(device))
-            saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            torch.set_rng_state(saved["torch_rng"].cpu())
-            state = json.loads((ckpt / "state.json").read_text())
-            history, tokens_seen = state["history"], state["tokens_seen"]
-            emit({"event": "resume", "step": start_step, "checkpoint": str(ckpt),
-                  "message": f"resumed from step {start_step} ({ckpt})"})
-        start_step = max(start_step, 0)
+        run_id = run_hash(s, meta, tokens_dir, world) if rank == 0 else ""
+        start_step, history, tokens_seen = resume(work_dir, run_id, rank, world, device, model,
+                                                  optimizer, scheduler, emit)
         raw = model  # the plain module: checkpoints, evaluation and outputs use it
         if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                raw, device_ids=[device.index] if device.type == "cuda" else None)
+            ids = [device.index] if cuda else None  # CPU modules take no device ids
+            model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
 
         tokens_per_step = world * s.micro_batch * s.grad_accum * s.seq_len
         val_starts = eval_starts(len(data["validation"]), s)
         emit({"event": "start", "parameters": n_params, "device": str(device), "world_size": world,
-              "autocast": str(amp_dtype), "tokens_per_step": tokens_per_step, "from_step": start_step,
-              "max_steps": s.max_steps, "train_tokens": len(data["train"])})
-
+              "autocast": str(amp_dtype), "tokens_per_step": tokens_per_step,
+              "from_step": start_step, "max_steps": s.max_steps})
         window_loss, window_steps = torch.zeros((), device=device), 0
         loop_t0 = window_t0 = time.perf_counter()
         for step in range(start_step, s.max_steps):
@@ -415,7 +375,7 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
                         logits = model(input_ids=x.to(device)).logits  # (B, T, vocab)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
                     (loss / s.grad_accum).backward()
-                window_loss += loss.detach() / s.grad_accum
+                window_loss += loss.detach() / s.grad_accum  # no .item(): no GPU sync per step
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
@@ -439,47 +399,52 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
                 window_loss.zero_()
                 window_steps, window_t0 = 0, now  # eval/checkpoint time lands in the next window
             if (s.eval_every and done % s.eval_every == 0) or last:
-                val_loss = evaluate(raw, data["validation"], val_starts, s, device, amp, rank, world)
+                val_loss = evaluate(raw, data["validation"], val_starts, s, device, amp, rank,
+                                    world)
                 row = {"step": done, "tokens_seen": tokens_seen, "val_loss": val_loss,
                        "val_perplexity": math.exp(val_loss)}
                 history.append(row)
                 emit({"event": "eval", **row})
             if ((s.checkpoint_every and done % s.checkpoint_every == 0) or last) and rank == 0:
-                state = {"step": done, "tokens_seen": tokens_seen, "run_hash": expected_hash,
+                state = {"step": done, "tokens_seen": tokens_seen, "run_hash": run_id,
                          "settings": asdict(s), "world_size": world, "history": history}
                 path = save_checkpoint(work_dir, raw, optimizer, scheduler, state)
                 emit({"event": "checkpoint", "step": done, "path": str(path)})
         loop_seconds = time.perf_counter() - loop_t0
-        trained = (s.max_steps - start_step) * tokens_per_step  # by this session, all ranks
+        trained = (s.max_steps - start_step) * tokens_per_step  # in this session, all ranks
 
-        train_rows = [r for r in history if "train_loss" in r]
+        last_train = next(r for r in reversed(history) if "train_loss" in r)
         val_loss = next(r["val_loss"] for r in reversed(history) if "val_loss" in r)
-        final = {"train_loss": train_rows[-1]["train_loss"], "val_loss": val_loss,
-                 "val_perplexity": math.exp(val_loss),
-                 "tokens_seen": tokens_seen,
-                 "tokens_per_second": trained / loop_seconds if trained else train_rows[-1]["tokens_per_second"],
+        final = {"train_loss": last_train["train_loss"], "val_loss": val_loss,
+                 "val_perplexity": math.exp(val_loss), "tokens_seen": tokens_seen,
+                 # a finished run picked up again trains nothing: report its last window's rate
+                 "tokens_per_second": trained / loop_seconds if trained
+                 else last_train["tokens_per_second"],
                  "parameters": n_params, "steps": s.max_steps, "resumed_from_step": start_step}
         if rank == 0:
-            targets = np.concatenate([data["validation"][i + 1 : i + s.seq_len + 1] for i in val_starts])
-            final["unigram_perplexity"] = unigram_perplexity(data["train"], targets, meta["vocab_size"])
+            targets = np.concatenate([data["validation"][i + 1 : i + s.seq_len + 1]
+                                      for i in val_starts])  # what evaluate() scored
+            final["unigram_perplexity"] = unigram_perplexity(data["train"], targets,
+                                                             meta["vocab_size"])
             final["perplexity_vs_unigram"] = final["val_perplexity"] / final["unigram_perplexity"]
-            # MFU: 6·N·tokens/s over world × a dense matmul's FLOP/s in the compute dtype, measured
-            # in-process on rank 0 (not a datasheet peak; attention FLOPs are not counted).
+            # mfu: 6·N·tokens/s over the FLOP/s of a dense matmul measured now, in the compute
+            # dtype, on rank 0's device, times world: not a datasheet peak; 6·N ignores attention.
             peak = world * matmul_peak_flops(device, amp_dtype or torch.float32)
             final["matmul_peak_flops"] = peak
-            final["mfu_vs_measured_matmul"] = 6 * n_params * final["tokens_per_second"] / peak
+            final["mfu"] = 6 * n_params * final["tokens_per_second"] / peak
+            # Seed-formula estimates: parameters from the shape, AdamW fp32 memory, 6·N·D compute.
             estimate = estimate_parameters(MODEL_SIZES[s.size], meta["vocab_size"])
             final["estimated_parameters"] = estimate
-            final["estimated_memory_bytes"] = training_memory_bytes(estimate)
-            final["estimated_compute_flops"] = training_flops(estimate, tokens_seen)
+            final["memory_bytes"] = training_memory_bytes(estimate)
+            final["compute_flops"] = training_flops(estimate, tokens_seen)
             final["wall_seconds"] = time.perf_counter() - t_start
-            config = {"settings": asdict(s), "model_config": raw.config.to_dict(), "data_meta": meta,
-                      "world_size": world, "device": str(device), "autocast": str(amp_dtype),
-                      "run_hash": expected_hash}
+            config = {"settings": asdict(s), "model_config": raw.config.to_dict(),
+                      "data_meta": meta, "world_size": world, "device": str(device),
+                      "autocast": str(amp_dtype), "run_hash": run_id}
             write_outputs(out_dir, raw, tokenizer, config, history, final)
             emit({"event": "done", **final})
         if world > 1:
-            dist.barrier()  # no rank exits (and tears the group down) before rank 0 has written
+            dist.barrier()  # no rank exits (tearing the group down) before rank 0 has written
         return final
     finally:
         if world > 1:
@@ -489,7 +454,7 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", required=True, help="JSON file of PretrainSettings fields")
-    parser.add_argument("--tokens", required=True, help="dir with train.bin, validation.bin, meta.json")
+    parser.add_argument("--tokens", required=True, help="train.bin, validation.bin, meta.json")
     parser.add_argument("--tokenizer", required=True, help="transformers tokenizer directory")
     parser.add_argument("--work", required=True, help="checkpoint directory (resumed from)")
     parser.add_argument("--out", required=True, help="final model directory")
@@ -502,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
 
         with open_dagster_pipes() as pipes:
             final = train(settings, **paths, log=lambda event: pipes.log.info(json.dumps(event)))
-            pipes.report_asset_materialization(metadata=final)  # all numbers: charted by the UI
+            pipes.report_asset_materialization(metadata=final)  # all numbers: the UI charts them
     else:
         train(settings, **paths)
 

@@ -3,19 +3,25 @@ import dagster as dg
 from llm_assets.definitions import defs
 
 DATA_ASSETS = {"raw_corpus", "clean_corpus", "deduped_shards"}
+GROUPS = {"raw_corpus": "data", "clean_corpus": "data", "deduped_shards": "data", "tokenizer": "tokenizer",
+          "tokenized_shards": "tokenizer", "base_checkpoint": "training"}
 
 
 def test_assets_groups_checks_and_jobs():
     d = defs()
     graph = d.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.materializable_asset_keys}
-    assert DATA_ASSETS <= keys
-    for name in DATA_ASSETS:
-        assert graph.get(dg.AssetKey(name)).group_name == "data"
+    assert set(GROUPS) <= keys
+    for name, group in GROUPS.items():
+        assert graph.get(dg.AssetKey(name)).group_name == group
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("deduped_shards")).parent_keys} == {"clean_corpus"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("base_checkpoint")).parent_keys} == {
+        "tokenizer", "tokenized_shards"}
     checks = {c.name for c in graph.asset_check_keys}
-    assert {"clean_corpus_keeps_most_documents", "deduped_shards_splits_disjoint"} <= checks
-    assert d.resolve_job_def("data_job").name == "data_job"
+    assert {"clean_corpus_keeps_most_documents", "deduped_shards_splits_disjoint", "tokenizer_roundtrip",
+            "base_checkpoint_beats_unigram"} <= checks
+    for job in ("data_job", "pretrain_job"):
+        assert d.resolve_job_def(job).name == job
     assert "lake" in d.resources
 
 
