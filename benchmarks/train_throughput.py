@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm_assets.lib.model import build_model
+from llm_assets.lib.model import MODEL_SIZES, build_model
 from llm_assets.lib.pretrain import PretrainSettings, autocast_dtype, make_optimizer, train
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -102,8 +102,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    s = replace(PretrainSettings(), size=args.size, max_steps=args.steps, num_threads=args.threads,
-                warmup_steps=min(PretrainSettings().warmup_steps, args.steps - 1))
+    demo = PretrainSettings()
+    s = replace(demo, size=args.size, max_steps=args.steps, num_threads=args.threads,
+                seq_len=min(demo.seq_len, MODEL_SIZES[args.size].context),
+                warmup_steps=min(demo.warmup_steps, args.steps - 1))
     s.validate()
     tokens_per_step = s.micro_batch * s.grad_accum * s.seq_len
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:

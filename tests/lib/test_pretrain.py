@@ -26,14 +26,14 @@ from llm_assets.lib.pretrain import (PretrainSettings, eval_starts, latest_check
 
 REPO = Path(__file__).resolve().parents[2]
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-# ~25 ms a step, 60 steps; one thread keeps runs bit-reproducible across processes and the machine polite.
+# ~25 ms a step, 60 steps. One thread keeps runs bit-reproducible across processes (and is polite).
 TINY = PretrainSettings(size="tiny", seq_len=64, micro_batch=8, max_steps=60, lr=1e-2,
                         warmup_steps=4, eval_every=30, eval_batches=2, checkpoint_every=30,
                         log_every=5, num_threads=1)
 
 
 def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 400):
-    """Byte-level BPE with the project's special tokens (<|bos|>=0, <|eos|>=1, <|pad|>=2, chat 3..6)."""
+    """Byte-level BPE with the project's specials (<|bos|>=0, <|eos|>=1, <|pad|>=2, chat 3..6)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
