@@ -69,3 +69,18 @@ def test_config_that_cannot_work_fails_before_training(trained, tiny_config):
     assert not result.success
     error = result.get_step_failure_events()[0].event_specific_data.error.to_string()
     assert "seq_len" in error and "context" in error
+
+
+def test_two_process_ddp_through_pipes(trained, tiny_config):
+    """nproc_per_node=2: the asset launches torchrun (gloo on CPU) via Pipes; rank 0 reports."""
+    project, instance, _ = trained
+    cfg = tiny_config(["base_checkpoint"])
+    cfg["ops"]["base_checkpoint"]["config"].update({"nproc_per_node": 2, "max_steps": 10, "checkpoint_every": 5})
+    result = materialize(project, cfg, ["base_checkpoint"], instance)
+    assert result.success
+    md = instance.get_latest_materialization_event(dg.AssetKey("base_checkpoint")).asset_materialization.metadata
+    assert md["processes"].value == 2 and md["steps"].value == 10
+    out = project / "data/lake/base_checkpoint"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = AutoTokenizer.from_pretrained(out)("class ", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
