@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,10 @@ def make_project(base: Path) -> Path:
 
     root = base / "project"
     root.mkdir()
+    # A git work tree with the checkout's .gitignore, as after `git clone`: DVC behaves differently
+    # in git mode (it refuses a git-ignored dvc.lock, writes .gitignore entries for outputs).
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "llm_assets").symlink_to(REPO / "llm_assets")  # dvc.yaml lists code files as deps
     (root / "data" / "raw").mkdir(parents=True)

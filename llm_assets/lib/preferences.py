@@ -1,0 +1,141 @@
+"""Preference pairs (prompt, chosen, rejected) for preference tuning (DPO and friends): derived from
+instruction pairs, or read from user files.
+
+    prefs, skipped = derive_preferences(pairs, seed=0)
+    prefs = read_trl_jsonl(Path("data/prefs/trl.jsonl"))       # TRL: prompt / chosen / rejected
+    prefs = read_hh_rlhf_jsonl(Path("data/prefs/hh.jsonl"))   # Anthropic HH-RLHF dialogues
+    prefs, dropped = drop_identical(prefs)
+
+Derived pairs: the prompt is an instruction, chosen is its own docstring answer and rejected is the
+docstring of a different definition. Negatives are hard where possible: from the same module
+(`JSONDecoder.decode` vs `JSONDecoder.raw_decode` read alike), else the same top-level package, else
+anywhere. A pair whose only candidates have the same text as its answer is skipped and counted.
+Derive train and validation preferences from the train and validation instruction pairs separately,
+so negatives never cross the split.
+
+Malformed user files raise `CorpusFormatError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_assets.lib.corpus import CorpusFormatError
+from llm_assets.lib.instructions import InstructionPair, iter_jsonl, require_text, validate_messages
+
+HH_ASSISTANT = "\n\nAssistant:"  # HH-RLHF turn marker; the last one opens the compared reply
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    # A string, or (TRL conversational form) a list of {role, content} messages ending in a user turn.
+    prompt: str | list[dict[str, str]]
+    chosen: str
+    rejected: str
+    source: str  # "doc_id::qualname" (derived) or "file#Lline" (user file)
+    negative: str = ""  # derived only: where rejected came from: "module", "package" or "any"
+
+
+def _pick(rng: random.Random, candidates: list[int], me: int, answers: list[str]) -> int | None:
+    """A random candidate other than `me` whose answer differs from mine; None if there is none.
+    Scans cyclically from a random start: O(1) in the usual case, never loops forever."""
+    if not candidates:
+        return None
+    start = rng.randrange(len(candidates))
+    for k in range(len(candidates)):
+        j = candidates[(start + k) % len(candidates)]
+        if j != me and answers[j] != answers[me]:
+            return j
+    return None
+
+
+def derive_preferences(pairs: list[InstructionPair], seed: int = 0) -> tuple[list[PreferencePair], int]:
+    """(preference pairs in the order of `pairs`, pairs skipped for lack of a distinct negative)."""
+    answers = [p.output.strip() for p in pairs]
+    by_module: dict[str, list[int]] = defaultdict(list)
+    by_package: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        by_module[p.module].append(i)
+        by_package[p.module.split(".")[0]].append(i)
+    everyone = list(range(len(pairs)))
+    out, skipped = [], 0
+    for i, p in enumerate(pairs):
+        # Seeded per pair (str seeds are hashed with sha512, not PYTHONHASHSEED), so one pair's
+        # negative does not change when other pairs are added or removed.
+        rng = random.Random(f"{seed}:{p.source_doc_id}:{p.qualname}:{p.instruction}")
+        for tier, candidates in (("module", by_module[p.module]),
+                                 ("package", by_package[p.module.split(".")[0]]), ("any", everyone)):
+            j = _pick(rng, candidates, i, answers)
+            if j is not None:
+                break
+        if j is None:
+            skipped += 1
+            continue
+        out.append(PreferencePair(p.instruction, p.output, pairs[j].output, f"{p.source_doc_id}::{p.qualname}", tier))
+    return out, skipped
+
+
+def drop_identical(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], int]:
+    """(pairs whose chosen and rejected differ after strip, number dropped): an identical pair has
+    zero preference margin and only adds noise to the loss."""
+    kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
+    return kept, len(pairs) - len(kept)
+
+
+def _reply(value: object, field: str, where: str) -> str:
+    """A TRL completion: a string, or a one-message list holding the assistant reply."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise CorpusFormatError(f"{where}: field {field!r} must be a string or a list of one assistant message")
+        return require_text(value[0], "content", f"{where}: {field}")
+    return require_text({field: value}, field, where)
+
+
+def read_trl_jsonl(path: Path) -> list[PreferencePair]:
+    """TRL preference records: `prompt`, `chosen`, `rejected` as strings, or in the conversational
+    form (prompt a list of messages, chosen/rejected one assistant message each)."""
+    out = []
+    for lineno, record in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        for field in ("prompt", "chosen", "rejected"):
+            if field not in record:
+                raise CorpusFormatError(f"{where}: missing field {field!r} (keys: {sorted(record)[:10]})")
+        prompt = record["prompt"]
+        if isinstance(prompt, list):
+            # validate as a chat by appending a placeholder reply, then take it off again
+            prompt = validate_messages(prompt + [{"role": "assistant", "content": "-"}], f"{where}: prompt")[:-1]
+            if prompt[-1]["role"] != "user":
+                raise CorpusFormatError(f"{where}: prompt must end with a user turn")
+        else:
+            prompt = require_text(record, "prompt", where)
+        chosen, rejected = _reply(record["chosen"], "chosen", where), _reply(record["rejected"], "rejected", where)
+        out.append(PreferencePair(prompt, chosen, rejected, f"{Path(path).name}#L{lineno}"))
+    return out
+
+
+def _split_hh(dialogue: str, field: str, where: str) -> tuple[str, str]:
+    """(prompt up to and including the last '\\n\\nAssistant:', the final reply stripped)."""
+    cut = dialogue.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise CorpusFormatError(f"{where}: field {field!r} has no {HH_ASSISTANT.strip()!r} turn")
+    prompt, reply = dialogue[: cut + len(HH_ASSISTANT)], dialogue[cut + len(HH_ASSISTANT):].strip()
+    if not reply:
+        raise CorpusFormatError(f"{where}: field {field!r}: the final assistant reply is empty")
+    return prompt, reply
+
+
+def read_hh_rlhf_jsonl(path: Path) -> list[PreferencePair]:
+    """Anthropic HH-RLHF records: `chosen` and `rejected` are whole dialogues
+    ("\\n\\nHuman: ...\\n\\nAssistant: ...") that share everything but the final reply."""
+    out = []
+    for lineno, record in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        prompt, chosen = _split_hh(require_text(record, "chosen", where), "chosen", where)
+        other, rejected = _split_hh(require_text(record, "rejected", where), "rejected", where)
+        if other != prompt:
+            raise CorpusFormatError(f"{where}: 'chosen' and 'rejected' differ before their final assistant reply")
+        out.append(PreferencePair(prompt, chosen, rejected, f"{Path(path).name}#L{lineno}"))
+    return out

@@ -1,0 +1,134 @@
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from llm_assets.lib.corpus import CorpusFormatError
+from llm_assets.lib.instructions import InstructionPair, derive_pairs
+from llm_assets.lib.preferences import (
+    PreferencePair,
+    derive_preferences,
+    drop_identical,
+    read_hh_rlhf_jsonl,
+    read_trl_jsonl,
+)
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_pairs(*rels: str) -> list[InstructionPair]:
+    return derive_pairs((f"stdlib/{r}", (STDLIB / r).read_text(encoding="utf-8")) for r in rels)
+
+
+def test_derive_preferences_uses_hard_negatives_from_the_same_module():
+    pairs = stdlib_pairs("textwrap.py", "json/decoder.py", "json/encoder.py")
+    prefs, skipped = derive_preferences(pairs, seed=0)
+    assert skipped == 0 and len(prefs) == len(pairs)
+    module_of_answer = {}
+    for p in pairs:
+        module_of_answer.setdefault(p.output, p.module)
+    for pair, pref in zip(pairs, prefs):
+        assert pref.prompt == pair.instruction and pref.chosen == pair.output
+        assert pref.rejected.strip() != pref.chosen.strip()
+        # every module here has several documented definitions, so every negative is a hard one
+        assert pref.negative == "module" and module_of_answer[pref.rejected] == pair.module
+    dedent = next(p for p in prefs if p.source == "stdlib/textwrap.py::dedent")
+    assert dedent.chosen == "Remove any common leading whitespace from every line in `text`."
+
+
+def test_derive_preferences_is_deterministic_and_seeded():
+    pairs = stdlib_pairs("textwrap.py", "json/decoder.py")
+    assert derive_preferences(pairs, seed=0) == derive_preferences(pairs, seed=0)
+    rejected = {s: [p.rejected for p in derive_preferences(pairs, seed=s)[0]] for s in range(4)}
+    assert len({tuple(r) for r in rejected.values()}) > 1
+    # a pair's negative does not depend on which other modules are present
+    alone = derive_preferences([p for p in pairs if p.module == "textwrap"], seed=0)[0]
+    both = [p for p in derive_preferences(pairs, seed=0)[0] if p.source.startswith("stdlib/textwrap.py")]
+    assert alone == both
+
+
+def _pair(qualname: str, module: str, output: str) -> InstructionPair:
+    return InstructionPair(f"Explain `{module}.{qualname}`.", "", output, f"stdlib/{module}.py", qualname, module)
+
+
+def test_negative_tiers_and_skip_when_no_distinct_answer():
+    pairs = [
+        _pair("a", "pkg.one", "Answer shared by a and b in one module."),
+        _pair("b", "pkg.one", "Answer shared by a and b in one module."),
+        _pair("c", "pkg.two", "The only definition documented in pkg.two."),
+        _pair("d", "other", "The only definition of the package other."),
+    ]
+    prefs, skipped = derive_preferences(pairs)
+    by_source = {p.source: p for p in prefs}
+    # a and b have the same answer: their module offers no distinct negative, so the package does
+    assert by_source["stdlib/pkg.one.py::a"].negative == "package"
+    assert by_source["stdlib/pkg.one.py::a"].rejected == pairs[2].output
+    assert by_source["stdlib/pkg.two.py::c"].negative == "package"
+    assert by_source["stdlib/other.py::d"].negative == "any"
+    assert skipped == 0 and len(prefs) == 4
+
+    same = [_pair("x", "m", "Exactly the same text everywhere."), _pair("y", "n", "Exactly the same text everywhere. ")]
+    assert derive_preferences(same) == ([], 2)
+
+
+def test_drop_identical_counts():
+    prefs = [PreferencePair("p", "yes", "no", "s"), PreferencePair("p", "same ", " same", "s"),
+             PreferencePair("p", "a", "a", "s")]
+    kept, dropped = drop_identical(prefs)
+    assert kept == prefs[:1] and dropped == 2
+
+
+def test_read_trl_jsonl_standard_and_conversational(tmp_path: Path):
+    lines = [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+        {"prompt": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "2+2?"}],
+         "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]},
+    ]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    prefs = read_trl_jsonl(tmp_path / "t.jsonl")
+    assert prefs == [
+        PreferencePair("Capital of France?", "Paris.", "Lyon.", "t.jsonl#L1"),
+        PreferencePair([{"role": "system", "content": "Be short."}, {"role": "user", "content": "2+2?"}],
+                       "4", "5", "t.jsonl#L2"),
+    ]
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+    ({"prompt": "q", "chosen": " ", "rejected": "b"}, "field 'chosen' is empty"),
+    ({"prompt": "q", "chosen": "a", "rejected": 3}, "field 'rejected' must be a string"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "'chosen' must be a string or a list of one assistant"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
+      "chosen": "a", "rejected": "b"}, "prompt must end with a user turn"),
+])
+def test_read_trl_malformed_names_file_and_line(tmp_path: Path, record, match):
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    (tmp_path / "t.jsonl").write_text(f"{good}\n{json.dumps(record)}\n")
+    with pytest.raises(CorpusFormatError, match=rf"t\.jsonl:2: .*{match}"):
+        read_trl_jsonl(tmp_path / "t.jsonl")
+
+
+HH_PROMPT = "\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers.\n\nHuman: Another one?\n\nAssistant:"
+
+
+def test_read_hh_rlhf_jsonl(tmp_path: Path):
+    record = {"chosen": HH_PROMPT + " How about Mittens?", "rejected": HH_PROMPT + " No."}
+    (tmp_path / "hh.jsonl").write_text(json.dumps(record) + "\n")
+    assert read_hh_rlhf_jsonl(tmp_path / "hh.jsonl") == [
+        PreferencePair(HH_PROMPT, "How about Mittens?", "No.", "hh.jsonl#L1")]
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"chosen": HH_PROMPT + " Yes."}, "missing field 'rejected'"),
+    ({"chosen": HH_PROMPT + " Yes.", "rejected": HH_PROMPT + "  "}, "'rejected': the final assistant reply is empty"),
+    ({"chosen": "\n\nHuman: hi", "rejected": HH_PROMPT + " No."}, "'chosen' has no 'Assistant:' turn"),
+    ({"chosen": HH_PROMPT + " Yes.", "rejected": "\n\nHuman: other\n\nAssistant: No."},
+     "differ before their final assistant reply"),
+])
+def test_read_hh_rlhf_malformed_names_file_and_line(tmp_path: Path, record, match):
+    good = json.dumps({"chosen": HH_PROMPT + " A.", "rejected": HH_PROMPT + " B."})
+    (tmp_path / "hh.jsonl").write_text(f"{good}\n\n{json.dumps(record)}\n")
+    with pytest.raises(CorpusFormatError, match=rf"hh\.jsonl:3: .*{match}"):
+        read_hh_rlhf_jsonl(tmp_path / "hh.jsonl")
