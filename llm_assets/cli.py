@@ -109,9 +109,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value) -> str:
+def _fmt(name: str, value) -> str:
     if isinstance(value, float):
-        return f"{value:.2%}" if value <= 1 else f"{value:,.1f}"
+        if name.endswith(("_rate", "_share")):
+            return f"{value:.2%}"
+        return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -125,7 +127,7 @@ def print_summary(instance, keys, project: Path) -> None:
             print(f"{key.to_user_string():<17} not materialized")
             continue
         md = event.asset_materialization.metadata
-        figures = "  ".join(f"{f}={_fmt(md[f].value)}" for f in SUMMARY_FIELDS if f in md)
+        figures = "  ".join(f"{f}={_fmt(f, md[f].value)}" for f in SUMMARY_FIELDS if f in md)
         print(f"{key.to_user_string():<17} {figures}")
         if "path" in md:
             short = md["dvc_md5"].value[:12] if "dvc_md5" in md else "-"
