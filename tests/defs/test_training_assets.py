@@ -42,7 +42,7 @@ def test_base_checkpoint_metadata_and_files(trained):
     for key in ("train_loss", "val_loss", "val_perplexity", "unigram_perplexity", "tokens_seen",
                 "tokens_per_second", "mfu", "parameters", "memory_bytes", "compute_flops"):
         assert md[key].value > 0, key
-    assert md["perplexity_ratio_to_unigram"].value == pytest.approx(
+    assert md["perplexity_vs_unigram"].value == pytest.approx(
         md["val_perplexity"].value / md["unigram_perplexity"].value)
     assert md["loss_curve"].value.startswith("![loss curve](data:image/png;base64,")
     lock = yaml.safe_load((project / "dvc.lock").read_text())
