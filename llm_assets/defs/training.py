@@ -1,6 +1,6 @@
 """Group `training`: base_checkpoint, pretrained from scratch in a subprocess through Dagster Pipes.
 
-Training runs as `python -m llm_assets.lib.pretrain` (or under `torchrun --nproc_per_node N` for
+Training runs as `python -m llm_assets.workers.pretrain` (or under `torchrun --nproc_per_node N` for
 DDP) so a crash of the trainer never takes the Dagster step down with it, logs and final metrics
 stream back over Pipes, and a re-run resumes from the last checkpoint in `data/lake/.work/`.
 """
@@ -68,7 +68,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: PretrainConfig, l
     settings_file.write_text(json.dumps(asdict(settings), indent=2))
     out = lake.artifact_dir("base_checkpoint")
     with lake.write("base_checkpoint") as staging:
-        args = ["-m", "llm_assets.lib.pretrain", "--settings", str(settings_file),
+        args = ["-m", "llm_assets.workers.pretrain", "--settings", str(settings_file),
                 "--tokens", str(lake.artifact_dir("tokenized_shards")),
                 "--tokenizer", str(lake.artifact_dir("tokenizer")), "--work", str(work), "--out", str(staging)]
         if config.nproc_per_node > 1:

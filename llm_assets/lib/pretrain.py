@@ -18,20 +18,18 @@
 6. `--out`: the model (safetensors) and tokenizer, training_config.json, metrics.jsonl,
    final_metrics.json and loss_curve.png.
 
-Progress goes out as JSON lines. Under Dagster Pipes (DAGSTER_PIPES_CONTEXT set) rank 0 alone opens
-Pipes, logs progress and reports the final metrics: a second reporter would make two
-materializations of one asset. One run per work dir at a time; DDP ranks share one filesystem.
+Progress goes out as JSON lines (or to any `log` callable: `llm_assets.workers.pretrain` runs this
+same trainer under Dagster Pipes). One run per work dir at a time; DDP ranks share one filesystem.
+Checkpointing lives in `checkpoints.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -41,13 +39,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 
 from llm_assets.lib.atomic import atomic_dir
+from llm_assets.lib.checkpoints import resume, run_hash, save_checkpoint
 from llm_assets.lib.model import (MODEL_SIZES, build_model, count_parameters, estimate_parameters,
                                   matmul_peak_flops, training_flops, training_memory_bytes)
+from llm_assets.lib.report import loss_curve_png
 
-CHECKPOINT_PREFIX = "checkpoint-"  # work_dir/checkpoint-00000120/ = state after 120 steps
 # Fields that change how a run is watched, not what it computes: editing them keeps checkpoints.
 OPERATIONAL_FIELDS = ("log_every", "checkpoint_every", "num_threads")
 
@@ -217,89 +215,6 @@ def evaluate(model, tokens, starts, s: PretrainSettings, device, amp, rank: int,
     return (total[0] / total[1]).item()
 
 
-def run_hash(s: PretrainSettings, meta: dict, tokens_dir: Path, world: int) -> str:
-    """Identity of what a run computes: the settings that matter, the world size (it decides the
-    batches), the data meta and the bytes of both splits (blake2b, ~1 s per GB)."""
-    h = hashlib.blake2b(digest_size=16)
-    wanted = {k: v for k, v in asdict(s).items() if k not in OPERATIONAL_FIELDS}
-    described = {"settings": wanted, "world": world, "meta": meta}
-    h.update(json.dumps(described, sort_keys=True).encode())
-    for split in ("train", "validation"):
-        with open(tokens_dir / f"{split}.bin", "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    done = [p for p in work_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
-
-
-def save_checkpoint(work_dir: Path, model, optimizer, scheduler, state: dict) -> Path:
-    """Write checkpoint-<step>/ through a staging dir + rename, then delete every older one."""
-    target = work_dir / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
-    with atomic_dir(target) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))  # stores the tied embedding once
-        model.config.to_json_file(tmp / "config.json")
-        # Tensors, numbers and lists only: loads back with weights_only=True. No RNG draws happen
-        # in training (no dropout; batches come from the seed), the torch state is kept anyway.
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state))  # step, tokens, hash, metric history
-    for old in work_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        if old != target:
-            shutil.rmtree(old)
-    return target
-
-
-def resume(work_dir: Path, run_id: str, rank: int, world: int, device, model, optimizer,
-           scheduler, emit) -> tuple[int, list[dict], int]:
-    """(step, history, tokens_seen) of the latest checkpoint written by this exact run, loaded into
-    model/optimizer/scheduler; (0, [], 0) when there is none. Rank 0 decides and says why (a
-    checkpoint of other settings or data is never resumed); every rank loads the same one."""
-    step = 0
-    if rank == 0:
-        for stale in work_dir.glob(f".staging-{CHECKPOINT_PREFIX}*"):  # a write cut by a kill
-            shutil.rmtree(stale)
-        ckpt = latest_checkpoint(work_dir)
-        found = json.loads((ckpt / "state.json").read_text())["run_hash"] if ckpt else run_id
-        if found != run_id:
-            emit({"event": "start_over", "checkpoint": str(ckpt), "message": f"{ckpt.name} was "
-                  f"written for other settings or data ({found} != {run_id}); starting over"})
-        elif ckpt:
-            step = int(ckpt.name.removeprefix(CHECKPOINT_PREFIX))
-    if world > 1:  # every rank must run the same steps
-        agreed = torch.tensor([step], device=device)
-        dist.broadcast(agreed, src=0)
-        step = int(agreed.item())
-    if step == 0:
-        return 0, [], 0
-    ckpt = work_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
-    load_model(model, str(ckpt / "model.safetensors"), device=str(device))
-    saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"].cpu())
-    state = json.loads((ckpt / "state.json").read_text())
-    emit({"event": "resume", "step": step, "message": f"resumed from step {step} ({ckpt})"})
-    return step, state["history"], state["tokens_seen"]
-
-
-def plot_loss_curve(history: list[dict], unigram_ppl: float, path: Path) -> None:
-    from matplotlib.figure import Figure  # renders with Agg; no pyplot global state
-
-    fig = Figure(figsize=(7, 4), layout="tight")
-    ax = fig.subplots()
-    for key, style, label in (("train_loss", "-", "train"), ("val_loss", "o-", "validation")):
-        rows = [r for r in history if key in r]
-        ax.plot([r["tokens_seen"] for r in rows], [r[key] for r in rows], style, label=label)
-    ax.axhline(math.log(unigram_ppl), ls="--", c="gray", label="unigram baseline (validation)")
-    ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="pretraining loss")
-    ax.legend()
-    fig.savefig(path, dpi=100)
-
-
 def write_outputs(out_dir: Path, model, tokenizer, config: dict, history: list[dict], final: dict):
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
@@ -307,7 +222,7 @@ def write_outputs(out_dir: Path, model, tokenizer, config: dict, history: list[d
         (tmp / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         (tmp / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        plot_loss_curve(history, final["unigram_perplexity"], tmp / "loss_curve.png")
+        loss_curve_png(history, math.log(final["unigram_perplexity"]), tmp / "loss_curve.png")
 
 
 def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_dir,
@@ -350,7 +265,8 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
                             meta["eos_token_id"], meta["pad_token_id"]).to(device)
         optimizer, scheduler = make_optimizer(model, s)
         n_params = count_parameters(model)
-        run_id = run_hash(s, meta, tokens_dir, world) if rank == 0 else ""
+        wanted = {k: v for k, v in asdict(s).items() if k not in OPERATIONAL_FIELDS}
+        run_id = run_hash(wanted, meta, tokens_dir, world) if rank == 0 else ""
         start_step, history, tokens_seen = resume(work_dir, run_id, rank, world, device, model,
                                                   optimizer, scheduler, emit)
         raw = model  # the plain module: checkpoints, evaluation and outputs use it
@@ -451,7 +367,8 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
             dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[PretrainSettings, dict]:
+    """(settings, train() path arguments) from the command line shared by every entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", required=True, help="JSON file of PretrainSettings fields")
     parser.add_argument("--tokens", required=True, help="train.bin, validation.bin, meta.json")
@@ -460,16 +377,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="final model directory")
     args = parser.parse_args(argv)
     settings = PretrainSettings.from_dict(json.loads(Path(args.settings).read_text()))
-    paths = dict(tokens_dir=args.tokens, tokenizer_dir=args.tokenizer, work_dir=args.work,
-                 out_dir=args.out)
-    if os.environ.get("DAGSTER_PIPES_CONTEXT") and os.environ.get("RANK", "0") == "0":
-        from dagster_pipes import open_dagster_pipes  # light package, never imports dagster
+    return settings, dict(tokens_dir=args.tokens, tokenizer_dir=args.tokenizer, work_dir=args.work,
+                          out_dir=args.out)
 
-        with open_dagster_pipes() as pipes:
-            final = train(settings, **paths, log=lambda event: pipes.log.info(json.dumps(event)))
-            pipes.report_asset_materialization(metadata=final)  # all numbers: the UI charts them
-    else:
-        train(settings, **paths)
+
+def main(argv: list[str] | None = None) -> None:
+    settings, paths = parse_args(argv)
+    train(settings, **paths)
 
 
 if __name__ == "__main__":

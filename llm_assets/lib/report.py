@@ -42,3 +42,16 @@ def histogram_markdown(values: Sequence[float], title: str, xlabel: str, bins: i
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     return figure_markdown(fig, title)
+
+
+def loss_curve_png(history: list[dict], baseline_loss: float, path) -> None:
+    """Train and validation loss vs tokens seen (rows of metrics.jsonl), with a baseline line."""
+    fig, ax = plt.subplots(figsize=(7, 4), layout="tight")
+    for key, style, label in (("train_loss", "-", "train"), ("val_loss", "o-", "validation")):
+        rows = [r for r in history if key in r]
+        ax.plot([r["tokens_seen"] for r in rows], [r[key] for r in rows], style, label=label)
+    ax.axhline(baseline_loss, ls="--", c="gray", label="unigram baseline (validation)")
+    ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="pretraining loss")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from llm_assets.lib.model import MODEL_SIZES, build_model, count_parameters, estimate_parameters
-from llm_assets.lib.pretrain import (PretrainSettings, eval_starts, latest_checkpoint, lr_factor,
+from llm_assets.lib.checkpoints import latest_checkpoint
+from llm_assets.lib.pretrain import (PretrainSettings, eval_starts, lr_factor,
                                      train, train_batch)
 
 REPO = Path(__file__).resolve().parents[2]
