@@ -8,28 +8,17 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from llm_assets.defs.data import clean_corpus, deduped_shards, raw_corpus
-from llm_assets.defs.resources import LakeResource
+
+from helpers import lock_md5, materialize_assets
 
 ASSETS = [raw_corpus, clean_corpus, deduped_shards]
 
 
-def materialize(project: Path, run_config: dict, selection=None, instance=None):
-    return dg.materialize(
-        ASSETS, selection=selection, run_config=run_config, instance=instance,
-        resources={"lake": LakeResource(project_dir=str(project))}, raise_on_error=False)
-
-
-def lock_md5(project: Path, stage: str) -> str:
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return lock["stages"][stage]["outs"][0]["md5"]
-
-
 def test_data_group_materializes_with_metadata_and_dvc_versions(project, tiny_run_config):
     with dg.DagsterInstance.ephemeral() as instance:
-        result = materialize(project, tiny_run_config, instance=instance)
+        result = materialize_assets(ASSETS, project, tiny_run_config, instance=instance)
         assert result.success
         for asset in ("raw_corpus", "clean_corpus", "deduped_shards"):
             event = instance.get_latest_materialization_event(dg.AssetKey(asset))
@@ -58,11 +47,11 @@ def test_data_group_materializes_with_metadata_and_dvc_versions(project, tiny_ru
 def test_malformed_jsonl_fails_with_file_and_line_and_keeps_previous_artifact(project):
     cfg = {"ops": {"raw_corpus": {"config": {"include_stdlib": False}}}}
     (project / "data/raw/good.jsonl").write_text('{"text": "a fine document"}\n')
-    assert materialize(project, cfg, selection=[raw_corpus]).success
+    assert materialize_assets(ASSETS, project, cfg, selection=[raw_corpus]).success
     before = (project / "data/lake/raw_corpus/corpus.parquet").read_bytes()
 
     (project / "data/raw/bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
-    result = materialize(project, cfg, selection=[raw_corpus])
+    result = materialize_assets(ASSETS, project, cfg, selection=[raw_corpus])
     assert not result.success
     error = result.get_step_failure_events()[0].event_specific_data.error
     assert "bad.jsonl:2: invalid JSON" in error.to_string()
@@ -73,7 +62,7 @@ def test_malformed_jsonl_fails_with_file_and_line_and_keeps_previous_artifact(pr
 def test_no_documents_left_fails_clearly(project):
     (project / "data/raw/short.txt").write_text("too short to keep")
     cfg = {"ops": {"raw_corpus": {"config": {"include_stdlib": False}}}}
-    result = materialize(project, cfg, selection=[raw_corpus, clean_corpus])
+    result = materialize_assets(ASSETS, project, cfg, selection=[raw_corpus, clean_corpus])
     assert not result.success
     error = result.get_step_failure_events()[0].event_specific_data.error.to_string()
     assert "no documents left after cleaning (1 in; removed by too_short: 1)" in error

@@ -8,33 +8,22 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
-import yaml
 from transformers import AutoTokenizer
 
 from llm_assets.defs.data import clean_corpus, deduped_shards, raw_corpus
-from llm_assets.defs.resources import LakeResource
 from llm_assets.defs.tokenizer import tokenized_shards, tokenizer
 from llm_assets.lib.packing import load_tokens
 from llm_assets.lib.tokenizer import SPECIAL_TOKENS
 
+from helpers import lock_md5, materialize_assets
+
 ASSETS = [raw_corpus, clean_corpus, deduped_shards, tokenizer, tokenized_shards]
-
-
-def materialize(project: Path, run_config: dict, instance=None, selection=None):
-    return dg.materialize(
-        ASSETS, run_config=run_config, instance=instance, selection=selection,
-        resources={"lake": LakeResource(project_dir=str(project))}, raise_on_error=False)
-
-
-def lock_md5(project: Path, stage: str) -> str:
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return lock["stages"][stage]["outs"][0]["md5"]
 
 
 def test_tokenizer_and_packed_shards(project, tiny_run_config):
     run_config = {"ops": {**tiny_run_config["ops"], "tokenizer": {"config": {"vocab_size": 512}}}}
     with dg.DagsterInstance.ephemeral() as instance:
-        result = materialize(project, run_config, instance=instance)
+        result = materialize_assets(ASSETS, project, run_config, instance=instance)
         assert result.success
         for asset in ("tokenizer", "tokenized_shards"):
             event = instance.get_latest_materialization_event(dg.AssetKey(asset))
@@ -76,7 +65,7 @@ def test_tokenizer_and_packed_shards(project, tiny_run_config):
 
     # the last assets rerun alone, on the artifacts recorded above
     cfg = {"ops": {"tokenizer": {"config": {"vocab_size": 100}}}}
-    failed = materialize(project, cfg, selection=[tokenizer])
+    failed = materialize_assets(ASSETS, project, cfg, selection=[tokenizer])
     assert not failed.success
     error = failed.get_step_failure_events()[0].event_specific_data.error.to_string()
     assert "vocab_size must exceed 263" in error
@@ -86,7 +75,7 @@ def test_tokenizer_and_packed_shards(project, tiny_run_config):
     before = (packed / "meta.json").read_bytes()
     for shard in (project / "data/lake/deduped_shards").glob("validation-*.parquet"):
         shard.unlink()
-    failed = materialize(project, {}, selection=[tokenized_shards])
+    failed = materialize_assets(ASSETS, project, {}, selection=[tokenized_shards])
     assert not failed.success
     assert "no validation shards" in failed.get_step_failure_events()[0].event_specific_data.error.to_string()
     assert (packed / "meta.json").read_bytes() == before

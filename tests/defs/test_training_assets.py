@@ -4,10 +4,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_assets.definitions import defs
+from helpers import lock_md5
 
 UPSTREAM = ["raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "tokenized_shards"]
 
@@ -45,8 +45,7 @@ def test_base_checkpoint_metadata_and_files(trained):
     assert md["perplexity_vs_unigram"].value == pytest.approx(
         md["val_perplexity"].value / md["unigram_perplexity"].value)
     assert md["loss_curve"].value.startswith("![loss curve](data:image/png;base64,")
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert lock["stages"]["base_checkpoint"]["outs"][0]["md5"] == md["dvc_md5"].value
+    assert lock_md5(project, "base_checkpoint") == md["dvc_md5"].value
     checks = {e.check_name for e in result.get_asset_check_evaluations()}
     assert "base_checkpoint_beats_unigram" in checks
 
