@@ -140,18 +140,24 @@ def iter_stdlib_documents(parts: Iterable[str] = STDLIB_PARTS) -> Iterator[Docum
                            text, len(text.encode()), 0)
 
 
+def parse_json_object(path: Path, lineno: int, line: str) -> dict:
+    """One JSONL line that must hold a JSON object; errors name the file and line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CorpusFormatError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+    if not isinstance(record, dict):
+        raise CorpusFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _read_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
     with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             decoded, bad = decode_counting(line)
-            try:
-                record = json.loads(decoded)
-            except json.JSONDecodeError as e:
-                raise CorpusFormatError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise CorpusFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            record = parse_json_object(path, lineno, decoded)
             if text_field not in record:
                 raise CorpusFormatError(
                     f"{path}:{lineno}: missing text field {text_field!r} (keys: {sorted(record)[:10]})")

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_assets.lib.corpus import CorpusFormatError
+from llm_assets.lib.corpus import CorpusFormatError, parse_json_object
 
 MIN_RESPONSE_CHARS = 20  # shorter docstrings ("Return x.") teach nothing
 MAX_RESPONSE_CHARS = 600  # longer first paragraphs are cut at a sentence boundary
@@ -167,13 +167,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 raise CorpusFormatError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from e
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusFormatError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise CorpusFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+            yield lineno, parse_json_object(path, lineno, line)
 
 
 def iter_json_list(path: Path) -> Iterator[tuple[int, int, dict]]:
