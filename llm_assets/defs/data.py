@@ -1,6 +1,5 @@
 """Group `data`: raw_corpus -> clean_corpus -> deduped_shards, each a DVC-versioned directory."""
 
-
 import json
 from pathlib import Path
 

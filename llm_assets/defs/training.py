@@ -5,7 +5,6 @@ DDP) so a crash of the trainer never takes the Dagster step down with it, logs a
 stream back over Pipes, and a re-run resumes from the last checkpoint in `data/lake/.work/`.
 """
 
-import base64
 import json
 import sys
 from dataclasses import asdict
@@ -16,7 +15,7 @@ from pydantic import Field
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib import model as model_lib
 from llm_assets.lib.pretrain import PretrainSettings, load_tokens
-from llm_assets.lib.report import markdown_table
+from llm_assets.lib.report import markdown_table, png_markdown
 
 _D = PretrainSettings()  # the defaults live with the trainer; the descriptions live here
 
@@ -88,8 +87,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: PretrainConfig, l
             **reported.metadata,
             "processes": config.nproc_per_node,
             "summary": dg.MetadataValue.md(markdown_table(["figure", "value"], rows)),
-            "loss_curve": dg.MetadataValue.md(
-                f"![loss curve](data:image/png;base64,{base64.b64encode(curve).decode()})"),
+            "loss_curve": dg.MetadataValue.md(png_markdown(curve, "loss curve")),
         },
         data_version=dg.DataVersion(version.md5),
         check_results=[dg.AssetCheckResult(

@@ -32,7 +32,12 @@ def figure_markdown(fig: "plt.Figure", alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return png_markdown(buf.getvalue(), alt)
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """A PNG as an inline markdown image (a data URI)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def histogram_markdown(values: Sequence[float], title: str, xlabel: str, bins: int = 20) -> str:
