@@ -72,3 +72,25 @@ def tiny_run_config() -> dict:
 def tiny_config():
     """A function returning a fresh copy of configs/tiny.yaml (callers may mutate it)."""
     return load_tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved, untrained tiny Llama plus a 512-token tokenizer (trained on a few stdlib modules):
+    what a base_checkpoint directory holds, built in about a second for the fine-tuning tests."""
+    import sysconfig
+
+    import torch
+
+    from llm_assets.lib.model import build_model
+    from llm_assets.lib.tokenizer import train_tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / m).read_text() for m in ("textwrap.py", "csv.py", "shlex.py", "heapq.py", "bisect.py")]
+    tok = train_tokenizer(texts, vocab_size=512)
+    torch.manual_seed(0)
+    model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny_base")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -29,13 +29,14 @@ class ModelSize:
     n_layers: int  # decoder blocks
     d_model: int  # hidden width (embedding dimension)
     n_heads: int  # attention heads; head dim = d_model / n_heads
-    d_ff: int  # SwiGLU inner width (~8/3·d_model, as in Llama)
+    d_ff: int  # SwiGLU inner width: ~8/3·d_model rounded up to a multiple of 64, as in Llama
+    # (bitsandbytes' CPU 4-bit kernel also needs every Linear's out_features divisible by 32)
     context: int  # maximum sequence length in tokens (rotary positions need no table)
 
 
 MODEL_SIZES: dict[str, ModelSize] = {
-    "tiny": ModelSize(n_layers=2, d_model=64, n_heads=2, d_ff=172, context=128),
-    "demo": ModelSize(n_layers=4, d_model=256, n_heads=4, d_ff=688, context=256),
+    "tiny": ModelSize(n_layers=2, d_model=64, n_heads=2, d_ff=192, context=128),
+    "demo": ModelSize(n_layers=4, d_model=256, n_heads=4, d_ff=704, context=256),
     "large": ModelSize(n_layers=12, d_model=768, n_heads=12, d_ff=2048, context=1024),
 }
 

@@ -60,3 +60,19 @@ def loss_curve_png(history: list[dict], baseline_loss: float, path) -> None:
     ax.legend()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def lines_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str,
+              ylabel: str, hlines: dict[str, float] | None = None) -> bytes:
+    """A line plot as PNG bytes: {label: (xs, ys)} plus labelled horizontal reference lines."""
+    fig, ax = plt.subplots(figsize=(7, 4), layout="tight")
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-" if len(xs) <= 20 else "-", label=label)
+    for k, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, ls="--", c=f"C{len(series) + k}", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,118 @@
+"""The two post-training datasets as Parquet: instruction chats (SFT) and preference pairs (DPO),
+assembled from the corpus-derived pairs and the user's files.
+
+    chats = read_sft_file(Path("data/sft/alpaca.json"))    # [(messages, source)], Alpaca or chat
+    prefs = read_preference_file(Path("data/preferences/hh.jsonl"))  # TRL or HH-RLHF records
+    write_chats(path, rows); read_chats(path) -> [messages]
+    write_preferences(path, pairs); read_preferences(path) -> [PreferencePair]
+
+User files carry no split, so each record goes to validation when a stable hash of its content falls
+under the validation fraction: the same record lands in the same split on every run and machine,
+and adding records never moves old ones.
+
+The format of a user file is told by its first record: `messages` means chat JSONL, `instruction`
+Alpaca; `prompt` means TRL preferences, `chosen` alone HH-RLHF dialogues. A file that is neither
+fails with its name and the keys it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm_assets.lib.corpus import CorpusFormatError
+from llm_assets.lib.instructions import (InstructionPair, iter_json_list, iter_jsonl, read_alpaca, read_chat_jsonl,
+                                         to_messages)
+from llm_assets.lib.preferences import PreferencePair, read_hh_rlhf_jsonl, read_trl_jsonl
+
+USER_SUFFIXES = (".json", ".jsonl")
+
+
+def user_files(directory: Path) -> list[Path]:
+    """JSON/JSONL files under `directory` (recursively, sorted); [] when it does not exist."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES)
+
+
+def first_record(path: Path) -> dict:
+    records = (r for _, _, r in iter_json_list(path)) if path.suffix == ".json" else (r for _, r in iter_jsonl(path))
+    first = next(records, None)
+    if first is None:
+        raise CorpusFormatError(f"{path}: no records")
+    return first
+
+
+def read_sft_file(path: Path) -> list[tuple[list[dict], str]]:
+    """(messages, source) per record of an Alpaca (.json/.jsonl) or chat (.jsonl) file."""
+    keys = first_record(path)
+    if "messages" in keys:
+        if path.suffix != ".jsonl":
+            raise CorpusFormatError(f"{path}: chat records must be JSONL (one {{\"messages\": [...]}} per line)")
+        chats = read_chat_jsonl(path)
+        lines = [lineno for lineno, _ in iter_jsonl(path)]
+        return [(chat, f"{path.name}#L{lineno}") for chat, lineno in zip(chats, lines)]
+    if "instruction" in keys:
+        return [(to_messages(p), p.source_doc_id) for p in read_alpaca(path)]
+    raise CorpusFormatError(f"{path}:1: neither Alpaca (instruction/input/output) nor chat (messages) records; "
+                            f"keys: {sorted(keys)[:10]}")
+
+
+def read_preference_file(path: Path) -> list[PreferencePair]:
+    if path.suffix != ".jsonl":
+        raise CorpusFormatError(f"{path}: preference files must be JSONL")
+    keys = first_record(path)
+    if "prompt" in keys:
+        return read_trl_jsonl(path)
+    if "chosen" in keys:
+        return read_hh_rlhf_jsonl(path)
+    raise CorpusFormatError(f"{path}:1: neither TRL (prompt/chosen/rejected) nor HH-RLHF (chosen/rejected) "
+                            f"records; keys: {sorted(keys)[:10]}")
+
+
+def held_out(content: object, fraction: float) -> bool:
+    """Stable split of a user record by the hash of its content."""
+    digest = hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+# --- Parquet ------------------------------------------------------------------------------------
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+CHAT_SCHEMA = pa.schema([("messages", _MESSAGES), ("source", pa.string()), ("origin", pa.string()),
+                         ("module", pa.string())])
+PREFERENCE_SCHEMA = pa.schema([("prompt", _MESSAGES), ("chosen", pa.string()), ("rejected", pa.string()),
+                               ("source", pa.string()), ("negative", pa.string())])
+
+
+def chat_row(messages: list[dict], source: str, origin: str, module: str = "") -> dict:
+    return {"messages": messages, "source": source, "origin": origin, "module": module}
+
+
+def derived_chat_rows(pairs: list[InstructionPair]) -> list[dict]:
+    return [chat_row(to_messages(p), f"{p.source_doc_id}::{p.qualname}", "corpus", p.module) for p in pairs]
+
+
+def write_chats(path: Path, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=CHAT_SCHEMA), path)  # into a staging dir (atomic)
+
+
+def read_chats(path: Path) -> list[list[dict]]:
+    return pq.read_table(path, columns=["messages"]).column("messages").to_pylist()
+
+
+def write_preferences(path: Path, pairs: list[PreferencePair]) -> None:
+    from llm_assets.lib.align import prompt_messages  # the one place prompts become messages
+
+    rows = [{"prompt": prompt_messages(p.prompt), "chosen": p.chosen, "rejected": p.rejected,
+             "source": p.source, "negative": p.negative} for p in pairs]
+    pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCE_SCHEMA), path)
+
+
+def read_preferences(path: Path) -> list[PreferencePair]:
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r["source"], r["negative"])
+            for r in pq.read_table(path).to_pylist()]
