@@ -31,7 +31,10 @@ SUMMARY_FIELDS = (
     "documents", "text_bytes", "documents_in", "duplicate_rate", "exact_duplicates", "near_duplicates",
     "removed_share", "train_documents", "validation_documents", "shards", "vocab_size",
     "bytes_per_token", "train_tokens", "validation_tokens", "val_perplexity", "unigram_perplexity",
-    "perplexity_vs_unigram", "tokens_per_second", "parameters", "bytes",
+    "perplexity_vs_unigram", "tokens_per_second", "parameters", "train_examples", "validation_examples",
+    "train_pairs", "validation_pairs", "dropped_identical", "trainable_parameters", "trainable_share",
+    "eval_reply_loss_before", "eval_reply_loss_after", "base_preference_accuracy", "lora_preference_accuracy",
+    "aligned_preference_accuracy", "eval_reward_margin", "bytes",
 )
 
 
@@ -111,7 +114,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 def _fmt(name: str, value) -> str:
     if isinstance(value, float):
-        if name.endswith(("_rate", "_share")):
+        if name.endswith(("_rate", "_share", "_accuracy")):
             return f"{value:.2%}"
         return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
     if isinstance(value, int):
@@ -120,7 +123,7 @@ def _fmt(name: str, value) -> str:
 
 
 def print_summary(instance, keys, project: Path) -> None:
-    print("\nasset             figures")
+    print(f"\n{'asset':<19} figures")
     for key in keys:
         event = instance.get_latest_materialization_event(key)
         if event is None:
@@ -128,10 +131,10 @@ def print_summary(instance, keys, project: Path) -> None:
             continue
         md = event.asset_materialization.metadata
         figures = "  ".join(f"{f}={_fmt(f, md[f].value)}" for f in SUMMARY_FIELDS if f in md)
-        print(f"{key.to_user_string():<17} {figures}")
+        print(f"{key.to_user_string():<19} {figures}")
         if "path" in md:
             short = md["dvc_md5"].value[:12] if "dvc_md5" in md else "-"
-            print(f"{'':<17} {Path(md['path'].value).relative_to(project)}  (dvc {short})")
+            print(f"{'':<19} {Path(md['path'].value).relative_to(project)}  (dvc {short})")
     print(f"\nDagster home: {os.environ['DAGSTER_HOME']}\nOpen the UI:  make ui  ->  http://127.0.0.1:3000")
 
 

@@ -35,7 +35,8 @@ def make_project(base: Path) -> Path:
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "llm_assets").symlink_to(REPO / "llm_assets")  # dvc.yaml lists code files as deps
-    (root / "data" / "raw").mkdir(parents=True)
+    for user_dir in ("raw", "sft", "preferences"):
+        (root / "data" / user_dir).mkdir(parents=True)
     init_dvc(root, remote_url=str(base / "remote"))
     return root
 

@@ -13,3 +13,9 @@ pretrain_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("tokenizer", "tokenized_shards", "base_checkpoint"),
     description="Train the tokenizer, pack the shards and pretrain the base checkpoint (expensive: never automatic).",
 )
+
+posttrain_job = dg.define_asset_job(
+    "posttrain_job",
+    selection=dg.AssetSelection.assets("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"),
+    description="Build the instruction and preference datasets, instruction-tune the base (LoRA) and align it (DPO).",
+)

@@ -11,9 +11,11 @@ the aligned model is again a plain `AutoModelForCausalLM` directory.
 
 Preference accuracy (the quality bar) is reference-free, so base, LoRA and aligned models are
 measured by the same rule: the share of held-out pairs where the model gives the chosen reply a
-higher log-likelihood than the rejected one, both scored as the reply to the same chat prompt
-(`<eos> prompt reply <|end|>`, chat_data.py). DPO's own reward accuracy, which needs the reference,
-is reported beside it as `eval_rewards_accuracy`.
+higher mean log-probability per token than the rejected one, both scored as the reply to the same
+chat prompt (`<eos> prompt reply <|end|>`, chat_data.py). Per token, because summed log-likelihoods
+of replies of different lengths mostly compare their lengths (lm-eval-harness's `acc_norm` reasons
+the same way); the summed variant is reported beside it as `accuracy_summed`, and DPO's own reward
+accuracy, which needs the reference, as `eval_rewards_accuracy`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class DpoSettings:
     beta: float = 0.1  # strength of the pull towards the reference (higher = stay closer)
     adapter: adapters.AdapterSettings = field(default_factory=adapters.AdapterSettings)
     max_len: int = 256  # tokens per prompt + reply; pairs where either side is longer are dropped
-    max_steps: int = 120
+    max_steps: int = 80
     batch_size: int = 8  # pairs per step
     lr: float = 5e-4  # TRL's default 1e-6 is for billion-parameter models; a small one barely moves
     warmup_steps: int = 10
@@ -96,13 +98,16 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_len: int) -> tuple[
 
 
 def preference_scores(model, encoded: list[tuple[dict, dict]], pad_id: int) -> dict:
-    """Reference-free preference figures of `model`: accuracy (chosen more likely than rejected),
-    mean summed log-probabilities of chosen and rejected replies, and their mean margin."""
+    """Reference-free preference figures of `model`: accuracy (chosen has the higher mean per-token
+    log-probability), accuracy_summed (the higher summed log-probability), mean summed
+    log-probabilities of chosen and rejected replies, and their mean margin."""
     chosen = reply_logprobs(model, [c for c, _ in encoded], pad_id)
     rejected = reply_logprobs(model, [r for _, r in encoded], pad_id)
-    wins = [c > r for (c, _), (r, _) in zip(chosen, rejected)]
+    wins = [c / nc > r / nr for (c, nc), (r, nr) in zip(chosen, rejected)]
+    summed_wins = [c > r for (c, _), (r, _) in zip(chosen, rejected)]
     n = len(encoded)
     return {"accuracy": sum(wins) / n,
+            "accuracy_summed": sum(summed_wins) / n,
             "logp_chosen": sum(c for c, _ in chosen) / n,
             "logp_rejected": sum(r for r, _ in rejected) / n,
             "logp_margin": sum(c - r for (c, _), (r, _) in zip(chosen, rejected)) / n}
@@ -126,9 +131,11 @@ def train_dpo(settings: DpoSettings, sft_dir: Path, train_pairs: list[Preference
     """Align the model in `sft_dir` (a merged, plain model), write out_dir atomically, and return
     {"metrics", "history", "accuracy"}: held-out preference figures of the aligned model and of
     every model in `compare` ({"base": dir, ...}), the reference (`sft_dir`) as "lora"."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
+    from datasets import Dataset, disable_progress_bars
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
+
+    disable_progress_bars()  # TRL's tokenization bars would flood the run log
 
     t0 = time.perf_counter()
     s = settings
@@ -165,6 +172,7 @@ def train_dpo(settings: DpoSettings, sft_dir: Path, train_pairs: list[Preference
     trainer = DPOTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(train_records), eval_dataset=Dataset.from_list(eval_records),
                          peft_config=adapters.peft_config(s.adapter))
+    trainer.remove_callback(PrinterCallback)  # ProgressLog reports the same rows
     trainer.add_callback(hf_training.ProgressLog(log))
     t_train = time.perf_counter()
     trained = trainer.train(resume_from_checkpoint=resume_from)
@@ -183,6 +191,7 @@ def train_dpo(settings: DpoSettings, sft_dir: Path, train_pairs: list[Preference
             "eval_pairs": len(eval_records),
             "dropped_too_long": len(train_pairs) - len(train_kept) + len(eval_pairs) - len(eval_kept),
             **{f"{name}_preference_accuracy": v["accuracy"] for name, v in scores.items()},
+            **{f"{name}_preference_accuracy_summed": v["accuracy_summed"] for name, v in scores.items()},
             "accuracy_gain_over_lora": scores["aligned"]["accuracy"] - scores["lora"]["accuracy"],
             "aligned_logp_chosen": scores["aligned"]["logp_chosen"],
             "aligned_logp_rejected": scores["aligned"]["logp_rejected"],

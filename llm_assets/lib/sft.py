@@ -76,7 +76,7 @@ def save_merged(model, tokenizer, out: Path) -> None:
 def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict]], eval_chats: list[list[dict]],
               work_dir: Path, out_dir: Path, log: hf_training.Log = print) -> dict:
     """Fine-tune, write out_dir atomically, and return {"metrics": ..., "history": [...]}."""
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 
     t0 = time.perf_counter()
     s = settings
@@ -112,6 +112,7 @@ def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict
         eval_strategy="steps", eval_steps=s.eval_every)
     trainer = Trainer(model=model, args=args, train_dataset=train_ex, eval_dataset=eval_ex,
                       data_collator=PadCollator(pad_id))
+    trainer.remove_callback(PrinterCallback)  # ProgressLog reports the same rows
     trainer.add_callback(hf_training.ProgressLog(log))
     t_train = time.perf_counter()
     trained = trainer.train(resume_from_checkpoint=resume_from)

@@ -4,7 +4,8 @@ from llm_assets.definitions import defs
 
 DATA_ASSETS = {"raw_corpus", "clean_corpus", "deduped_shards"}
 GROUPS = {"raw_corpus": "data", "clean_corpus": "data", "deduped_shards": "data", "tokenizer": "tokenizer",
-          "tokenized_shards": "tokenizer", "base_checkpoint": "training"}
+          "tokenized_shards": "tokenizer", "base_checkpoint": "training", "sft_dataset": "training",
+          "preference_dataset": "training", "lora_checkpoint": "training", "aligned_checkpoint": "training"}
 
 
 def test_assets_groups_checks_and_jobs():
@@ -17,10 +18,14 @@ def test_assets_groups_checks_and_jobs():
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("deduped_shards")).parent_keys} == {"clean_corpus"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("base_checkpoint")).parent_keys} == {
         "tokenizer", "tokenized_shards"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("lora_checkpoint")).parent_keys} == {
+        "sft_dataset", "base_checkpoint"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("aligned_checkpoint")).parent_keys} == {
+        "preference_dataset", "lora_checkpoint", "base_checkpoint"}
     checks = {c.name for c in graph.asset_check_keys}
     assert {"clean_corpus_keeps_most_documents", "deduped_shards_splits_disjoint", "tokenizer_roundtrip",
-            "base_checkpoint_beats_unigram"} <= checks
-    for job in ("data_job", "pretrain_job"):
+            "base_checkpoint_beats_unigram", "lora_improves_reply_loss", "aligned_preference_accuracy"} <= checks
+    for job in ("data_job", "pretrain_job", "posttrain_job"):
         assert d.resolve_job_def(job).name == job
     assert "lake" in d.resources
 

@@ -1,0 +1,128 @@
+"""sft_dataset, preference_dataset, lora_checkpoint and aligned_checkpoint on the tiny config, with
+user files of every supported format beside the corpus-derived data."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import lock_md5
+from test_training_assets import UPSTREAM, materialize
+
+POST = ["sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"]
+
+
+def write_user_files(project: Path) -> None:
+    sft, prefs = project / "data/sft", project / "data/preferences"
+    alpaca = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."} for i in range(20)]
+    (sft / "alpaca.json").write_text(json.dumps(alpaca, indent=1))
+    (sft / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca[:5]))
+    chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Name {i}?"},
+                           {"role": "assistant", "content": f"It is item {i}."}]} for i in range(10)]
+    (sft / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    trl = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no", "rejected": "maybe"} for i in range(12)]
+    trl.append({"prompt": "Same?", "chosen": "identical", "rejected": " identical "})  # dropped, counted
+    (prefs / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trl))
+    hh = [{"chosen": f"\n\nHuman: Hi {i}\n\nAssistant: Hello!\n\nHuman: Help?\n\nAssistant: Sure, gladly.",
+           "rejected": f"\n\nHuman: Hi {i}\n\nAssistant: Hello!\n\nHuman: Help?\n\nAssistant: No."} for i in range(8)]
+    (prefs / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hh))
+
+
+@pytest.fixture(scope="module")
+def post(project_factory, tiny_config):
+    project = project_factory("post")
+    write_user_files(project)
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize(project, tiny_config(), [*UPSTREAM, "base_checkpoint", *POST], instance)
+    return project, instance, result
+
+
+def metadata(instance, asset: str) -> dict:
+    md = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+    return {k: v.value for k, v in md.items()}
+
+
+def test_datasets_mix_corpus_and_user_files(post):
+    project, instance, result = post
+    assert result.success
+    md = metadata(instance, "sft_dataset")
+    train = pq.read_table(project / "data/lake/sft_dataset/train.parquet").to_pylist()
+    held = pq.read_table(project / "data/lake/sft_dataset/validation.parquet").to_pylist()
+    assert md["train_examples"] == len(train) and md["validation_examples"] == len(held)
+    assert md["user_files"] == 3
+    origins = {r["origin"] for r in train + held}
+    assert origins == {"corpus", "alpaca.json", "alpaca.jsonl", "chat.jsonl"}
+    assert sum(r["origin"] != "corpus" for r in train + held) == 35
+    corpus_train = [r for r in train if r["origin"] == "corpus"]
+    assert len(corpus_train) == 200  # max_corpus_pairs in tiny.yaml
+    # derived validation chats come from validation modules only: no module on both sides
+    held_modules = {r["module"] for r in held if r["origin"] == "corpus"}
+    assert held_modules and not held_modules & {r["module"] for r in corpus_train}
+    chat = next(r for r in train + held if r["origin"] == "chat.jsonl")
+    assert [m["role"] for m in chat["messages"]] == ["system", "user", "assistant"]
+    assert lock_md5(project, "sft_dataset") == md["dvc_md5"]
+
+    pm = metadata(instance, "preference_dataset")
+    rows = pq.read_table(project / "data/lake/preference_dataset/train.parquet").to_pylist()
+    rows += pq.read_table(project / "data/lake/preference_dataset/validation.parquet").to_pylist()
+    assert pm["dropped_identical"] == 1
+    assert pm["train_pairs"] + pm["validation_pairs"] == len(rows)
+    assert all(r["chosen"].strip() != r["rejected"].strip() for r in rows)
+    hh = [r for r in rows if r["source"].startswith("hh.jsonl")]
+    assert len(hh) == 8 and hh[0]["chosen"] == "Sure, gladly." and hh[0]["rejected"] == "No."
+    assert [m["role"] for m in hh[0]["prompt"]] == ["user", "assistant", "user"]
+    assert sum(r["source"].startswith("trl.jsonl") for r in rows) == 12
+    assert "module" in pm["negatives"]
+
+
+def test_lora_checkpoint_saves_adapter_and_merged_model(post):
+    project, instance, result = post
+    md = metadata(instance, "lora_checkpoint")
+    out = project / "data/lake/lora_checkpoint"
+    assert (out / "adapter/adapter_model.safetensors").is_file() and (out / "adapter/adapter_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    assert model.config.vocab_size == len(tok)
+    assert 0 < md["trainable_parameters"] < md["total_parameters"]
+    assert 0 < md["trainable_share"] < 0.5
+    assert md["eval_reply_loss_before"] > 0 and md["eval_reply_loss_after"] > 0
+    assert md["loss_curve"].startswith("![")
+    assert lock_md5(project, "lora_checkpoint") == md["dvc_md5"]
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["lora_improves_reply_loss"].passed == (md["eval_reply_loss_after"] < md["eval_reply_loss_before"])
+
+
+def test_aligned_checkpoint_reports_preference_figures(post):
+    project, instance, result = post
+    md = metadata(instance, "aligned_checkpoint")
+    out = project / "data/lake/aligned_checkpoint"
+    AutoModelForCausalLM.from_pretrained(out / "merged")
+    for name in ("base", "lora", "aligned"):
+        assert 0 <= md[f"{name}_preference_accuracy"] <= 1
+    assert md["accuracy_gain_over_lora"] == pytest.approx(md["aligned_preference_accuracy"] - md["lora_preference_accuracy"])
+    for key in ("eval_reward_margin", "aligned_logp_chosen", "aligned_logp_rejected"):
+        assert md[key] == md[key]  # a number, not NaN
+    assert md["aligned_logp_chosen"] < 0 and md["aligned_logp_rejected"] < 0
+    assert "| aligned |" in md["preference_accuracy"]
+    assert lock_md5(project, "aligned_checkpoint") == md["dvc_md5"]
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "aligned_preference_accuracy")
+    assert check.metadata["observed_accuracy"].value == md["aligned_preference_accuracy"]
+
+
+def test_malformed_user_file_fails_with_file_and_line_and_keeps_the_artifact(post, tiny_config):
+    project, instance, _ = post
+    before = lock_md5(project, "sft_dataset")
+    bad = project / "data/sft/broken.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    try:
+        result = materialize(project, tiny_config(["sft_dataset"]), ["sft_dataset"], instance)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        assert f"{bad}:2: missing field 'output'" in failure.step_failure_data.error.cause.message
+        assert lock_md5(project, "sft_dataset") == before
+        assert (project / "data/lake/sft_dataset/train.parquet").is_file()
+    finally:
+        bad.unlink()
