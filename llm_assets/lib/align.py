@@ -177,8 +177,11 @@ def train_dpo(settings: DpoSettings, sft_dir: Path, train_pairs: list[Preference
     t_train = time.perf_counter()
     trained = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - t_train
-    dpo_eval = trainer.evaluate()  # reward margin, accuracy and log-probs against the reference
     history = [r for r in trainer.state.log_history if "loss" in r or "eval_loss" in r]
+    # DPO's own held-out figures (reward margin, accuracy, log-probs against the reference): the
+    # evaluation at the last step when there was one, else one now.
+    last = next((r for r in reversed(history) if "eval_loss" in r), None)
+    dpo_eval = last if last and last["step"] == s.max_steps else trainer.evaluate()
 
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp / "adapter")
