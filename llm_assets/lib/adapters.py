@@ -73,8 +73,7 @@ def load_model(model_dir: Path, four_bit: bool = False):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model_dir = Path(model_dir)
-    if not (model_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors (models load from safetensors only)")
+    check_safetensors(model_dir)
     kwargs = {"use_safetensors": True, "dtype": torch.float32}
     if four_bit:
         check_4bit_shapes(model_dir)
@@ -83,6 +82,29 @@ def load_model(model_dir: Path, four_bit: bool = False):
         kwargs["device_map"] = {"": str(device())}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     return model if four_bit else model.to(device())
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, not safetensors, truncated or corrupt."""
+
+
+def check_safetensors(model_dir: Path, name: str = "model.safetensors") -> Path:
+    """The path of `model_dir/name` after checking it is a complete safetensors file. Weights load
+    from safetensors only (never pickle), and a truncated or corrupt file fails here, naming it,
+    instead of deep inside transformers."""
+    from safetensors import safe_open
+
+    path = Path(model_dir) / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (weights are loaded from safetensors only, never from pickle)")
+    try:
+        with safe_open(str(path), framework="pt") as f:  # checks the header against the file size
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise CheckpointError(f"{path}: not a complete safetensors file ({e}); re-materialize the asset or "
+                              f"restore an earlier version") from e
+    return path
 
 
 def check_4bit_shapes(model_dir: Path) -> None:
@@ -128,5 +150,6 @@ def merge_into_fp32(base_dir: Path, adapter_dir: Path):
     """The base in fp32 with the adapter's update folded into its weights: a plain model."""
     from peft import PeftModel
 
+    check_safetensors(adapter_dir, "adapter_model.safetensors")
     base = load_model(base_dir, four_bit=False)
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).merge_and_unload()

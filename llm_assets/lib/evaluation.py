@@ -1,0 +1,183 @@
+"""Side-by-side evaluation of checkpoints on the same held-out data.
+
+    data = EvalData.load(tokens_dir, sft_validation, preference_validation, tokenizer, settings)
+    row = evaluate_model(model, model_dir, data, settings)   # one dict of figures per model
+
+Figures per model (all computed here, on the same examples for every model):
+- `val_perplexity`: next-token perplexity on evenly spaced windows of the validation token stream;
+- `instruction_loss`: mean loss on the reply tokens of held-out instruction chats (chat_data.py);
+- `preference_accuracy`: the reference-free rule of align.py on held-out preference pairs;
+- `rouge_l`: ROUGE-L F1 (Google's `rouge-score`) of greedy generations against the reference
+  replies of held-out chats;
+- `latency_ms_per_token_p50/p95`: per-prompt generation time divided by the tokens it generated;
+  `tokens_per_second`: all generated tokens over all generation time (batch size 1, greedy);
+- `peak_memory_bytes`: the largest rise of this process's resident memory over its level before the
+  model was loaded, sampled every 5 ms while the model was loaded and evaluated (CPU), or
+  `torch.cuda.max_memory_allocated` (GPU);
+- `parameters`, `disk_bytes` (the safetensors files).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from llm_assets.lib.align import encode_pairs, preference_scores
+from llm_assets.lib.chat_data import prompt_ids, reply_loss
+from llm_assets.lib.quantize import weights_bytes
+
+
+@dataclass
+class EvalSettings:
+    seq_len: int = 256  # validation window length (at most the model's context)
+    perplexity_windows: int = 32  # evenly spaced validation windows
+    instruction_examples: int = 200  # held-out chats scored for the instruction loss
+    preference_pairs: int = 200  # held-out preference pairs
+    generation_prompts: int = 16  # held-out chats generated from (ROUGE-L, latency, samples)
+    max_new_tokens: int = 48
+    samples: int = 3  # generations shown in the report
+
+    def validate(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1:
+                raise ValueError(f"{name}: must be at least 1 (got {value})")
+
+
+@dataclass
+class EvalData:
+    windows: torch.Tensor  # (n, seq_len + 1) validation token windows
+    chats: list[dict]  # encoded held-out chats (input_ids, labels)
+    pairs: list[tuple[dict, dict]]  # encoded held-out preference pairs
+    prompts: list[list[int]]  # generation prompts (token ids)
+    references: list[str]  # their reference replies
+    pad_id: int
+
+    @classmethod
+    def build(cls, tokens: np.ndarray, chats: list[list[dict]], preferences: list, tokenizer, s: EvalSettings) -> EvalData:
+        from llm_assets.lib.chat_data import encode_chat
+
+        if len(tokens) < s.seq_len + 1:
+            raise ValueError(f"seq_len: the validation stream holds {len(tokens)} tokens, fewer than seq_len + 1")
+        starts = np.linspace(0, len(tokens) - s.seq_len - 1, s.perplexity_windows).astype(np.int64)
+        windows = torch.from_numpy(np.stack([tokens[i : i + s.seq_len + 1] for i in starts]).astype(np.int64))
+        encoded = [e for e in (encode_chat(tokenizer, c, s.seq_len) for c in chats) if e is not None]
+        pairs, _ = encode_pairs(tokenizer, preferences, s.seq_len)
+        # generation prompts: evenly spread held-out chats whose prompt leaves room to generate
+        usable = [c for c in chats if len(prompt_ids(tokenizer, c[:-1])) + s.max_new_tokens <= s.seq_len]
+        picked = [usable[i * len(usable) // s.generation_prompts] for i in range(min(s.generation_prompts, len(usable)))]
+        if not encoded or not pairs or not picked:
+            raise ValueError("no held-out chat or preference pair fits in seq_len tokens")
+        return cls(windows, encoded[: s.instruction_examples], pairs[: s.preference_pairs],
+                   [prompt_ids(tokenizer, c[:-1]) for c in picked], [c[-1]["content"] for c in picked],
+                   tokenizer.pad_token_id)
+
+
+class PeakMemory:
+    """Peak rise of resident memory above the level at entry (CPU), or CUDA's peak allocation."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._proc, self._stop = psutil.Process(), threading.Event()
+        self._base = self._proc.memory_info().rss
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        w = windows[i : i + batch].to(device)
+        logits = model(input_ids=w[:, :-1]).logits.float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        count += w[:, 1:].numel()
+    return float(np.exp(total / count))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[str], list[float], int]:
+    """(texts, seconds per generated token per prompt, tokens generated): greedy, batch size 1."""
+    from llm_assets.lib.chat_data import end_token_id
+
+    model.eval()
+    device = next(model.parameters()).device
+    stop = [end_token_id(tokenizer), tokenizer.eos_token_id]
+    texts, per_token, generated = [], [], 0
+    for ids in prompts:
+        x = torch.tensor([ids], device=device)
+        start = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - start
+        new = out[0, len(ids):]
+        n = len(new)
+        generated += n
+        per_token.append(seconds / max(1, n))
+        texts.append(tokenizer.decode([t for t in new.tolist() if t not in stop], skip_special_tokens=True).strip())
+    return texts, per_token, generated
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return statistics.fmean(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references))
+
+
+def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokenizer, data: EvalData,
+                   s: EvalSettings, parameters: int | None = None) -> tuple[dict, list[str]]:
+    """(figures, generated texts) of the model `load()` returns; memory is measured from before the load."""
+    with PeakMemory() as memory:
+        model = load()
+        ppl = perplexity(model, data.windows)
+        loss = reply_loss(model, data.chats, data.pad_id)
+        pref = preference_scores(model, data.pairs, data.pad_id)
+        start = time.perf_counter()
+        texts, per_token, n_tokens = generate(model, tokenizer, data.prompts, s.max_new_tokens)
+        gen_seconds = time.perf_counter() - start
+    latencies_ms = sorted(1000 * t for t in per_token)
+    row = {
+        "val_perplexity": ppl,
+        "instruction_loss": loss,
+        "preference_accuracy": pref["accuracy"],
+        "rouge_l": rouge_l(texts, data.references),
+        "empty_generations": sum(not t for t in texts),
+        "latency_ms_per_token_p50": float(np.percentile(latencies_ms, 50)),
+        "latency_ms_per_token_p95": float(np.percentile(latencies_ms, 95)),
+        "tokens_per_second": n_tokens / gen_seconds,
+        "peak_memory_bytes": memory.peak,
+        "parameters": parameters if parameters is not None else sum(p.numel() for p in model.parameters()),
+        "disk_bytes": weights_bytes(model_dir),
+    }
+    del model
+    return row, texts
