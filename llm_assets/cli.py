@@ -34,7 +34,8 @@ SUMMARY_FIELDS = (
     "perplexity_vs_unigram", "tokens_per_second", "parameters", "train_examples", "validation_examples",
     "train_pairs", "validation_pairs", "dropped_identical", "trainable_parameters", "trainable_share",
     "eval_reply_loss_before", "eval_reply_loss_after", "base_preference_accuracy", "lora_preference_accuracy",
-    "aligned_preference_accuracy", "eval_reward_margin", "bytes",
+    "aligned_preference_accuracy", "eval_reward_margin", "method", "disk_ratio", "perplexity_ratio",
+    "version", "previous_version", "bytes",
 )
 
 
@@ -106,10 +107,44 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         result = job.execute_in_process(
             run_config=run_config, instance=instance, asset_selection=sorted(keys), raise_on_error=False)
         print_summary(instance, [k for k in graph.toposorted_asset_keys if k in keys], project)
+        print_evaluation(instance, project)
+        refused = failed_gates(result)
     if not result.success:
+        if refused and not _failed_steps(result) - {k.to_user_string() for k in refused}:
+            # The run did its job: a model that failed a gate was not released. Not a crash.
+            names = ", ".join(f"{a.to_user_string()}:{c}" for a, c in refused)
+            print(f"\nRELEASE REFUSED by blocking gate(s) {names}; the previous release stays "
+                  f"(see the asset checks in `make ui`)", file=sys.stderr)
+            return 0
         print(f"\nrun {result.run_id} FAILED; see `make ui` (Runs) for the logs", file=sys.stderr)
         return 1
     return 0
+
+
+def failed_gates(result) -> list:
+    """(asset key, check name) of every blocking check that failed in the run."""
+    return [(e.asset_key, e.check_name) for e in result.get_asset_check_evaluations()
+            if not e.passed and e.blocking]
+
+
+def _failed_steps(result) -> set[str]:
+    return {e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+
+
+def print_evaluation(instance, project: Path) -> None:
+    """The eval_report comparison table and the current release, when there are any."""
+    import dagster as dg
+
+    from llm_assets.lib.release import current_release
+
+    event = instance.get_latest_materialization_event(dg.AssetKey("eval_report"))
+    if event is not None:
+        md = event.asset_materialization.metadata
+        print(f"\nEvaluation ({Path(md['report'].value).relative_to(project)}):\n{md['comparison'].value}")
+    current = current_release(project / "data" / "releases")
+    if current:
+        print(f"\nReleased: {current['model']} {current['version'][:12]} at {current['released_at']} -> "
+              f"{Path(current['path']).relative_to(project)}")
 
 
 def _fmt(name: str, value) -> str:

@@ -19,3 +19,9 @@ posttrain_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"),
     description="Build the instruction and preference datasets, instruction-tune the base (LoRA) and align it (DPO).",
 )
+
+release_job = dg.define_asset_job(
+    "release_job",
+    selection=dg.AssetSelection.assets("quantized_model", "eval_report", "release"),
+    description="Quantize the aligned model, evaluate every checkpoint side by side and release if the gates pass.",
+)

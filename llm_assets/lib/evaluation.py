@@ -11,9 +11,9 @@ Figures per model (all computed here, on the same examples for every model):
   replies of held-out chats;
 - `latency_ms_per_token_p50/p95`: per-prompt generation time divided by the tokens it generated;
   `tokens_per_second`: all generated tokens over all generation time (batch size 1, greedy);
-- `peak_memory_bytes`: the largest rise of this process's resident memory over its level before the
-  model was loaded, sampled every 5 ms while the model was loaded and evaluated (CPU), or
-  `torch.cuda.max_memory_allocated` (GPU);
+- `peak_memory_bytes`: what serving costs: the largest rise of this process's resident memory over
+  its level before the model was loaded, sampled every 5 ms while it was loaded and generated (CPU),
+  or `torch.cuda.max_memory_allocated` (GPU);
 - `parameters`, `disk_bytes` (the safetensors files).
 """
 
@@ -43,11 +43,12 @@ class EvalSettings:
     preference_pairs: int = 200  # held-out preference pairs
     generation_prompts: int = 16  # held-out chats generated from (ROUGE-L, latency, samples)
     max_new_tokens: int = 48
+    repetition_penalty: float = 1.3  # greedy decoding of a small model loops on "the the the" without it
     samples: int = 3  # generations shown in the report
 
     def validate(self) -> None:
         for name, value in vars(self).items():
-            if value < 1:
+            if value < 1:  # (repetition_penalty: 1 = off; below 1 would reward repeats)
                 raise ValueError(f"{name}: must be at least 1 (got {value})")
 
 
@@ -64,10 +65,6 @@ class EvalData:
     def build(cls, tokens: np.ndarray, chats: list[list[dict]], preferences: list, tokenizer, s: EvalSettings) -> EvalData:
         from llm_assets.lib.chat_data import encode_chat
 
-        if len(tokens) < s.seq_len + 1:
-            raise ValueError(f"seq_len: the validation stream holds {len(tokens)} tokens, fewer than seq_len + 1")
-        starts = np.linspace(0, len(tokens) - s.seq_len - 1, s.perplexity_windows).astype(np.int64)
-        windows = torch.from_numpy(np.stack([tokens[i : i + s.seq_len + 1] for i in starts]).astype(np.int64))
         encoded = [e for e in (encode_chat(tokenizer, c, s.seq_len) for c in chats) if e is not None]
         pairs, _ = encode_pairs(tokenizer, preferences, s.seq_len)
         # generation prompts: evenly spread held-out chats whose prompt leaves room to generate
@@ -75,9 +72,17 @@ class EvalData:
         picked = [usable[i * len(usable) // s.generation_prompts] for i in range(min(s.generation_prompts, len(usable)))]
         if not encoded or not pairs or not picked:
             raise ValueError("no held-out chat or preference pair fits in seq_len tokens")
-        return cls(windows, encoded[: s.instruction_examples], pairs[: s.preference_pairs],
+        return cls(validation_windows(tokens, s.seq_len, s.perplexity_windows), encoded[: s.instruction_examples], pairs[: s.preference_pairs],
                    [prompt_ids(tokenizer, c[:-1]) for c in picked], [c[-1]["content"] for c in picked],
                    tokenizer.pad_token_id)
+
+
+def validation_windows(tokens: np.ndarray, seq_len: int, n: int) -> torch.Tensor:
+    """n evenly spaced windows of seq_len + 1 tokens: the same ones for every model scored."""
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"seq_len: the validation stream holds {len(tokens)} tokens, fewer than seq_len + 1")
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n).astype(np.int64)
+    return torch.from_numpy(np.stack([tokens[i : i + seq_len + 1] for i in starts]).astype(np.int64))
 
 
 class PeakMemory:
@@ -125,7 +130,8 @@ def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[str], list[float], int]:
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+             repetition_penalty: float = 1.0) -> tuple[list[str], list[float], int]:
     """(texts, seconds per generated token per prompt, tokens generated): greedy, batch size 1."""
     from llm_assets.lib.chat_data import end_token_id
 
@@ -137,7 +143,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) ->
         x = torch.tensor([ids], device=device)
         start = time.perf_counter()
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+                             repetition_penalty=repetition_penalty, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - start
         new = out[0, len(ids):]
         n = len(new)
@@ -157,14 +163,14 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
 def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokenizer, data: EvalData,
                    s: EvalSettings, parameters: int | None = None) -> tuple[dict, list[str]]:
     """(figures, generated texts) of the model `load()` returns; memory is measured from before the load."""
-    with PeakMemory() as memory:
+    with PeakMemory() as memory:  # what serving costs: loading plus generation
         model = load()
-        ppl = perplexity(model, data.windows)
-        loss = reply_loss(model, data.chats, data.pad_id)
-        pref = preference_scores(model, data.pairs, data.pad_id)
         start = time.perf_counter()
-        texts, per_token, n_tokens = generate(model, tokenizer, data.prompts, s.max_new_tokens)
+        texts, per_token, n_tokens = generate(model, tokenizer, data.prompts, s.max_new_tokens, s.repetition_penalty)
         gen_seconds = time.perf_counter() - start
+    ppl = perplexity(model, data.windows)
+    loss = reply_loss(model, data.chats, data.pad_id)
+    pref = preference_scores(model, data.pairs, data.pad_id)
     latencies_ms = sorted(1000 * t for t in per_token)
     row = {
         "val_perplexity": ppl,

@@ -1,0 +1,123 @@
+"""Group `release`: quantized_model (the aligned model quantized with bitsandbytes) and release (the
+pointer the server loads, moved only when every gate passed)."""
+
+import json
+
+import dagster as dg
+import numpy as np
+from pydantic import Field
+
+from llm_assets.defs.resources import LakeResource, artifact_metadata
+from llm_assets.lib import adapters, evaluation, quantize, versioning
+from llm_assets.lib import release as release_lib
+from llm_assets.lib.report import markdown_table
+
+PPL_GATE = "quantized_perplexity_within_budget"
+
+
+class QuantizeConfig(dg.Config):
+    method: str = Field("nf4", description="nf4 (4-bit NormalFloat, double-quantized scales) | int8 (LLM.int8()).")
+    perplexity_budget: float = Field(0.05, ge=-1, description="Gate: the quantized model's validation perplexity may exceed the aligned model's by at most this share (negative demands an improvement: a way to rehearse a refused release).")
+    perplexity_windows: int = Field(32, ge=1, description="Validation windows both models are scored on.")
+
+
+def validation_tokens(lake: LakeResource) -> np.ndarray:
+    meta = json.loads((lake.artifact_dir("tokenized_shards") / "meta.json").read_text())
+    return np.memmap(lake.artifact_dir("tokenized_shards") / "validation.bin", dtype=meta["dtype"], mode="r")
+
+
+def context_length(model_dir, cap: int = 256) -> int:
+    from transformers import AutoConfig
+
+    return min(cap, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
+
+
+@dg.asset(
+    group_name="release",
+    kinds={"bitsandbytes", "dvc"},
+    deps=["aligned_checkpoint", "tokenized_shards"],
+    check_specs=[dg.AssetCheckSpec(
+        PPL_GATE, asset="quantized_model", blocking=True,
+        description="Validation perplexity of the quantized model is within perplexity_budget of the aligned model's.")],
+)
+def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, lake: LakeResource) -> dg.MaterializeResult:
+    """The aligned model quantized with bitsandbytes (nf4 or int8, both on CPU), saved with
+    save_pretrained (one model.safetensors with the quantization state) so it reloads quantized and
+    generates; `quantization.json` holds the figures and the perplexity gate."""
+    source = lake.artifact_dir("aligned_checkpoint") / "merged"
+    windows = evaluation.validation_windows(validation_tokens(lake), context_length(source), config.perplexity_windows)
+
+    full = adapters.load_model(source)
+    full_ppl, full_memory = evaluation.perplexity(full, windows), full.get_memory_footprint()
+    del full
+    out = lake.artifact_dir("quantized_model")
+    with lake.write("quantized_model") as tmp:
+        model = quantize.quantize(source, tmp, config.method)
+        ppl, memory = evaluation.perplexity(model, windows), model.get_memory_footprint()
+        passed = ppl <= full_ppl * (1 + config.perplexity_budget)
+        figures = {
+            "method": config.method, "source": str(source),
+            "val_perplexity": ppl, "aligned_val_perplexity": full_ppl, "perplexity_ratio": ppl / full_ppl,
+            "disk_bytes": quantize.weights_bytes(tmp), "aligned_disk_bytes": quantize.weights_bytes(source),
+            "memory_bytes": memory, "aligned_memory_bytes": full_memory,
+            "gate": {"name": PPL_GATE, "passed": passed, "threshold": 1 + config.perplexity_budget,
+                     "observed": ppl / full_ppl, "rule": "perplexity / aligned perplexity <= 1 + budget"},
+        }
+        figures["disk_ratio"] = figures["disk_bytes"] / figures["aligned_disk_bytes"]
+        figures["memory_ratio"] = memory / full_memory
+        (tmp / "quantization.json").write_text(json.dumps(figures, indent=2))
+    version = lake.record("quantized_model")
+    rows = [("size on disk (bytes)", figures["disk_bytes"], figures["aligned_disk_bytes"], figures["disk_ratio"]),
+            ("size in memory (bytes)", memory, full_memory, figures["memory_ratio"]),
+            ("validation perplexity", ppl, full_ppl, figures["perplexity_ratio"])]
+    return dg.MaterializeResult(
+        metadata={
+            **artifact_metadata(out, version),
+            **{k: v for k, v in figures.items() if isinstance(v, (int, float, str))},
+            "comparison": dg.MetadataValue.md(markdown_table(
+                ["figure", f"quantized ({config.method})", "aligned (fp32)", "ratio"], rows)),
+        },
+        data_version=dg.DataVersion(version.md5),
+        check_results=[dg.AssetCheckResult(
+            check_name=PPL_GATE, passed=passed,
+            metadata={"threshold": 1 + config.perplexity_budget, "observed": ppl / full_ppl,
+                      "quantized_perplexity": ppl, "aligned_perplexity": full_ppl})],
+    )
+
+
+@dg.asset(group_name="release", kinds={"dvc"}, deps=["eval_report", "quantized_model"])
+def release(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+    """Points `data/releases/current.json` (what `llm-assets serve` loads) at a copy of the quantized
+    model, only when every gate passed: the blocking checks stop a run before this step, and this
+    step re-reads the gates from the artifacts, so a release started on its own cannot skip them.
+    A refusal fails the step, keeps the previous release and is logged in `history.jsonl`."""
+    quantized = lake.artifact_dir("quantized_model")
+    report = lake.artifact_dir("eval_report")
+    q = json.loads((quantized / "quantization.json").read_text())
+    r = json.loads((report / "report.json").read_text())
+    gates = [release_lib.Gate(**q["gate"]), *(release_lib.Gate(**g) for g in r["gates"])]
+    recorded = versioning.current_version(lake.root, "quantized_model")  # the hash of the files being copied
+    if recorded is None:
+        raise dg.Failure(description="quantized_model has no recorded DVC version; materialize it first")
+    version = recorded.md5
+    releases = lake.root / "data" / "releases"
+    previous = release_lib.current_release(releases)
+    try:
+        record = release_lib.publish(quantized, releases, version, gates, {
+            "model": "quantized_model", "method": q["method"],
+            "eval_report_md5": getattr(versioning.current_version(lake.root, "eval_report"), "md5", None)})
+    except release_lib.GatesFailed as e:
+        raise dg.Failure(description=str(e), metadata={
+            "current_release": previous["version"] if previous else "none",
+            "failed_gates": ", ".join(g.name for g in gates if not g.passed)}) from e
+    rows = [(g.name, "pass" if g.passed else "FAIL", g.threshold, g.observed, g.rule) for g in gates]
+    return dg.MaterializeResult(
+        metadata={
+            "version": record["version"],
+            "previous_version": record["previous"] or "none",
+            "path": dg.MetadataValue.path(record["path"]),
+            "pointer": dg.MetadataValue.path(str(releases / "current.json")),
+            "gates": dg.MetadataValue.md(markdown_table(["gate", "result", "threshold", "observed", "rule"], rows)),
+        },
+        data_version=dg.DataVersion(record["version"]),
+    )
