@@ -5,7 +5,8 @@ from llm_assets.definitions import defs
 DATA_ASSETS = {"raw_corpus", "clean_corpus", "deduped_shards"}
 GROUPS = {"raw_corpus": "data", "clean_corpus": "data", "deduped_shards": "data", "tokenizer": "tokenizer",
           "tokenized_shards": "tokenizer", "base_checkpoint": "training", "sft_dataset": "training",
-          "preference_dataset": "training", "lora_checkpoint": "training", "aligned_checkpoint": "training"}
+          "preference_dataset": "training", "lora_checkpoint": "training", "aligned_checkpoint": "training",
+          "quantized_model": "release", "eval_report": "evaluation", "release": "release"}
 
 
 def test_assets_groups_checks_and_jobs():
@@ -24,8 +25,9 @@ def test_assets_groups_checks_and_jobs():
         "preference_dataset", "lora_checkpoint", "base_checkpoint"}
     checks = {c.name for c in graph.asset_check_keys}
     assert {"clean_corpus_keeps_most_documents", "deduped_shards_splits_disjoint", "tokenizer_roundtrip",
-            "base_checkpoint_beats_unigram", "lora_improves_reply_loss", "aligned_preference_accuracy"} <= checks
-    for job in ("data_job", "pretrain_job", "posttrain_job"):
+            "base_checkpoint_beats_unigram", "lora_improves_reply_loss", "aligned_preference_accuracy",
+            "quantized_perplexity_within_budget", "aligned_preference_not_below_lora", "generation_non_empty"} <= checks
+    for job in ("data_job", "pretrain_job", "posttrain_job", "release_job"):
         assert d.resolve_job_def(job).name == job
     assert "lake" in d.resources
 
