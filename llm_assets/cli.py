@@ -108,9 +108,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             run_config=run_config, instance=instance, asset_selection=sorted(keys), raise_on_error=False)
         print_summary(instance, [k for k in graph.toposorted_asset_keys if k in keys], project)
         print_evaluation(instance, project)
-        refused = failed_gates(result)
+        refused = refused_gates(result)
     if not result.success:
-        if refused and not _failed_steps(result) - {k.to_user_string() for k in refused}:
+        if refused:
             # The run did its job: a model that failed a gate was not released. Not a crash.
             names = ", ".join(f"{a.to_user_string()}:{c}" for a, c in refused)
             print(f"\nRELEASE REFUSED by blocking gate(s) {names}; the previous release stays "
@@ -121,14 +121,12 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
-def failed_gates(result) -> list:
-    """(asset key, check name) of every blocking check that failed in the run."""
-    return [(e.asset_key, e.check_name) for e in result.get_asset_check_evaluations()
-            if not e.passed and e.blocking]
-
-
-def _failed_steps(result) -> set[str]:
-    return {e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+def refused_gates(result) -> list:
+    """(asset key, check name) of the blocking checks that failed, when they explain every failed
+    step of the run (a gate said no); [] when something else failed too (a crash)."""
+    gates = [(e.asset_key, e.check_name) for e in result.get_asset_check_evaluations() if not e.passed and e.blocking]
+    failed_steps = {e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+    return gates if gates and failed_steps <= {key.to_user_string() for key, _ in gates} else []
 
 
 def print_evaluation(instance, project: Path) -> None:

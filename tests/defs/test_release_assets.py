@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from helpers import lock_md5
+from llm_assets.cli import refused_gates
 from llm_assets.lib.quantize import load_quantized
 from llm_assets.lib.release import current_release, history
 from test_posttraining_assets import POST, metadata
@@ -77,6 +78,8 @@ def test_a_failed_gate_keeps_the_previous_release(released, tiny_config):
     assert not result.success
     check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "quantized_perplexity_within_budget")
     assert not check.passed and check.blocking
+    assert [(k.to_user_string(), c) for k, c in refused_gates(result)] == [
+        ("quantized_model", "quantized_perplexity_within_budget")]  # `llm-assets materialize` reports a refusal
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == {"quantized_model"}  # eval_report and release did not run
     assert current_release(project / "data/releases") == before
@@ -84,6 +87,7 @@ def test_a_failed_gate_keeps_the_previous_release(released, tiny_config):
     # release started on its own re-reads the gates from the artifacts and refuses too
     result = materialize(project, {}, ["release"], instance)
     assert not result.success
+    assert refused_gates(result) == []  # a failed step without a failed check is an error, not a refusal
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     why = failure.step_failure_data.user_failure_data.description
     assert why.startswith(f"release refused, the current release stays {before['version']}: failed "
