@@ -2,6 +2,7 @@
 
     llm-assets init                                  # Dagster home + DVC remote (idempotent)
     llm-assets materialize [--select SEL] [--config configs/demo.yaml]
+    llm-assets serve [--host 127.0.0.1] [--port 8000] [--model DIR]
     llm-assets status                                # latest versions, and what DVC sees
     llm-assets restore ASSET MD5                     # bring back an earlier artifact version
 
@@ -222,6 +223,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from llm_assets.serving.app import ServeSettings, create_app
+
+    project = project_dir()
+    settings = ServeSettings(
+        releases_dir=project / "data" / "releases", log_dir=project / "data" / "serving",
+        model_dir=Path(args.model).resolve() if args.model else None, max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens_cap=args.max_new_tokens, max_concurrent=args.concurrency)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, which flushes the request log.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-assets", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("asset")
     p.add_argument("md5", help="the DVC hash shown as dvc_md5 in the asset's metadata")
     p.set_defaults(fn=cmd_restore)
+    p = sub.add_parser("serve", help="serve the released model over HTTP (POST /generate, /health, /metrics)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="serve this model directory instead of data/releases/current.json")
+    p.add_argument("--max-prompt-tokens", type=int, default=192)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="cap on a request's max_new_tokens")
+    p.add_argument("--concurrency", type=int, default=2, help="generations at once; more wait, then get 429")
+    p.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,1 @@
+"""The HTTP model server (FastAPI + uvicorn) behind `llm-assets serve`."""

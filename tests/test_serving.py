@@ -1,0 +1,138 @@
+"""The model server on a real uvicorn on loopback, serving a tiny model through the release pointer."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from llm_assets.lib.release import Gate, publish
+from llm_assets.lib.serving_log import read_log
+from llm_assets.serving.app import ServeSettings, create_app
+
+
+class Server:
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        return self.client
+
+    def __exit__(self, *exc):
+        self.client.close()
+        self.server.should_exit = True  # what SIGTERM does in `llm-assets serve`
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def releases(tiny_base_dir, tmp_path):
+    d = tmp_path / "releases"
+    publish(tiny_base_dir, d, "v1", [Gate("g", True, 0, 0)], {"model": "test"})
+    return d
+
+
+def settings(tmp_path, releases, **kw):
+    return ServeSettings(releases_dir=releases, log_dir=tmp_path / "serving", log_flush_seconds=60, **kw)
+
+
+def test_generate_stream_health_metrics_and_every_request_logged(tmp_path, releases):
+    app = create_app(settings(tmp_path, releases))
+    with Server(app) as client:
+        assert client.get("/health").json() == {"status": "ok", "model_version": "v1"}
+        r = client.post("/generate", json={"prompt": "Explain what `f(x)` does.", "max_new_tokens": 5})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["model_version"] == "v1" and 0 <= body["completion_tokens"] <= 5 and body["prompt_tokens"] > 5
+        sampled = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 4, "temperature": 0.8})
+        assert sampled.status_code == 200
+        with client.stream("POST", "/generate/stream", json={"prompt": "Hello", "max_new_tokens": 6}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["done"] and events[-1]["model_version"] == "v1"
+        metrics = client.get("/metrics").text
+        assert 'llm_requests_total{endpoint="generate",status="200"} 2.0' in metrics
+        assert 'llm_requests_total{endpoint="stream",status="200"} 1.0' in metrics
+        assert "llm_request_latency_seconds_bucket" in metrics and "llm_generated_tokens_total" in metrics
+        assert read_log(tmp_path / "serving").num_rows == 0  # still buffered (flush after 60 s or 64 rows)
+    log = read_log(tmp_path / "serving").to_pylist()  # the shutdown flushed it
+    assert len(log) == 3 and {r["prompt"] for r in log} == {"Explain what `f(x)` does.", "Hi", "Hello"}
+    assert all(r["model_version"] == "v1" and r["status"] == "ok" and r["latency_seconds"] > 0 for r in log)
+
+
+def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(tmp_path, releases):
+    app = create_app(settings(tmp_path, releases, max_prompt_tokens=40, max_new_tokens_cap=8))
+    with Server(app) as client:
+        r = client.post("/generate", content=b'{"prompt": "x", ', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "json" in r.text.lower()
+        r = client.post("/generate", json={"prompt": 42})
+        assert r.status_code == 422 and "prompt" in r.text
+        r = client.post("/generate", json={"prompt": "x", "max_new_tokens": "many"})
+        assert r.status_code == 422 and "max_new_tokens" in r.text
+        r = client.post("/generate", json={"prompt": "x", "bogus": 1})
+        assert r.status_code == 422 and "bogus" in r.text
+        r = client.post("/generate", json={"prompt": "word " * 200, "max_new_tokens": 3})
+        assert r.status_code == 422 and "over the cap of 40" in r.json()["detail"]
+        r = client.post("/generate", json={"prompt": "x", "max_new_tokens": 9})
+        assert r.status_code == 422 and r.json()["detail"] == "max_new_tokens 9 is over the cap of 8"
+        assert client.post("/generate", json={"prompt": "still there?", "max_new_tokens": 3}).status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'llm_errors_total{endpoint="generate",reason="invalid_request"} 4.0' in metrics
+        assert 'llm_errors_total{endpoint="generate",reason="prompt_too_long"} 1.0' in metrics
+
+
+def test_a_new_release_is_served_without_a_restart(tmp_path, releases, tiny_base_dir):
+    app = create_app(settings(tmp_path, releases))
+    with Server(app) as client:
+        assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 2}).json()["model_version"] == "v1"
+        time.sleep(0.01)  # a distinct mtime for the pointer
+        publish(tiny_base_dir, releases, "v2", [Gate("g", True, 0, 0)], {"model": "test"})
+        assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 2}).json()["model_version"] == "v2"
+        assert client.get("/health").json()["model_version"] == "v2"
+
+
+def test_no_release_answers_503(tmp_path):
+    app = create_app(settings(tmp_path, tmp_path / "no-releases"))
+    with Server(app) as client:
+        assert client.get("/health").json() == {"status": "no_model", "model_version": None}
+        r = client.post("/generate", json={"prompt": "a"})
+        assert r.status_code == 503 and "no release to serve" in r.json()["detail"]
+
+
+def test_llm_assets_serve_process_flushes_its_log_on_sigterm(tmp_path, tiny_base_dir):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LLM_ASSETS_PROJECT_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "llm_assets.cli", "serve", "--port", str(port), "--model",
+                             str(tiny_base_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for _ in range(300):
+                try:
+                    if client.get("/health").json()["status"] == "ok":
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            for i in range(5):
+                assert client.post("/generate", json={"prompt": f"q{i}", "max_new_tokens": 2}).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says what stopped it
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out
+    assert sorted(read_log(tmp_path / "data/serving")["prompt"].to_pylist()) == [f"q{i}" for i in range(5)]
