@@ -136,3 +136,16 @@ def test_llm_assets_serve_process_flushes_its_log_on_sigterm(tmp_path, tiny_base
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Application shutdown complete" in out
     assert sorted(read_log(tmp_path / "data/serving")["prompt"].to_pylist()) == [f"q{i}" for i in range(5)]
+
+
+def test_concurrent_load_on_a_real_server_process_is_all_answered_and_logged(tmp_path, tiny_base_dir):
+    from llm_assets.serving.load import ServerProcess, send, summarize
+
+    prompts = [f"Explain what `mod.f{i}(x)` does." for i in range(40)]
+    start = time.perf_counter()
+    with ServerProcess(tmp_path, tiny_base_dir) as url:
+        results = send(url, prompts, concurrency=8, max_new_tokens=4)
+    stats = summarize(results, time.perf_counter() - start)
+    assert stats["errors"] == 0 and stats["ok"] == 40, [r for r in results if r["status"] != 200][:3]
+    assert stats["latency_p95_s"] >= stats["latency_p50_s"] > 0
+    assert sorted(read_log(tmp_path / "data/serving")["prompt"].to_pylist()) == sorted(prompts)

@@ -13,10 +13,12 @@ script or binary junk), and the perplexity under the released model (optional: w
 surprising). The text itself is compared by Evidently's text drift (a TF-IDF domain classifier; the
 column drifts when it tells the two windows apart with ROC AUC >= `text_threshold`).
 
-Defaults, from calibration on this project's own text (FIELD_NOTES, and the quality test): numeric
-columns by PSI (population stability index, threshold 0.1 as usual), `text_threshold` 0.7 because
-new files of the same kind share few identifiers and a TF-IDF classifier separates them a little
-(AUC 0.6-0.67), and dataset drift when at least half of the columns drift.
+Defaults, from calibration on this project's own text (FIELD_NOTES, and the quality tests): numeric
+columns by the two-sample Kolmogorov-Smirnov test (p < 0.05), which accounts for the window's size:
+PSI, calibrated at 2,000 rows a side in FIELD_NOTES, flagged every descriptor of a 67-row window
+drawn from the reference itself. `text_threshold` 0.7 because new files of the same kind share few
+identifiers and a TF-IDF classifier separates them a little (AUC 0.6-0.67). Dataset drift when at
+least half of the columns drift.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ _WORD = re.compile(r"\w+")
 
 @dataclass
 class DriftSettings:
-    num_method: str = "psi"
-    num_threshold: float = 0.1
+    num_method: str = "ks"  # two-sample Kolmogorov-Smirnov: drift when p < num_threshold
+    num_threshold: float = 0.05
     text_method: str = "abs_text_content_drift"  # the TF-IDF classifier at any window size
     text_threshold: float = 0.7
     drift_share: float = 0.5  # dataset drift: at least this share of the columns drifted

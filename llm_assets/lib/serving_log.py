@@ -5,7 +5,7 @@
     log.close()                                                       # flushes what is left
     table = read_log(Path("data/serving"), since=cutoff)              # every part, one table
 
-Rows are buffered in memory and written as a new part file `requests-<utc time>-<pid>-<n>.parquet`
+Rows are buffered in memory and written as a new part file `requests-<utc time>-<pid>-<token>-<n>.parquet`
 when `flush_rows` rows are waiting, when the oldest waiting row is `flush_seconds` old (a
 background timer), and on close (the server's shutdown, which uvicorn runs on SIGTERM and SIGINT).
 Each part is written to a dot-prefixed temp file and renamed, so a reader never sees half a part.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,6 +46,7 @@ class ServingLog:
         self._rows: list[dict] = []
         self._lock = threading.Lock()
         self._parts = 0
+        self._token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._oldest: float | None = None
         self._stop = threading.Event()
         self._timer = threading.Thread(target=self._flush_periodically, name="serving-log-flush", daemon=True)
@@ -65,7 +67,8 @@ class ServingLog:
             if not rows:
                 return None
             self._parts += 1
-            name = f"requests-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{self._parts:06d}.parquet"
+            # time first (parts sort by age), then this log's own token: two logs never share a name
+            name = f"requests-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{self._token}-{self._parts:06d}.parquet"
             path, tmp = self.directory / name, self.directory / f".{name}.tmp"
             pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
             os.replace(tmp, path)

@@ -1,0 +1,106 @@
+"""Group `monitoring`: serving_log (the server's request log, observed) and drift_report (Evidently:
+recent traffic against the prompts the model was trained on)."""
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from llm_assets.defs.resources import LakeResource, artifact_metadata
+from llm_assets.lib import drift, posttrain_data
+from llm_assets.lib.release import current_release
+from llm_assets.lib.report import markdown_table
+from llm_assets.lib.serving_log import PART_GLOB, read_log
+
+
+@dg.observable_source_asset(group_name="monitoring", description=(
+    "Every request `llm-assets serve` answered (time, prompt, response, token counts, latency, model "
+    "version), as Parquet parts under data/serving/. Observed: the data version changes when new parts arrive."))
+def serving_log(lake: LakeResource) -> dg.ObserveResult:
+    directory = lake.root / "data" / "serving"
+    parts = sorted(directory.glob(PART_GLOB)) if directory.is_dir() else []
+    h = hashlib.blake2b(digest_size=12)
+    for p in parts:  # parts are write-once: names and sizes identify the log's content
+        h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+    rows = read_log(directory).num_rows
+    return dg.ObserveResult(data_version=dg.DataVersion(h.hexdigest()),
+                            metadata={"parts": len(parts), "requests": rows, "path": dg.MetadataValue.path(str(directory))})
+
+
+class DriftReportConfig(dg.Config):
+    window_hours: float = Field(24.0, ge=0, description="Current window: serving traffic of the last this many hours (0 = all of it).")
+    min_current_rows: int = Field(20, ge=1, description="Fewer requests than this in the window: no report (the comparison would mean nothing).")
+    max_reference_rows: int = Field(2000, ge=50, description="Training prompts sampled as the reference.")
+    use_model_perplexity: bool = Field(True, description="Add each text's perplexity under the released model as a descriptor (needs a release).")
+    text_threshold: float = Field(drift.DriftSettings.text_threshold, description="ROC AUC at which the text column counts as drifted.")
+    num_threshold: float = Field(drift.DriftSettings.num_threshold, description="Kolmogorov-Smirnov p-value below which a descriptor counts as drifted.")
+    drift_share: float = Field(drift.DriftSettings.drift_share, description="Share of drifted columns at which the window counts as drifted.")
+
+
+def _released_model(lake: LakeResource):
+    release = current_release(lake.root / "data" / "releases")
+    if release is None:
+        return None, None, None
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llm_assets.lib import adapters, quantize
+
+    path = release["path"]
+    quantized = getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is not None
+    model = quantize.load_quantized(path) if quantized else adapters.load_model(path)
+    return model, AutoTokenizer.from_pretrained(path), release["version"]
+
+
+@dg.asset(group_name="monitoring", kinds={"evidently", "dvc"}, deps=["serving_log", "sft_dataset"])
+def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, lake: LakeResource) -> dg.MaterializeResult:
+    """Evidently data drift between the prompts served in the window and the instruction prompts the
+    model was trained on: text drift plus descriptors (length, words, non-letter share, byte-fallback
+    rate, perplexity under the released model). `report.html` is Evidently's report, `summary.json`
+    the figures in metadata."""
+    since = datetime.now(timezone.utc) - timedelta(hours=config.window_hours) if config.window_hours else None
+    current = read_log(lake.root / "data" / "serving", since=since).to_pandas()
+    if len(current) < config.min_current_rows:
+        raise dg.Failure(description=f"only {len(current)} requests in the window (last {config.window_hours} h of "
+                                     f"data/serving/); min_current_rows is {config.min_current_rows}")
+    chats = posttrain_data.read_chats(lake.artifact_dir("sft_dataset") / "train.parquet")
+    reference_texts = [next(m["content"] for m in chat if m["role"] == "user") for chat in chats]
+    model, tokenizer, version = _released_model(lake) if config.use_model_perplexity else (None, None, None)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(lake.artifact_dir("tokenizer"))
+        if config.use_model_perplexity:
+            context.log.warning("no release to score perplexity with: the report leaves that descriptor out")
+    reference_texts = drift.sample(pd.DataFrame({"text": reference_texts}), config.max_reference_rows)["text"].tolist()
+    reference = drift.describe(reference_texts, tokenizer, model)
+    window = drift.describe(current["prompt"].tolist(), tokenizer, model)
+    settings = drift.DriftSettings(num_threshold=config.num_threshold, text_threshold=config.text_threshold,
+                                   drift_share=config.drift_share)
+    result = drift.detect_drift(reference, window, settings)
+    s = {**result.summary, "window_hours": config.window_hours, "model_version": version,
+         "window_start": current["time"].min().isoformat(), "window_end": current["time"].max().isoformat()}
+    out = lake.artifact_dir("drift_report")
+    with lake.write("drift_report") as tmp:
+        result.snapshot.save_html(str(tmp / "report.html"))
+        (tmp / "summary.json").write_text(json.dumps(s, indent=2, default=str))
+        window.to_parquet(tmp / "current.parquet")
+    version_ = lake.record("drift_report")
+    rows = [(col, f"{v['score']:.4g}", v["method"], v["threshold"], "yes" if col in s["drifted_columns"] else "no")
+            for col, v in s["scores"].items()]
+    return dg.MaterializeResult(
+        metadata={
+            **artifact_metadata(out, version_),
+            "drift_detected": s["drift_detected"],
+            "drift_share": s["drift_share"],
+            "drifted_columns": ", ".join(s["drifted_columns"]) or "none",
+            "current_rows": s["current_rows"],
+            "reference_rows": s["reference_rows"],
+            "window_start": s["window_start"], "window_end": s["window_end"],
+            "report": dg.MetadataValue.path(str(out / "report.html")),
+            "columns": dg.MetadataValue.md(markdown_table(["column", "score", "method", "threshold", "drifted"], rows)),
+        },
+        data_version=dg.DataVersion(version_.md5),
+    )

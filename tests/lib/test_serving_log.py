@@ -1,0 +1,35 @@
+from datetime import datetime, timedelta, timezone
+
+from llm_assets.lib.serving_log import ServingLog, read_log
+
+
+def row(prompt: str, when=None) -> dict:
+    return {"time": when or datetime.now(timezone.utc), "request_id": prompt, "prompt": prompt, "response": "r",
+            "prompt_tokens": 1, "response_tokens": 1, "latency_seconds": 0.1, "model_version": "v", "status": "ok"}
+
+
+def test_buffered_parts_are_flushed_by_size_time_and_close(tmp_path):
+    log = ServingLog(tmp_path, flush_rows=3, flush_seconds=0.2)
+    for i in range(4):
+        log.append(row(f"p{i}"))
+    assert read_log(tmp_path).num_rows == 3  # the size flush
+    deadline = datetime.now() + timedelta(seconds=5)
+    while read_log(tmp_path).num_rows < 4 and datetime.now() < deadline:
+        pass  # the timer flushes the fourth
+    assert read_log(tmp_path).num_rows == 4
+    log.append(row("p4"))
+    log.close()
+    assert sorted(read_log(tmp_path)["prompt"].to_pylist()) == [f"p{i}" for i in range(5)]
+    assert not list(tmp_path.glob(".*"))  # no temp files left
+
+
+def test_two_logs_in_one_second_never_overwrite_each_other_and_windows_filter(tmp_path):
+    old = datetime.now(timezone.utc) - timedelta(days=2)
+    for prompt, when in (("a", old), ("b", None)):
+        log = ServingLog(tmp_path)
+        log.append(row(prompt, when))
+        log.close()
+    assert sorted(read_log(tmp_path)["prompt"].to_pylist()) == ["a", "b"]
+    recent = read_log(tmp_path, since=datetime.now(timezone.utc) - timedelta(days=1))
+    assert recent["prompt"].to_pylist() == ["b"]
+    assert read_log(tmp_path / "missing").num_rows == 0
