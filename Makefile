@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 demo: install
 	$(CLI) init
 	$(CLI) materialize --config configs/demo.yaml
+	@# serve the release on loopback, send it 40 training-like prompts, stop it (the log is flushed) ...
+	$(PY) -m llm_assets.serving.load --requests 40 --concurrency 4
+	@# ... and compare that traffic with the training prompts
+	$(CLI) materialize --config configs/demo.yaml --select drift_report
 
 test: install
 	$(PY) -m pytest -ra
@@ -29,4 +33,4 @@ ui: install
 
 # Forget every materialization and artifact (keeps .venv and the DVC remote).
 clean-state:
-	rm -rf .dagster data/lake dvc.lock
+	rm -rf .dagster data/lake data/releases data/serving dvc.lock

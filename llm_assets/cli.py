@@ -36,7 +36,8 @@ SUMMARY_FIELDS = (
     "train_pairs", "validation_pairs", "dropped_identical", "trainable_parameters", "trainable_share",
     "eval_reply_loss_before", "eval_reply_loss_after", "base_preference_accuracy", "lora_preference_accuracy",
     "aligned_preference_accuracy", "eval_reward_margin", "method", "disk_ratio", "perplexity_ratio",
-    "version", "previous_version", "bytes",
+    "version", "previous_version", "drift_detected", "drift_share", "drifted_columns", "current_rows",
+    "reference_rows", "bytes",
 )
 
 
@@ -97,8 +98,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     ensure_dagster_home(project)
     defs = _load_defs()
     graph = defs.resolve_asset_graph()
-    keys = (dg.AssetSelection.from_string(args.select).resolve(graph) if args.select
-            else graph.materializable_asset_keys)
+    # By default everything but monitoring: drift_report needs serving traffic, select it by name.
+    keys = dg.AssetSelection.from_string(args.select or "not group:monitoring").resolve(graph)
+    keys = {k for k in keys if k in graph.materializable_asset_keys}
     if not keys:
         print(f"selection {args.select!r} matches no asset", file=sys.stderr)
         return 2

@@ -7,8 +7,9 @@ from concurrent clients, stop it with SIGTERM (which flushes the request log).
 
     python -m llm_assets.serving.load --requests 40 --concurrency 4   # what `make demo` runs
 
-The module entry point sends held-out instruction prompts (data/lake/sft_dataset/validation.parquet)
-to the current release and prints a few answers. Without a release (the gates refused the last
+The module entry point sends instruction prompts from sft_dataset (`--split train`, the default:
+traffic like what the model was tuned on; `validation`: functions of modules it never saw) to the
+current release and prints a few answers. Without a release (the gates refused the last
 candidate) it says so and serves the candidate in data/lake/quantized_model instead, so the demo's
 drift report has traffic; the log then names that directory, not a release, as the model version.
 """
@@ -100,10 +101,11 @@ def summarize(results: list[dict], wall_seconds: float) -> dict:
             "tokens_per_second": sum(r["tokens"] for r in ok) / wall_seconds}
 
 
-def held_out_prompts(project_dir: Path, n: int) -> list[str]:
+def held_out_prompts(project_dir: Path, n: int, split: str = "validation") -> list[str]:
+    """n user prompts spread evenly over a split of sft_dataset."""
     from llm_assets.lib.posttrain_data import read_chats
 
-    chats = read_chats(project_dir / "data/lake/sft_dataset/validation.parquet")
+    chats = read_chats(project_dir / f"data/lake/sft_dataset/{split}.parquet")
     prompts = [next(m["content"] for m in c if m["role"] == "user") for c in chats]
     return [prompts[i * len(prompts) // n] for i in range(min(n, len(prompts)))]
 
@@ -112,17 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     from llm_assets.defs.resources import default_project_dir
     from llm_assets.lib.release import current_release
 
-    parser = argparse.ArgumentParser(description="Send held-out prompts to the released model over HTTP.")
+    parser = argparse.ArgumentParser(description="Send instruction prompts to the released model over HTTP.")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--split", default="train", choices=["train", "validation"],
+                        help="prompts like the training ones (default), or from held-out modules, whose names and "
+                             "lengths differ enough for the drift report to flag them")
     args = parser.parse_args(argv)
     project = Path(default_project_dir()).resolve()
     model_dir = None
     if current_release(project / "data/releases") is None:
         model_dir = project / "data/lake/quantized_model"
         print(f"no release (the gates refused the candidate): serving {model_dir.relative_to(project)} for the demo traffic")
-    prompts = held_out_prompts(project, args.requests)
+    prompts = held_out_prompts(project, args.requests, args.split)
     start = time.perf_counter()
     with ServerProcess(project, model_dir) as url:
         results = send(url, prompts, args.concurrency, args.max_new_tokens)
