@@ -6,7 +6,7 @@ DATA_ASSETS = {"raw_corpus", "clean_corpus", "deduped_shards"}
 GROUPS = {"raw_corpus": "data", "clean_corpus": "data", "deduped_shards": "data", "tokenizer": "tokenizer",
           "tokenized_shards": "tokenizer", "base_checkpoint": "training", "sft_dataset": "training",
           "preference_dataset": "training", "lora_checkpoint": "training", "aligned_checkpoint": "training",
-          "quantized_model": "release", "eval_report": "evaluation", "release": "release"}
+          "quantized_model": "release", "eval_report": "evaluation", "release": "release", "drift_report": "monitoring"}
 
 
 def test_assets_groups_checks_and_jobs():
@@ -23,6 +23,8 @@ def test_assets_groups_checks_and_jobs():
         "sft_dataset", "base_checkpoint"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("aligned_checkpoint")).parent_keys} == {
         "preference_dataset", "lora_checkpoint", "base_checkpoint"}
+    assert graph.get(dg.AssetKey("serving_log")).is_observable
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("drift_report")).parent_keys} == {"serving_log", "sft_dataset"}
     checks = {c.name for c in graph.asset_check_keys}
     assert {"clean_corpus_keeps_most_documents", "deduped_shards_splits_disjoint", "tokenizer_roundtrip",
             "base_checkpoint_beats_unigram", "lora_improves_reply_loss", "aligned_preference_accuracy",
