@@ -138,12 +138,19 @@ def test_llm_assets_serve_process_flushes_its_log_on_sigterm(tmp_path, tiny_base
     assert sorted(read_log(tmp_path / "data/serving")["prompt"].to_pylist()) == [f"q{i}" for i in range(5)]
 
 
-def test_concurrent_load_on_a_real_server_process_is_all_answered_and_logged(tmp_path, tiny_base_dir):
+@pytest.mark.parametrize("variant", ["fp32", "nf4"])
+def test_concurrent_load_on_a_real_server_process_is_all_answered_and_logged(tmp_path, tiny_base_dir, variant):
+    from llm_assets.lib.quantize import quantize
     from llm_assets.serving.load import ServerProcess, send, summarize
 
+    model_dir = tiny_base_dir
+    if variant == "nf4":  # concurrent first forwards once corrupted bitsandbytes' CPU weight repacking
+        model_dir = tmp_path / "nf4"
+        model_dir.mkdir()
+        quantize(tiny_base_dir, model_dir, "nf4")
     prompts = [f"Explain what `mod.f{i}(x)` does." for i in range(40)]
     start = time.perf_counter()
-    with ServerProcess(tmp_path, tiny_base_dir) as url:
+    with ServerProcess(tmp_path, model_dir) as url:
         results = send(url, prompts, concurrency=8, max_new_tokens=4)
     stats = summarize(results, time.perf_counter() - start)
     assert stats["errors"] == 0 and stats["ok"] == 40, [r for r in results if r["status"] != 200][:3]

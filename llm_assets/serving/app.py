@@ -97,9 +97,13 @@ class LoadedModel:
             from llm_assets.lib import adapters, quantize
 
             quantized = getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is not None
-            model = quantize.load_quantized(path) if quantized else adapters.load_model(path)
+            model = quantize.load_quantized(path) if quantized else adapters.load_model(path).eval()
+            # One forward before any request: bitsandbytes repacks 4-bit weights for CPU inference
+            # in place on the first eval forward, and two requests doing that at once corrupt them.
+            with torch.no_grad():
+                model.eval()(input_ids=torch.tensor([[0, 1]], device=next(model.parameters()).device))
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model, self.version, self._pointer_stamp = model.eval(), version, stamp
+            self.model, self.version, self._pointer_stamp = model, version, stamp
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -152,13 +156,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
         except TimeoutError:
             fail(endpoint, 429, "busy", f"all {settings.max_concurrent} generation slots stayed busy for {settings.queue_timeout_s} s; retry later")
 
-    def record(req: GenerateRequest, response: str, prompt_n: int, new_n: int, seconds: float, version: str, endpoint: str):
-        tokens.inc(new_n)
-        latency.labels(endpoint).observe(seconds)
-        requests.labels(endpoint, "200").inc()
+    def record(req: GenerateRequest, response: str, prompt_n: int, new_n: int, seconds: float, version: str,
+               endpoint: str, status: str = "ok"):
+        if status == "ok":
+            tokens.inc(new_n)
+            latency.labels(endpoint).observe(seconds)
+            requests.labels(endpoint, "200").inc()
         log["log"].append({"time": datetime.now(timezone.utc), "request_id": uuid.uuid4().hex, "prompt": req.prompt,
                            "response": response, "prompt_tokens": prompt_n, "response_tokens": new_n,
-                           "latency_seconds": seconds, "model_version": version, "status": "ok"})
+                           "latency_seconds": seconds, "model_version": version, "status": status})
 
     @app.post("/generate")
     async def generate(req: GenerateRequest):
@@ -173,7 +179,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 with torch.no_grad():
                     return model.generate(x, attention_mask=torch.ones_like(x), **generation_kwargs(req))[0, len(ids):]
 
-            new = await asyncio.to_thread(run)
+            try:
+                new = await asyncio.to_thread(run)
+            except Exception as e:  # logged and counted, then a 500 that says what broke
+                record(req, "", len(ids), 0, time.perf_counter() - start, version, "generate", type(e).__name__)
+                fail("generate", 500, "generation_error", f"generation failed: {type(e).__name__}: {e}")
             seconds = time.perf_counter() - start
         finally:
             slots.release()

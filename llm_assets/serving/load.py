@@ -83,7 +83,7 @@ def send(url: str, prompts: list[str], concurrency: int, max_new_tokens: int) ->
             r = httpx.post(f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens}, timeout=300)
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             return {"status": r.status_code, "seconds": time.perf_counter() - start, "prompt": prompt,
-                    "text": body.get("text", ""), "tokens": body.get("completion_tokens", 0)}
+                    "text": body.get("text", "") if r.status_code == 200 else r.text, "tokens": body.get("completion_tokens", 0)}
         except httpx.HTTPError as e:
             return {"status": 0, "seconds": time.perf_counter() - start, "prompt": prompt, "text": str(e), "tokens": 0}
 
@@ -132,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     with ServerProcess(project, model_dir) as url:
         results = send(url, prompts, args.concurrency, args.max_new_tokens)
     stats = summarize(results, time.perf_counter() - start)
-    for r in results[:3]:
+    for r in [r for r in results if r["status"] == 200][:3]:
         print(f"\n> {r['prompt']}\n{r['text'] or '(empty)'}")
+    for r in [r for r in results if r["status"] != 200]:
+        print(f"\nFAILED ({r['status'] or 'no response'}): {r['prompt'][:80]!r}: {r['text'][:300]}")
     print(f"\nserved {stats['ok']}/{stats['requests']} requests, p50 {stats['latency_p50_s']:.2f} s, "
           f"p95 {stats['latency_p95_s']:.2f} s; logged to data/serving/")
     return 0 if stats["errors"] == 0 else 1
