@@ -149,6 +149,8 @@ def print_evaluation(instance, project: Path) -> None:
 
 
 def _fmt(name: str, value) -> str:
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
         if name.endswith(("_rate", "_share", "_accuracy")):
             return f"{value:.2%}"
