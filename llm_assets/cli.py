@@ -237,6 +237,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         releases_dir=project / "data" / "releases", log_dir=project / "data" / "serving",
         model_dir=Path(args.model).resolve() if args.model else None, max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens_cap=args.max_new_tokens, max_concurrent=args.concurrency)
+    # Each generation gets its share of the cores: torch's default (all cores per generation) makes
+    # concurrent generations fight over them.
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.concurrency))
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, which flushes the request log.
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
