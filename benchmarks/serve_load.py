@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from llm_assets.lib import adapters, quantize
+    from llm_assets.lib.quantize import load_for_inference
     from llm_assets.lib.chat_data import end_token_id, prompt_ids
     from llm_assets.lib.release import current_release
     from llm_assets.lib.serving_log import read_log
-    from llm_assets.serving.load import ServerProcess, held_out_prompts, send, summarize
+    from llm_assets.serving.load import ServerProcess, sft_prompts, send, summarize
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     release = current_release(ROOT / "data/releases")
     model_dir = Path(release["path"]) if release else ROOT / "data/lake/quantized_model"
-    pool = held_out_prompts(ROOT, 400)
+    pool = sft_prompts(ROOT, 400)
     prompts = [pool[i % len(pool)] for i in range(args.requests)]
     logged_before = read_log(ROOT / "data/serving").num_rows
 
@@ -45,8 +45,7 @@ def main() -> None:
     logged = read_log(ROOT / "data/serving").num_rows - logged_before
 
     # baseline: the same prompts, generated one after another in this process
-    quantized = getattr(AutoConfig.from_pretrained(model_dir), "quantization_config", None) is not None
-    model = (quantize.load_quantized(model_dir) if quantized else adapters.load_model(model_dir)).eval()
+    model = load_for_inference(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     stop = [end_token_id(tok), tok.eos_token_id]
     start, n_tokens = time.perf_counter(), 0

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from llm_assets.defs.release import context_length, validation_tokens
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import adapters, evaluation, posttrain_data, quantize
+from llm_assets.lib import evaluation, posttrain_data, quantize
 from llm_assets.lib.report import figure_markdown, markdown_table
 
 PREFERENCE_GATE = "aligned_preference_not_below_lora"
@@ -78,9 +78,8 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
               "aligned": aligned, "quantized": lake.artifact_dir("quantized_model")}
     rows, texts = {}, {}
     for name, path in models.items():
-        load = (lambda p=path: quantize.load_quantized(p)) if name == "quantized" else (lambda p=path: adapters.load_model(p))
         rows[name], texts[name] = evaluation.evaluate_model(
-            load, path, tokenizer, data, settings, parameters=rows["aligned"]["parameters"] if name == "quantized" else None)
+            lambda p=path: quantize.load_for_inference(p), path, tokenizer, data, settings, parameters=rows["aligned"]["parameters"] if name == "quantized" else None)
         context.log.info(f"{name}: {json.dumps(rows[name])}")
 
     gates = [

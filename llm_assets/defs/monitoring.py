@@ -44,14 +44,11 @@ def _released_model(lake: LakeResource):
     release = current_release(lake.root / "data" / "releases")
     if release is None:
         return None, None, None
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from llm_assets.lib import adapters, quantize
+    from llm_assets.lib.quantize import load_for_inference
 
-    path = release["path"]
-    quantized = getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is not None
-    model = quantize.load_quantized(path) if quantized else adapters.load_model(path)
-    return model, AutoTokenizer.from_pretrained(path), release["version"]
+    return load_for_inference(release["path"]), AutoTokenizer.from_pretrained(release["path"]), release["version"]
 
 
 @dg.asset(group_name="monitoring", kinds={"evidently", "dvc"}, deps=["serving_log", "sft_dataset"])
@@ -66,7 +63,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
         raise dg.Failure(description=f"only {len(current)} requests in the window (last {config.window_hours} h of "
                                      f"data/serving/); min_current_rows is {config.min_current_rows}")
     chats = posttrain_data.read_chats(lake.artifact_dir("sft_dataset") / "train.parquet")
-    reference_texts = [next(m["content"] for m in chat if m["role"] == "user") for chat in chats]
+    reference_texts = posttrain_data.user_prompts(chats)
     model, tokenizer, version = _released_model(lake) if config.use_model_perplexity else (None, None, None)
     if tokenizer is None:
         from transformers import AutoTokenizer

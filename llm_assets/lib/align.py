@@ -59,13 +59,7 @@ class DpoSettings:
             raise ValueError("adapter.method: qlora is for instruction tuning; DPO trains a LoRA on the fp32 model")
         if self.beta <= 0:
             raise ValueError(f"beta: must be positive (got {self.beta})")
-        for name in ("max_len", "max_steps", "batch_size", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive (got {self.lr})")
-        if not 0 <= self.warmup_steps < self.max_steps:
-            raise ValueError(f"warmup_steps: must be in [0, max_steps) (got {self.warmup_steps})")
+        hf_training.validate_schedule(self)
 
 
 def prompt_messages(prompt: str | list[dict]) -> list[dict]:
@@ -212,11 +206,9 @@ def train_dpo(settings: DpoSettings, sft_dir: Path, train_pairs: list[Preference
             "resumed_from": resume_from or "",
             "wall_seconds": time.perf_counter() - t0,
         }
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "preference_scores.json").write_text(json.dumps(scores, indent=2))
-        (tmp / "training_config.json").write_text(json.dumps(
-            {"settings": asdict(s), "reference": str(sft_dir), "run_id": run,
-             "peft_config": adapters.peft_config(s.adapter).to_dict()}, indent=2, default=str))
-        (tmp / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        hf_training.write_run_files(tmp, metrics, {
+            "settings": asdict(s), "reference": str(sft_dir), "run_id": run,
+            "peft_config": adapters.peft_config(s.adapter).to_dict()}, history)
     log({"event": "done", **metrics})
     return {"metrics": metrics, "history": history, "scores": scores}

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from llm_assets.lib.tokenizer import BYTE_ALPHABET, SPECIAL_TOKENS
 
@@ -52,27 +51,16 @@ class DriftResult:
     snapshot: object  # evidently Snapshot: save_html / json
 
 
-@torch.no_grad()
 def perplexities(texts: list[str], tokenizer, model, max_tokens: int = 128, batch: int = 32) -> list[float]:
     """Per-text perplexity under `model` of the first max_tokens tokens (after the eos boundary)."""
-    from llm_assets.lib.chat_data import pad_batch
+    from llm_assets.lib.chat_data import reply_logprobs
 
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(texts), batch):
-        examples = []
-        for t in texts[i : i + batch]:
-            ids = [tokenizer.eos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"][: max_tokens - 1]]
-            examples.append({"input_ids": ids, "labels": ids})
-        b = {k: v.to(device) for k, v in pad_batch(examples, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-        targets = b["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
-        keep = (targets != -100) & (b["attention_mask"][:, 1:] == 1)
-        mean = (nll * keep).sum(-1) / keep.sum(-1).clamp(min=1)
-        out.extend(math.exp(min(x, 50.0)) for x in mean.tolist())
-    return out
+    examples = []
+    for t in texts:
+        ids = [tokenizer.eos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"][: max_tokens - 1]]
+        examples.append({"input_ids": ids, "labels": ids})  # every token after the boundary is scored
+    return [math.exp(min(-total / max(1, n), 50.0)) for total, n in
+            reply_logprobs(model, examples, tokenizer.pad_token_id, batch_size=batch)]
 
 
 def describe(texts: list[str], tokenizer=None, model=None) -> pd.DataFrame:

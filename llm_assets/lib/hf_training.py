@@ -57,6 +57,25 @@ def prepare_work_dir(work_dir: Path, run_id: str, log: Log) -> str | None:
     return last
 
 
+def validate_schedule(s) -> None:
+    """The checks every trainer's settings share (max_len, steps, batch, eval/save/log cadence, lr,
+    warmup); raises ValueError naming the field."""
+    for name in ("max_len", "max_steps", "batch_size", "eval_every", "save_every", "log_every"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"{name}: must be at least 1 (got {getattr(s, name)})")
+    if s.lr <= 0:
+        raise ValueError(f"lr: must be positive (got {s.lr})")
+    if not 0 <= s.warmup_steps < s.max_steps:
+        raise ValueError(f"warmup_steps: must be in [0, max_steps) (got {s.warmup_steps})")
+
+
+def write_run_files(out: Path, metrics: dict, config: dict, history: list[dict]) -> None:
+    """metrics.json, training_config.json and log_history.jsonl: what every fine-tuning output holds."""
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
+    (out / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+
+
 def bf16_available() -> bool:
     """bf16 only on a GPU that has it: on CPUs without bf16 instructions it is emulated and slow."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -105,6 +105,11 @@ def read_chats(path: Path) -> list[list[dict]]:
     return pq.read_table(path, columns=["messages"]).column("messages").to_pylist()
 
 
+def user_prompts(chats: list[list[dict]]) -> list[str]:
+    """The first user message of each chat: what a person would send the server."""
+    return [next(m["content"] for m in chat if m["role"] == "user") for chat in chats]
+
+
 def write_preferences(path: Path, pairs: list[PreferencePair]) -> None:
     from llm_assets.lib.align import prompt_messages  # the one place prompts become messages
 

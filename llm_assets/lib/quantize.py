@@ -75,6 +75,15 @@ def load_quantized(model_dir: Path):
                                                 device_map={"": str(adapters.device())})
 
 
+def load_for_inference(model_dir: Path):
+    """A saved model in eval mode: quantized again from its config.json when it was saved
+    quantized (a quantized_model or a release of one), else the fp32 model."""
+    from transformers import AutoConfig
+
+    quantized = getattr(AutoConfig.from_pretrained(model_dir), "quantization_config", None) is not None
+    return (load_quantized(model_dir) if quantized else adapters.load_model(model_dir)).eval()
+
+
 def weights_bytes(model_dir: Path) -> int:
     """Bytes of the weight files (*.safetensors) in a model directory."""
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))

@@ -17,7 +17,6 @@ resumes from its last Trainer checkpoint (hf_training.py).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,13 +46,7 @@ class SftSettings:
 
     def validate(self) -> None:
         self.adapter.validate()
-        for name in ("max_len", "max_steps", "batch_size", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive (got {self.lr})")
-        if not 0 <= self.warmup_steps < self.max_steps:
-            raise ValueError(f"warmup_steps: must be in [0, max_steps) (got {self.warmup_steps})")
+        hf_training.validate_schedule(self)
         if self.eval_examples < 0:
             raise ValueError(f"eval_examples: must not be negative (got {self.eval_examples})")
 
@@ -146,10 +139,8 @@ def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict
             "resumed_from": resume_from or "",
             "wall_seconds": time.perf_counter() - t0,
         }
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (tmp / "training_config.json").write_text(json.dumps(
-            {"settings": asdict(s), "base": str(base_dir), "peft_config": adapters.peft_config(s.adapter).to_dict(),
-             "run_id": run}, indent=2, default=str))
-        (tmp / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        hf_training.write_run_files(tmp, metrics, {
+            "settings": asdict(s), "base": str(base_dir), "peft_config": adapters.peft_config(s.adapter).to_dict(),
+            "run_id": run}, history)
     log({"event": "done", **metrics})
     return {"metrics": metrics, "history": history}

@@ -92,12 +92,11 @@ class LoadedModel:
                 self._pointer_stamp = stamp
                 return
             path, version = source
-            from transformers import AutoConfig, AutoTokenizer
+            from transformers import AutoTokenizer
 
-            from llm_assets.lib import adapters, quantize
+            from llm_assets.lib.quantize import load_for_inference
 
-            quantized = getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is not None
-            model = quantize.load_quantized(path) if quantized else adapters.load_model(path).eval()
+            model = load_for_inference(path)
             # One forward before any request: bitsandbytes repacks 4-bit weights for CPU inference
             # in place on the first eval forward, and two requests doing that at once corrupt them.
             with torch.no_grad():

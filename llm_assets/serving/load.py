@@ -101,12 +101,12 @@ def summarize(results: list[dict], wall_seconds: float) -> dict:
             "tokens_per_second": sum(r["tokens"] for r in ok) / wall_seconds}
 
 
-def held_out_prompts(project_dir: Path, n: int, split: str = "validation") -> list[str]:
+def sft_prompts(project_dir: Path, n: int, split: str = "validation") -> list[str]:
     """n user prompts spread evenly over a split of sft_dataset."""
-    from llm_assets.lib.posttrain_data import read_chats
+    from llm_assets.lib.posttrain_data import read_chats, user_prompts
 
     chats = read_chats(project_dir / f"data/lake/sft_dataset/{split}.parquet")
-    prompts = [next(m["content"] for m in c if m["role"] == "user") for c in chats]
+    prompts = user_prompts(chats)
     return [prompts[i * len(prompts) // n] for i in range(min(n, len(prompts)))]
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if current_release(project / "data/releases") is None:
         model_dir = project / "data/lake/quantized_model"
         print(f"no release (the gates refused the candidate): serving {model_dir.relative_to(project)} for the demo traffic")
-    prompts = held_out_prompts(project, args.requests, args.split)
+    prompts = sft_prompts(project, args.requests, args.split)
     start = time.perf_counter()
     with ServerProcess(project, model_dir) as url:
         results = send(url, prompts, args.concurrency, args.max_new_tokens)

@@ -11,7 +11,7 @@ from dagster._core.definitions.observe import observe  # the test-side twin of a
 from helpers import lock_md5
 from llm_assets.defs.monitoring import serving_log
 from llm_assets.defs.resources import LakeResource
-from llm_assets.lib.posttrain_data import read_chats
+from llm_assets.lib.posttrain_data import read_chats, user_prompts
 from llm_assets.lib.serving_log import ServingLog
 from test_posttraining_assets import metadata
 from test_training_assets import materialize
@@ -77,8 +77,7 @@ def test_drift_report_on_training_like_traffic_and_too_little_traffic(project_fa
 
     # traffic like training: prompts drawn from the training chats (held-out modules' prompts are a
     # different distribution of names and lengths, and are flagged: see the README)
-    trained = [next(m["content"] for m in c if m["role"] == "user")
-               for c in read_chats(root / "data/lake/sft_dataset/train.parquet")]
+    trained = user_prompts(read_chats(root / "data/lake/sft_dataset/train.parquet"))
     log_prompts(root, trained[1::3])
     assert materialize(root, tiny_config(["drift_report"]), ["drift_report"], instance).success
     md = metadata(instance, "drift_report")
