@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/llm-assets
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui install clean-state
+.PHONY: demo test ui install browser clean-state
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +24,13 @@ demo: install
 	@# ... and compare that traffic with the training prompts
 	$(CLI) materialize --config configs/demo.yaml --select drift_report
 
-test: install
+# tests/test_ui_browser.py drives the web UI with Playwright and Debian's chromium (Playwright's
+# own browser download cannot reach its CDN here). sudo only where we are not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo)
+browser:
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: install browser
 	$(PY) -m pytest -ra
 
 ui: install

@@ -2,6 +2,7 @@
 
     llm-assets init                                  # Dagster home + DVC remote (idempotent)
     llm-assets materialize [--select SEL] [--config configs/demo.yaml]
+    llm-assets ingest [--config configs/demo.yaml]   # each new file in data/incoming/ (no daemon)
     llm-assets serve [--host 127.0.0.1] [--port 8000] [--model DIR]
     llm-assets status                                # latest versions, and what DVC sees
     llm-assets restore ASSET MD5                     # bring back an earlier artifact version
@@ -18,7 +19,6 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 
 DAGSTER_YAML = """\
 # Written by `llm-assets init`. SQLite storage under this directory (the default); point
@@ -76,16 +76,9 @@ def _load_defs():
 def _run_config(paths: list[str], selected_ops: set[str]) -> dict:
     """Merge run-config YAML files; drop `ops` entries for assets outside the selection so one
     file (configs/demo.yaml) serves every selection."""
-    merged: dict = {}
-    for path in paths:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        for key, value in data.items():
-            if isinstance(value, dict):
-                merged.setdefault(key, {}).update(value)
-            else:
-                merged[key] = value
-    if "ops" in merged:
-        merged["ops"] = {k: v for k, v in merged["ops"].items() if k in selected_ops}
+    from llm_assets.lib.run_config import merge
+
+    merged = merge(paths, selected_ops)
     # Step-level DEBUG events drown the summary in a terminal; the UI keeps every event anyway.
     merged.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
     return merged
@@ -98,9 +91,16 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     ensure_dagster_home(project)
     defs = _load_defs()
     graph = defs.resolve_asset_graph()
-    # By default everything but monitoring: drift_report needs serving traffic, select it by name.
+    # By default everything but monitoring (drift_report needs serving traffic: select it by name)
+    # and the incoming batches (partitions: `llm-assets ingest`, or incoming_data_sensor).
     keys = dg.AssetSelection.from_string(args.select or "not group:monitoring").resolve(graph)
     keys = {k for k in keys if k in graph.materializable_asset_keys}
+    partitioned = {k for k in keys if graph.get(k).is_partitioned}
+    if partitioned and args.select:
+        names = ", ".join(sorted(k.to_user_string() for k in partitioned))
+        print(f"{names}: partitioned (one partition per incoming file); use `llm-assets ingest`", file=sys.stderr)
+        return 2
+    keys -= partitioned
     if not keys:
         print(f"selection {args.select!r} matches no asset", file=sys.stderr)
         return 2
@@ -227,6 +227,35 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """What incoming_data_sensor does, without the daemon: each file in data/incoming/ not ingested
+    yet becomes an incoming_batch partition, ingested and drift-reported by ingest_job."""
+    import dagster as dg
+
+    from llm_assets.defs.ingestion import incoming_batches
+    from llm_assets.lib import ingest
+
+    project = project_dir()
+    ensure_dagster_home(project)
+    job = _load_defs().resolve_job_def("ingest_job")
+    failed = 0
+    with dg.DagsterInstance.get() as instance:
+        for path in ingest.candidates(project / "data" / "incoming"):
+            key = ingest.batch_key(path)
+            if instance.has_dynamic_partition(incoming_batches.name, key) and not args.again:
+                print(f"{path.name}: batch {key} already ingested (--again to redo)")
+                continue
+            instance.add_dynamic_partitions(incoming_batches.name, [key])
+            run_config = _run_config(args.config, {"incoming_batch", "drift_report"})
+            run_config.setdefault("ops", {}).setdefault("drift_report", {}).setdefault("config", {})["incoming_batch"] = key
+            result = job.execute_in_process(run_config=run_config, instance=instance, partition_key=key,
+                                            raise_on_error=False, tags={"llm_assets/cause": "llm-assets ingest"})
+            print_summary(instance, [dg.AssetKey("incoming_batch"), dg.AssetKey("drift_report")], project)
+            failed += not result.success
+            print(f"{path.name}: batch {key} {'ingested' if result.success else 'FAILED, run ' + result.run_id}")
+    return 1 if failed else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -255,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--select", help="Dagster asset selection, e.g. 'raw_corpus' or 'group:data' (default: all)")
     p.add_argument("--config", action="append", default=[], help="run-config YAML (repeatable), e.g. configs/demo.yaml")
     p.set_defaults(fn=cmd_materialize)
+    p = sub.add_parser("ingest", help="ingest each new file in data/incoming/ and report its drift")
+    p.add_argument("--config", action="append", default=[], help="run-config YAML (repeatable), e.g. configs/demo.yaml")
+    p.add_argument("--again", action="store_true", help="ingest files whose batch was ingested before again")
+    p.set_defaults(fn=cmd_ingest)
     sub.add_parser("status", help="latest versions and DVC status").set_defaults(fn=cmd_status)
     p = sub.add_parser("restore", help="restore an earlier version of an asset's artifact")
     p.add_argument("asset")

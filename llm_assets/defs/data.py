@@ -125,7 +125,7 @@ def deduped_shards(config: DedupConfig, lake: LakeResource) -> dg.MaterializeRes
     result = dedup.deduplicate(docs, params)
     out = lake.artifact_dir("deduped_shards")
     with lake.write("deduped_shards") as tmp:
-        manifest = dedup.write_shards(result, tmp, config.shard_target_mb)
+        manifest = dedup.write_shards(result, tmp, config.shard_target_mb, params)
     version = lake.record("deduped_shards")
     check = _splits_disjoint(out)
     near = [d for d in result.duplicates if d.kind == "near"]

@@ -7,10 +7,11 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import pandas as pd
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import drift, posttrain_data
+from llm_assets.lib import dedup, drift, posttrain_data
 from llm_assets.lib.release import current_release
 from llm_assets.lib.report import markdown_table
 from llm_assets.lib.serving_log import PART_GLOB, read_log
@@ -31,6 +32,7 @@ def serving_log(lake: LakeResource) -> dg.ObserveResult:
 
 
 class DriftReportConfig(dg.Config):
+    incoming_batch: str = Field("", description="An incoming_batch partition key: compare that batch's documents with the training corpus instead of serving traffic with the training prompts (set by incoming_data_sensor).")
     window_hours: float = Field(24.0, ge=0, description="Current window: serving traffic of the last this many hours (0 = all of it).")
     min_current_rows: int = Field(20, ge=1, description="Fewer requests than this in the window: no report (the comparison would mean nothing).")
     max_reference_rows: int = Field(2000, ge=50, description="Training prompts sampled as the reference.")
@@ -51,19 +53,23 @@ def _released_model(lake: LakeResource):
     return load_for_inference(release["path"]), AutoTokenizer.from_pretrained(release["path"]), release["version"]
 
 
-@dg.asset(group_name="monitoring", kinds={"evidently", "dvc"}, deps=["serving_log", "sft_dataset"])
+@dg.asset(group_name="monitoring", kinds={"evidently", "dvc"}, deps=["serving_log", "sft_dataset", "incoming_batch"])
 def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, lake: LakeResource) -> dg.MaterializeResult:
-    """Evidently data drift between the prompts served in the window and the instruction prompts the
-    model was trained on: text drift plus descriptors (length, words, non-letter share, byte-fallback
-    rate, perplexity under the released model). `report.html` is Evidently's report, `summary.json`
-    the figures in metadata."""
-    since = datetime.now(timezone.utc) - timedelta(hours=config.window_hours) if config.window_hours else None
-    current = read_log(lake.root / "data" / "serving", since=since).to_pandas()
-    if len(current) < config.min_current_rows:
-        raise dg.Failure(description=f"only {len(current)} requests in the window (last {config.window_hours} h of "
-                                     f"data/serving/); min_current_rows is {config.min_current_rows}")
-    chats = posttrain_data.read_chats(lake.artifact_dir("sft_dataset") / "train.parquet")
-    reference_texts = posttrain_data.user_prompts(chats)
+    """Evidently data drift between what the model meets now and what it was trained on: by default
+    the prompts served in the window against the instruction prompts of sft_dataset; with
+    `incoming_batch` set, a newly ingested batch against the training corpus. Text drift plus
+    descriptors (length, words, non-letter share, byte-fallback rate, perplexity under the released
+    model). `report.html` is Evidently's report, `summary.json` the figures in metadata; a report that
+    finds drift starts retrain_job (drift_sensor)."""
+    if config.incoming_batch:
+        source = f"incoming_batch:{config.incoming_batch}"
+        current_texts, reference_texts, window = _batch_window(lake, config.incoming_batch)
+    else:
+        source = "serving"
+        current_texts, reference_texts, window = _serving_window(lake, config.window_hours)
+    if len(current_texts) < config.min_current_rows:
+        raise dg.Failure(description=f"only {len(current_texts)} rows in the window ({source}, {window}); "
+                                     f"min_current_rows is {config.min_current_rows}")
     model, tokenizer, version = _released_model(lake) if config.use_model_perplexity else (None, None, None)
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -73,17 +79,16 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
             context.log.warning("no release to score perplexity with: the report leaves that descriptor out")
     reference_texts = drift.sample(pd.DataFrame({"text": reference_texts}), config.max_reference_rows)["text"].tolist()
     reference = drift.describe(reference_texts, tokenizer, model)
-    window = drift.describe(current["prompt"].tolist(), tokenizer, model)
+    current = drift.describe(current_texts, tokenizer, model)
     settings = drift.DriftSettings(num_threshold=config.num_threshold, text_threshold=config.text_threshold,
                                    drift_share=config.drift_share)
-    result = drift.detect_drift(reference, window, settings)
-    s = {**result.summary, "window_hours": config.window_hours, "model_version": version,
-         "window_start": current["time"].min().isoformat(), "window_end": current["time"].max().isoformat()}
+    result = drift.detect_drift(reference, current, settings)
+    s = {**result.summary, "source": source, "window": window, "model_version": version}
     out = lake.artifact_dir("drift_report")
     with lake.write("drift_report") as tmp:
         result.snapshot.save_html(str(tmp / "report.html"))
         (tmp / "summary.json").write_text(json.dumps(s, indent=2, default=str))
-        window.to_parquet(tmp / "current.parquet")
+        current.to_parquet(tmp / "current.parquet")
     version_ = lake.record("drift_report")
     rows = [(col, f"{v['score']:.4g}", v["method"], v["threshold"], "yes" if col in s["drifted_columns"] else "no")
             for col, v in s["scores"].items()]
@@ -95,9 +100,28 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
             "drifted_columns": ", ".join(s["drifted_columns"]) or "none",
             "current_rows": s["current_rows"],
             "reference_rows": s["reference_rows"],
-            "window_start": s["window_start"], "window_end": s["window_end"],
+            "source": source,
+            "window": window,
             "report": dg.MetadataValue.path(str(out / "report.html")),
             "columns": dg.MetadataValue.md(markdown_table(["column", "score", "method", "threshold", "drifted"], rows)),
         },
         data_version=dg.DataVersion(version_.md5),
     )
+
+
+def _serving_window(lake: LakeResource, window_hours: float) -> tuple[list[str], list[str], str]:
+    since = datetime.now(timezone.utc) - timedelta(hours=window_hours) if window_hours else None
+    log = read_log(lake.root / "data" / "serving", since=since).to_pandas()
+    window = (f"{log['time'].min().isoformat()} .. {log['time'].max().isoformat()}" if len(log)
+              else f"no requests in the last {window_hours} h")
+    chats = posttrain_data.read_chats(lake.artifact_dir("sft_dataset") / "train.parquet")
+    return log["prompt"].tolist(), posttrain_data.user_prompts(chats), window
+
+
+def _batch_window(lake: LakeResource, key: str) -> tuple[list[str], list[str], str]:
+    batch = lake.artifact_dir("incoming_batch") / key
+    if not (batch / "batch.json").is_file():
+        raise dg.Failure(description=f"incoming batch {key!r} is not ingested ({batch} missing): materialize incoming_batch[{key}] first")
+    current = pq.read_table(batch / "documents.parquet", columns=["text"]).column("text").to_pylist()
+    reference = dedup.read_split(lake.artifact_dir("deduped_shards"), "train").column("text").to_pylist()
+    return current, reference, f"batch {key} ({json.loads((batch / 'batch.json').read_text())['file']})"

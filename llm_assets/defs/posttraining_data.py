@@ -8,7 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import dedup, instructions, posttrain_data, preferences
+from llm_assets.lib import dedup, ingest, instructions, posttrain_data, preferences
 from llm_assets.lib.report import markdown_table
 
 
@@ -27,15 +27,23 @@ class PreferenceDatasetConfig(dg.Config):
 
 
 def _corpus_pairs(lake: LakeResource, split: str, max_pairs: int = 0) -> list[instructions.InstructionPair]:
+    """Pairs from the shards (at most `max_pairs`, spread evenly) plus every pair from the ingested
+    incoming batches: the newest data is never capped away, a retrain after a batch must see it."""
     rows = dedup.read_split(lake.artifact_dir("deduped_shards"), split).to_pylist()
-    return instructions.derive_pairs(((r["doc_id"], r["text"]) for r in rows), max_pairs=max_pairs)
+    pairs = instructions.derive_pairs(((r["doc_id"], r["text"]) for r in rows), max_pairs=max_pairs)
+    batches = ingest.read_batches(lake.artifact_dir("incoming_batch"), split)
+    return pairs + instructions.derive_pairs(zip(batches["doc_id"].to_pylist(), batches["text"].to_pylist()))
+
+
+def _batch_documents(lake: LakeResource) -> int:
+    return ingest.read_batches(lake.artifact_dir("incoming_batch")).num_rows
 
 
 def _chat_preview(messages: list[dict], width: int = 160) -> str:
     return " / ".join(f"{m['role']}: {m['content'][:width]}" for m in messages)
 
 
-@dg.asset(group_name="training", kinds={"parquet", "dvc"}, deps=["deduped_shards"])
+@dg.asset(group_name="training", kinds={"parquet", "dvc"}, deps=["deduped_shards", "incoming_batch"])
 def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Instruction chats for fine-tuning, `train.parquet` and `validation.parquet` (`messages` as
     role/content lists, `source`, `origin`, `module`). Corpus-derived validation chats come only from
@@ -70,6 +78,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lak
             "train_examples": len(splits["train"]),
             "validation_examples": len(splits["validation"]),
             "user_files": len(files),
+            "incoming_batch_documents": _batch_documents(lake),
             "mean_response_chars": sum(replies) / len(replies),
             "by_origin": dg.MetadataValue.md(markdown_table(
                 ["origin", "train", "validation"], [(o, counts["train"][o], counts["validation"][o]) for o in origins])),
@@ -79,7 +88,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lak
     )
 
 
-@dg.asset(group_name="training", kinds={"parquet", "dvc"}, deps=["deduped_shards"])
+@dg.asset(group_name="training", kinds={"parquet", "dvc"}, deps=["deduped_shards", "incoming_batch"])
 def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceDatasetConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Preference pairs for DPO, `train.parquet` and `validation.parquet` (`prompt` as messages,
     `chosen`, `rejected`, `source`, `negative`). Corpus-derived pairs take their negatives within
@@ -120,6 +129,7 @@ def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceData
             "dropped_identical": sum(dropped.values()),
             "skipped_no_negative": skipped,
             "user_files": len(files),
+            "incoming_batch_documents": _batch_documents(lake),
             "negatives": dg.MetadataValue.md(markdown_table(["rejected reply taken from", "pairs"], sorted(tiers.items()))),
             "sample": dg.MetadataValue.md(markdown_table(["field", "text"], [
                 ("prompt", json.dumps(sample.prompt)[:300]), ("chosen", sample.chosen[:300]),

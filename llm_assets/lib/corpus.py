@@ -151,7 +151,7 @@ def parse_json_object(path: Path, lineno: int, line: str) -> dict:
     return record
 
 
-def _read_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, doc_prefix: str, text_field: str) -> Iterator[Document]:
     with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -165,10 +165,16 @@ def _read_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
             if not isinstance(text, str):
                 raise CorpusFormatError(
                     f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
-            yield Document(f"raw/{rel}#L{lineno}", "user", str(path), text, len(line), bad)
+            # An optional "path" (as code datasets carry) names the document: `.py` ones then yield
+            # instruction pairs like the stdlib's modules do.
+            name = record.get("path")
+            if name is not None and not isinstance(name, str):
+                raise CorpusFormatError(f"{path}:{lineno}: field 'path' must be a string, got {type(name).__name__}")
+            suffix = f":{name}" if name else ""
+            yield Document(f"{doc_prefix}#L{lineno}{suffix}", "user", str(path), text, len(line), bad)
 
 
-def _read_parquet(path: Path, rel: str, column: str) -> Iterator[Document]:
+def _read_parquet(path: Path, doc_prefix: str, column: str) -> Iterator[Document]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
@@ -181,7 +187,22 @@ def _read_parquet(path: Path, rel: str, column: str) -> Iterator[Document]:
     for row, text in enumerate(col.to_pylist()):
         if text is None:
             raise CorpusFormatError(f"{path}: row {row}: column {column!r} is null")
-        yield Document(f"raw/{rel}#R{row}", "user", str(path), text, len(text.encode()), 0)
+        yield Document(f"{doc_prefix}#R{row}", "user", str(path), text, len(text.encode()), 0)
+
+
+def read_user_file(path: Path, doc_prefix: str, jsonl_text_field: str = "text",
+                   parquet_text_column: str = "text") -> Iterator[Document]:
+    """The documents of one user file; doc ids start with `doc_prefix` (e.g. `raw/<relative path>`).
+    A .txt/.md file is one document; .jsonl and .parquet hold one per line / row."""
+    if path.suffix in (".txt", ".md"):
+        raw = path.read_bytes()
+        text, bad = decode_counting(raw)
+        return iter([Document(doc_prefix, "user", str(path), text, len(raw), bad)])
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, doc_prefix, jsonl_text_field)
+    if path.suffix == ".parquet":
+        return _read_parquet(path, doc_prefix, parquet_text_column)
+    raise CorpusFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {USER_SUFFIXES}")
 
 
 def iter_user_documents(sources: CorpusSources) -> Iterator[tuple[Path, Iterator[Document]]]:
@@ -192,16 +213,7 @@ def iter_user_documents(sources: CorpusSources) -> Iterator[tuple[Path, Iterator
     files = sorted({p for g in sources.user_globs for p in raw_dir.glob(g) if p.is_file()})
     for path in files:
         rel = path.relative_to(raw_dir).as_posix()
-        if path.suffix in (".txt", ".md"):
-            raw = path.read_bytes()
-            text, bad = decode_counting(raw)
-            yield path, iter([Document(f"raw/{rel}", "user", str(path), text, len(raw), bad)])
-        elif path.suffix == ".jsonl":
-            yield path, _read_jsonl(path, rel, sources.jsonl_text_field)
-        elif path.suffix == ".parquet":
-            yield path, _read_parquet(path, rel, sources.parquet_text_column)
-        else:
-            raise CorpusFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {USER_SUFFIXES}")
+        yield path, read_user_file(path, f"raw/{rel}", sources.jsonl_text_field, sources.parquet_text_column)
 
 
 def _take_evenly(docs: list[Document], n: int) -> list[Document]:

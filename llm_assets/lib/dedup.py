@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -133,14 +133,16 @@ def deduplicate(docs: list[Document], params: DedupParams) -> DedupResult:
     return DedupResult(kept, cluster_size, duplicates, split, len(docs))
 
 
-def write_shards(result: DedupResult, out_dir: Path, target_mb: float) -> dict:
+def write_shards(result: DedupResult, out_dir: Path, target_mb: float, params: DedupParams | None = None) -> dict:
     """`train-00000.parquet`, ..., `validation-00000.parquet`, ..., `duplicates.parquet` and
-    `manifest.json` in `out_dir`. A shard is closed once its UTF-8 text reaches `target_mb` MB, so
+    `manifest.json` in `out_dir` (with `params`, so later batches dedup against the shards alike). A shard is closed once its UTF-8 text reaches `target_mb` MB, so
     shards are about that size uncompressed (Parquet zstd makes them smaller on disk)."""
     if target_mb <= 0:
         raise ValueError(f"shard target size must be positive, got {target_mb} MB")
     target = int(target_mb * 1_000_000)
     manifest: dict = {"shards": [], "splits": {}}
+    if params is not None:
+        manifest["params"] = asdict(params)
     for split_name in ("train", "validation"):
         docs = [d for d in result.kept if result.split[d.doc_id] == split_name]
         batches: list[list[Document]] = [[]]
@@ -181,6 +183,13 @@ def write_shards(result: DedupResult, out_dir: Path, target_mb: float) -> dict:
     pq.write_table(dup_table, out_dir / "duplicates.parquet", compression="zstd")
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def read_params(shard_dir: Path) -> DedupParams:
+    """The parameters the shards were deduplicated with (defaults for shards written before they
+    were recorded)."""
+    manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
+    return DedupParams(**manifest.get("params", {}))
 
 
 def read_split(shard_dir: Path, split: str) -> pa.Table:

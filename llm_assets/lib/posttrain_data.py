@@ -94,7 +94,8 @@ def chat_row(messages: list[dict], source: str, origin: str, module: str = "") -
 
 
 def derived_chat_rows(pairs: list[InstructionPair]) -> list[dict]:
-    return [chat_row(to_messages(p), f"{p.source_doc_id}::{p.qualname}", "corpus", p.module) for p in pairs]
+    return [chat_row(to_messages(p), f"{p.source_doc_id}::{p.qualname}",
+                     "incoming" if p.source_doc_id.startswith("incoming/") else "corpus", p.module) for p in pairs]
 
 
 def write_chats(path: Path, rows: list[dict]) -> None:

@@ -6,7 +6,8 @@ DATA_ASSETS = {"raw_corpus", "clean_corpus", "deduped_shards"}
 GROUPS = {"raw_corpus": "data", "clean_corpus": "data", "deduped_shards": "data", "tokenizer": "tokenizer",
           "tokenized_shards": "tokenizer", "base_checkpoint": "training", "sft_dataset": "training",
           "preference_dataset": "training", "lora_checkpoint": "training", "aligned_checkpoint": "training",
-          "quantized_model": "release", "eval_report": "evaluation", "release": "release", "drift_report": "monitoring"}
+          "quantized_model": "release", "eval_report": "evaluation", "release": "release", "drift_report": "monitoring",
+          "incoming_batch": "data"}
 
 
 def test_assets_groups_checks_and_jobs():
@@ -24,12 +25,18 @@ def test_assets_groups_checks_and_jobs():
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("aligned_checkpoint")).parent_keys} == {
         "preference_dataset", "lora_checkpoint", "base_checkpoint"}
     assert graph.get(dg.AssetKey("serving_log")).is_observable
-    assert {k.to_user_string() for k in graph.get(dg.AssetKey("drift_report")).parent_keys} == {"serving_log", "sft_dataset"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("drift_report")).parent_keys} == {
+        "serving_log", "sft_dataset", "incoming_batch"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("sft_dataset")).parent_keys} == {
+        "deduped_shards", "incoming_batch"}
+    assert graph.get(dg.AssetKey("incoming_batch")).is_partitioned
     checks = {c.name for c in graph.asset_check_keys}
     assert {"clean_corpus_keeps_most_documents", "deduped_shards_splits_disjoint", "tokenizer_roundtrip",
             "base_checkpoint_beats_unigram", "lora_improves_reply_loss", "aligned_preference_accuracy",
-            "quantized_perplexity_within_budget", "aligned_preference_not_below_lora", "generation_non_empty"} <= checks
-    for job in ("data_job", "pretrain_job", "posttrain_job", "release_job"):
+            "quantized_perplexity_within_budget", "aligned_preference_not_below_lora", "generation_non_empty",
+            "incoming_batch_adds_documents"} <= checks
+    for job in ("data_job", "pretrain_job", "posttrain_job", "release_job", "ingest_job", "retrain_job",
+                "drift_job", "evaluation_job"):
         assert d.resolve_job_def(job).name == job
     assert "lake" in d.resources
 

@@ -1,0 +1,76 @@
+"""Group `data`, the batches that arrive after the corpus was built: incoming_batch, one dynamic
+partition per file dropped into data/incoming/ (incoming_data_sensor adds the partitions)."""
+
+import hashlib
+
+import dagster as dg
+from pydantic import Field
+
+from llm_assets.defs.data import CleanConfig
+from llm_assets.defs.resources import LakeResource, artifact_metadata
+from llm_assets.lib import clean, dedup, ingest
+from llm_assets.lib.atomic import atomic_dir
+from llm_assets.lib.report import markdown_table
+
+incoming_batches = dg.DynamicPartitionsDefinition(name="incoming_batches")
+
+
+class IncomingBatchConfig(CleanConfig):
+    """The cleaning thresholds are clean_corpus's (set both alike); dedup takes the shards' own."""
+
+    jsonl_text_field: str = Field("text", description="Field holding the document text in .jsonl files.")
+    parquet_text_column: str = Field("text", description="Column holding the document text in .parquet files.")
+
+
+@dg.asset(
+    group_name="data",
+    kinds={"parquet", "dvc"},
+    partitions_def=incoming_batches,
+    deps=["deduped_shards"],
+    check_specs=[dg.AssetCheckSpec("incoming_batch_adds_documents", asset="incoming_batch",
+                                   description="Warns when cleaning and deduplication leave nothing new of the batch.")],
+)
+def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfig, lake: LakeResource) -> dg.MaterializeResult:
+    """One file from data/incoming/, cleaned with the corpus's rules and deduplicated (exact and MinHash) against the shards and every
+    earlier batch. Kept documents get the corpus's train/validation split; sft_dataset and
+    preference_dataset read them beside the shards. Written to data/lake/incoming_batch/<key>/."""
+    key = context.partition_key
+    path = ingest.find_batch_file(lake.root / "data" / "incoming", key)
+    docs = ingest.read_batch_file(path, key, config.jsonl_text_field, config.parquet_text_column)
+    shards = lake.artifact_dir("deduped_shards")
+    params = dedup.read_params(shards)
+    index = ingest.CorpusIndex(params)
+    lake_dir = lake.artifact_dir("incoming_batch")
+    earlier = ingest.read_batches(lake_dir, exclude=key)  # a re-run of this batch must not match itself
+    for table in (dedup.read_split(shards, "train"), dedup.read_split(shards, "validation"), earlier):
+        index.add(table.column("doc_id").to_pylist(), table.column("text").to_pylist())
+    rules = clean.CleanRules(**config.model_dump(exclude={"jsonl_text_field", "parquet_text_column"}))
+    result = ingest.ingest(docs, index, rules, params)
+    info = {"key": key, "file": str(path), "documents_in": result.documents_in,
+            "documents": len(result.kept), "removed_by_cleaning": result.documents_in - result.clean_report.documents_out,
+            "duplicates": len(result.duplicates), "run_id": context.run_id}
+    lake_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(lake_dir / key) as tmp:  # one partition replaced whole; the others untouched
+        ingest.write_batch(result, tmp, info)
+    version = lake.record("incoming_batch")
+    splits = [result.split[d.doc_id] for d in result.kept]
+    examples = [(d, o, k, f"{j:.3f}") for d, o, k, j in result.duplicates[:8]]
+    return dg.MaterializeResult(
+        metadata={
+            **artifact_metadata(lake_dir / key, version),
+            "file": dg.MetadataValue.path(str(path)),
+            "documents_in": result.documents_in,
+            "documents": len(result.kept),
+            "train_documents": splits.count("train"),
+            "validation_documents": splits.count("validation"),
+            "removed_by_cleaning": info["removed_by_cleaning"],
+            **{f"removed_{rule}": n for rule, n in result.clean_report.removed.items()},
+            "duplicates_of_corpus_or_batch": len(result.duplicates),
+            "batches_ingested": len(ingest.batch_dirs(lake_dir)),
+            "duplicates": dg.MetadataValue.md(markdown_table(["document", "duplicate of", "kind", "jaccard"], examples)),
+        },
+        check_results=[dg.AssetCheckResult(
+            check_name="incoming_batch_adds_documents", passed=bool(result.kept), severity=dg.AssetCheckSeverity.WARN,
+            metadata={"documents_in": result.documents_in, "documents": len(result.kept)})],
+        data_version=dg.DataVersion(hashlib.sha256((lake_dir / key / "documents.parquet").read_bytes()).hexdigest()[:24]),
+    )

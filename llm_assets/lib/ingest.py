@@ -1,0 +1,190 @@
+"""Incoming batches: files dropped into `data/incoming/`, each cleaned and deduplicated against the
+corpus that already exists, then kept as one batch the post-training datasets read beside the shards.
+
+    ready, pending = scan(incoming_dir, seen, settle_s=10)          # what a sensor may start
+    result = ingest(docs, existing, CleanRules(), DedupParams())     # clean + dedup one batch
+    write_batch(result, out_dir); read_batches(lake_dir, "train")
+
+A batch is identified by its file's name and content (`batch_key`): the same file dropped twice is
+one batch, a changed file is a new one. A file counts as ready once it has not changed for
+`settle_s` seconds, so a copy still in progress is never read half-way; writers that can should
+write `name.tmp` (ignored) and rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasketch import MinHashLSH
+from datasketch.lean_minhash import LeanMinHash
+
+from llm_assets.lib import clean
+from llm_assets.lib.corpus import USER_SUFFIXES, Document, read_user_file
+from llm_assets.lib.dedup import DedupParams, split_of
+from llm_assets.lib.minhash import is_empty, signatures
+from llm_assets.lib.near_dup import LSH_MARGIN
+
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+BATCH_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()),
+                          ("split", pa.string())])
+DUPLICATE_SCHEMA = pa.schema([("doc_id", pa.string()), ("duplicate_of", pa.string()),
+                              ("kind", pa.string()), ("jaccard", pa.float64())])
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def batch_key(path: Path) -> str:
+    """`<file name>-<first 8 hex of sha256>`: a valid Dagster partition key, stable per content."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+    return f"{_UNSAFE.sub('_', Path(path).name)[:80]}-{digest}"
+
+
+def candidates(incoming_dir: Path) -> list[Path]:
+    """Corpus files directly in the drop zone, by name; hidden files and temp names are left out."""
+    if not Path(incoming_dir).is_dir():
+        return []
+    return sorted(p for p in Path(incoming_dir).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix in USER_SUFFIXES
+                  and not p.name.endswith(IGNORED_SUFFIXES))
+
+
+def stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def scan(incoming_dir: Path, seen: dict[str, list[int]], settle_s: float, now: float | None = None
+         ) -> tuple[list[Path], list[Path]]:
+    """(ready, still settling) among files whose (size, mtime) differs from `seen[name]`.
+    A file modified in the last `settle_s` seconds may still be being written: it waits."""
+    now = time.time() if now is None else now
+    ready, settling = [], []
+    for path in candidates(incoming_dir):
+        s = stamp(path)
+        if seen.get(path.name) == s:
+            continue
+        (settling if now - s[1] / 1e9 < settle_s else ready).append(path)
+    return ready, settling
+
+
+def find_batch_file(incoming_dir: Path, key: str) -> Path:
+    """The file in the drop zone whose current content has this batch key."""
+    name_part = key.rsplit("-", 1)[0]
+    for path in candidates(incoming_dir):
+        if _UNSAFE.sub("_", path.name)[:80] == name_part and batch_key(path) == key:
+            return path
+    raise FileNotFoundError(f"batch {key!r}: no file in {incoming_dir} with that name and content "
+                            f"(was it changed or removed after it was picked up?)")
+
+
+def read_batch_file(path: Path, key: str, jsonl_text_field: str = "text",
+                    parquet_text_column: str = "text") -> list[Document]:
+    """Malformed files raise CorpusFormatError naming the file and line."""
+    return list(read_user_file(path, f"incoming/{key}", jsonl_text_field, parquet_text_column))
+
+
+class CorpusIndex:
+    """Exact (sha256) and near-duplicate (MinHash LSH, datasketch) lookup of documents already kept.
+    `storage_config` passes through to datasketch (e.g. Redis when several workers share it)."""
+
+    def __init__(self, params: DedupParams, storage_config: dict | None = None):
+        self.params = params
+        self.lsh = MinHashLSH(threshold=max(params.threshold - LSH_MARGIN, 0.05), num_perm=params.num_perm,
+                              storage_config=storage_config)
+        self.exact: dict[bytes, str] = {}
+        self.sigs: dict[str, np.ndarray] = {}
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        p = self.params
+        return signatures(texts, num_perm=p.num_perm, k=p.shingle_size, seed=p.seed)
+
+    def add(self, doc_ids: list[str], texts: list[str], sigs: np.ndarray | None = None) -> None:
+        sigs = self.signatures(texts) if sigs is None else sigs
+        with self.lsh.insertion_session() as session:
+            for doc_id, text, sig in zip(doc_ids, texts, sigs):
+                self.exact.setdefault(_sha(text), doc_id)
+                if not is_empty(sig) and doc_id not in self.sigs:
+                    self.sigs[doc_id] = sig
+                    session.insert(doc_id, _lean(sig), check_duplication=False)
+
+    def match(self, text: str, sig: np.ndarray) -> tuple[str, str, float] | None:
+        """(kept doc_id, "exact" | "near", estimated Jaccard) of the closest duplicate, or None."""
+        if (hit := self.exact.get(_sha(text))) is not None:
+            return hit, "exact", 1.0
+        if is_empty(sig):
+            return None
+        best = max(((float((self.sigs[c] == sig).mean()), c) for c in self.lsh.query(_lean(sig))), default=None)
+        if best is not None and best[0] >= self.params.threshold:
+            return best[1], "near", best[0]
+        return None
+
+
+@dataclass
+class IngestResult:
+    kept: list[Document]
+    split: dict[str, str]
+    duplicates: list[tuple[str, str, str, float]]  # (doc_id, duplicate_of, kind, jaccard)
+    clean_report: clean.CleanReport
+    documents_in: int
+    stats: dict = field(default_factory=dict)
+
+
+def ingest(docs: list[Document], index: CorpusIndex, rules: clean.CleanRules, params: DedupParams) -> IngestResult:
+    """Clean the batch with the corpus's rules, then keep each document only if neither the corpus
+    (already in `index`) nor an earlier document of the batch is its exact or near duplicate. The
+    kept documents take the corpus's split rule (a hash of the doc id)."""
+    cleaned, report = clean.clean_documents(docs, rules)  # nothing left: NoDocumentsLeftError says why
+    sigs = index.signatures([d.text for d in cleaned])
+    kept, duplicates = [], []
+    for doc, sig in zip(cleaned, sigs):
+        hit = index.match(doc.text, sig)
+        if hit is not None:
+            duplicates.append((doc.doc_id, *hit))
+            continue
+        kept.append(doc)
+        index.add([doc.doc_id], [doc.text], sig[None, :])  # later batch documents dedup against it
+    split = {d.doc_id: split_of(d.doc_id, params.validation_fraction) for d in kept}
+    return IngestResult(kept, split, duplicates, report, len(docs))
+
+
+def write_batch(result: IngestResult, out_dir: Path, info: dict) -> None:
+    out_dir = Path(out_dir)
+    kept = result.kept
+    table = pa.table({"doc_id": [d.doc_id for d in kept], "source": [d.source for d in kept],
+                      "text": [d.text for d in kept], "split": [result.split[d.doc_id] for d in kept]},
+                     schema=BATCH_SCHEMA)
+    pq.write_table(table, out_dir / "documents.parquet", compression="zstd")
+    dups = list(zip(*result.duplicates)) if result.duplicates else [[], [], [], []]
+    pq.write_table(pa.table(dict(zip(DUPLICATE_SCHEMA.names, dups)), schema=DUPLICATE_SCHEMA),
+                   out_dir / "duplicates.parquet", compression="zstd")
+    (out_dir / "batch.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def batch_dirs(lake_dir: Path) -> list[Path]:
+    """Every complete batch (`<key>/batch.json` is written last, inside an atomic directory)."""
+    root = Path(lake_dir)
+    return sorted(p.parent for p in root.glob("*/batch.json")) if root.is_dir() else []
+
+
+def read_batches(lake_dir: Path, split: str | None = None, exclude: str | None = None) -> pa.Table:
+    """Kept documents of every ingested batch but `exclude` (optionally one split), by batch key."""
+    tables = [pq.read_table(d / "documents.parquet") for d in batch_dirs(lake_dir) if d.name != exclude]
+    table = pa.concat_tables(tables) if tables else BATCH_SCHEMA.empty_table()
+    return table.filter(pc.equal(table["split"], split)) if split else table
+
+
+def _sha(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def _lean(sig: np.ndarray) -> LeanMinHash:
+    # Same construction as near_dup.candidate_pairs: LSH only compares the values for equality.
+    return LeanMinHash(seed=1, hashvalues=sig, scheme="affine64")

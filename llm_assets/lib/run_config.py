@@ -1,0 +1,56 @@
+"""Run-config YAML files (configs/demo.yaml, configs/tiny.yaml): `ops:` sections per asset, merged
+and cut down to the assets a run selects (Dagster rejects config for assets outside the run).
+
+Runs people start pass files with `llm-assets materialize --config`; runs sensors and schedules
+start read `$LLM_ASSETS_CONFIG` (paths separated by `:`, relative to the project), by default
+`configs/demo.yaml` when the project has it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+CONFIG_ENV = "LLM_ASSETS_CONFIG"
+DEFAULT_AUTOMATION_CONFIG = "configs/demo.yaml"
+
+
+def merge(paths: list[str | Path], selected_ops: set[str]) -> dict:
+    """Later files override earlier ones per top-level section; `ops` keeps only selected assets."""
+    merged: dict = {}
+    for path in paths:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a run-config file must be a mapping, got {type(data).__name__}")
+        for key, value in data.items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+    if "ops" in merged:
+        merged["ops"] = {k: v for k, v in merged["ops"].items() if k in selected_ops}
+    return merged
+
+
+def automation_paths(project_dir: Path) -> list[Path]:
+    raw = os.environ.get(CONFIG_ENV)
+    if raw:
+        paths = [Path(project_dir) / p for p in raw.split(os.pathsep) if p]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"${CONFIG_ENV} names missing file(s): {', '.join(missing)}")
+        return paths
+    default = Path(project_dir) / DEFAULT_AUTOMATION_CONFIG
+    return [default] if default.is_file() else []
+
+
+def for_automation(project_dir: Path, assets: set[str], overrides: dict[str, dict] | None = None) -> dict:
+    """Run config for a run a sensor or schedule starts: the automation files' `ops` for `assets`,
+    then `overrides` ({asset: {field: value}}) on top."""
+    cfg = merge(automation_paths(project_dir), assets)
+    ops = cfg.setdefault("ops", {})
+    for asset, fields in (overrides or {}).items():
+        ops.setdefault(asset, {}).setdefault("config", {}).update(fields)
+    return cfg
