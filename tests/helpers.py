@@ -19,3 +19,20 @@ def lock_md5(project: Path, stage: str) -> str:
     """The hash dvc.lock records for a stage's output directory."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     return lock["stages"][stage]["outs"][0]["md5"]
+
+
+def shifted_batch(n: int = 40) -> str:
+    """A JSONL batch unlike the stdlib corpus: short Python modules (named by "path", so they yield
+    instruction pairs) whose docstrings are paragraphs of the Python licence."""
+    import json
+    import sysconfig
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+    paras = [" ".join(p.split()) for p in text.split("\n\n") if len(p.split()) >= 12]
+    lines = []
+    for i in range(n):
+        para = paras[i % len(paras)]
+        source = (f'"""Licensing terms, clause {i}."""\n\n\ndef clause_{i}(licensee, year={1990 + i}):\n'
+                  f'    """{para}"""\n    return licensee, year\n')
+        lines.append(json.dumps({"path": f"licensing/clause_{i}.py", "text": source}))
+    return "\n".join(lines) + "\n"

@@ -124,8 +124,8 @@ def drift_report_schedule(context: dg.ScheduleEvaluationContext, lake: LakeResou
 def eval_report_schedule(context: dg.ScheduleEvaluationContext, lake: LakeResource):
     """Mondays at 07:00 UTC: every checkpoint evaluated again on the current held-out data
     (skipped until there is a quantized model to evaluate)."""
-    if not (lake.artifact_dir("quantized_model")).is_dir():
-        return dg.SkipReason("no quantized_model yet: materialize the graph first")
+    if context.instance.get_latest_materialization_event(dg.AssetKey("quantized_model")) is None:
+        return dg.SkipReason("no quantized_model materialized yet: materialize the graph first")
     return dg.RunRequest(run_config=run_config.for_automation(lake.root, {"eval_report"}),
                          tags={f"{TAG}/cause": "schedule"})
 

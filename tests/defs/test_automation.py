@@ -1,0 +1,157 @@
+"""Sensors and schedules through Dagster's test contexts, on a tiny materialized project: first tick,
+nothing new, new input, a repeated report; and the ingest run they start, for real."""
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+
+import dagster as dg
+import pytest
+
+from helpers import shifted_batch
+from llm_assets.definitions import defs
+from llm_assets.defs.automation import drift_report_schedule, drift_sensor, eval_report_schedule, incoming_data_sensor
+from llm_assets.defs.resources import LakeResource
+from llm_assets.lib.posttrain_data import read_chats, user_prompts
+from test_monitoring_assets import log_prompts
+from test_posttraining_assets import metadata
+from test_training_assets import materialize
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UPSTREAM = ["raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "sft_dataset"]
+TRAINING = {"raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "tokenized_shards", "base_checkpoint"}
+
+
+@pytest.fixture(scope="module")
+def env(project_factory, tiny_config):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLM_ASSETS_CONFIG", os.path.join(REPO, "configs", "tiny.yaml"))  # what runs they start use
+        project = project_factory("automation")
+        instance = dg.DagsterInstance.ephemeral()
+        assert materialize(project, tiny_config(UPSTREAM), UPSTREAM, instance).success
+        yield project, instance
+
+
+def tick(sensor, project, instance, cursor=None):
+    with dg.build_sensor_context(instance=instance, cursor=cursor,
+                                 resources={"lake": LakeResource(project_dir=str(project))}) as ctx:
+        return sensor(ctx)
+
+
+def drop(project, name: str, text: str, age_s: float = 60):
+    path = project / "data" / "incoming" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    t = time.time() - age_s
+    os.utime(path, (t, t))
+    return path
+
+
+def test_incoming_sensor_first_tick_nothing_new_new_file_and_half_written(env):
+    project, instance = env
+    first = tick(incoming_data_sensor, project, instance)
+    assert not first.run_requests and "no new files" in first.skip_reason.skip_message
+    drop(project, "batch.jsonl", shifted_batch(), age_s=0)  # just written: may still be growing
+    settling = tick(incoming_data_sensor, project, instance, first.cursor)
+    assert not settling.run_requests and "1 still settling" in settling.skip_reason.skip_message
+    path = drop(project, "batch.jsonl", shifted_batch())
+    new = tick(incoming_data_sensor, project, instance, settling.cursor)
+    [request] = new.run_requests
+    key = request.partition_key
+    assert key.startswith("batch.jsonl-") and request.run_key == f"ingest:{key}"
+    assert request.run_config["ops"]["drift_report"]["config"]["incoming_batch"] == key
+    assert request.run_config["ops"]["drift_report"]["config"]["min_current_rows"] == 5  # from $LLM_ASSETS_CONFIG
+    assert new.dynamic_partitions_requests[0].partition_keys == [key]
+    assert json.loads(new.cursor) == {"batch.jsonl": [path.stat().st_size, path.stat().st_mtime_ns]}
+    again = tick(incoming_data_sensor, project, instance, new.cursor)
+    assert not again.run_requests  # nothing new: the file is in the cursor
+    # The daemon applies the partition request; the same content dropped again (new mtime) is not re-ingested.
+    instance.add_dynamic_partitions("incoming_batches", [key])
+    os.utime(path, (time.time() - 30, time.time() - 30))
+    assert not tick(incoming_data_sensor, project, instance, new.cursor).run_requests
+
+
+def test_ingest_run_reports_drift_and_the_drift_sensor_starts_one_retrain(env):
+    project, instance = env
+    path = drop(project, "shifted.jsonl", shifted_batch())
+    [request] = tick(incoming_data_sensor, project, instance).run_requests
+    key = request.partition_key
+    instance.add_dynamic_partitions("incoming_batches", [key])
+    run_config = {**request.run_config, "resources": {"lake": {"config": {"project_dir": str(project)}}}}
+    result = defs().resolve_job_def("ingest_job").execute_in_process(
+        run_config=run_config, instance=instance, partition_key=key, tags=request.tags, raise_on_error=False)
+    assert result.success
+    batch = metadata(instance, "incoming_batch")
+    assert batch["documents_in"] == 40 and 0 < batch["documents"] <= 40
+    assert batch["file"] == str(path)
+    report = metadata(instance, "drift_report")
+    assert report["drift_detected"] is True and report["source"] == f"incoming_batch:{key}"
+    assert "text" in report["drifted_columns"]
+
+    first = tick(drift_sensor, project, instance)
+    [retrain] = first.run_requests
+    version = instance.get_latest_materialization_event(dg.AssetKey("drift_report")).asset_materialization.tags[
+        "dagster/data_version"]
+    assert retrain.run_key == f"retrain:drift_report:{version}"
+    assert retrain.tags["llm_assets/drift_report_run_id"] == result.run_id
+    assert retrain.tags["llm_assets/drift_source"] == f"incoming_batch:{key}"
+    assert set(retrain.run_config["ops"]) <= {"sft_dataset", "preference_dataset", "lora_checkpoint",
+                                              "aligned_checkpoint", "quantized_model", "eval_report", "release"}
+    assert not tick(drift_sensor, project, instance, first.cursor).run_requests  # nothing new
+    # The same report seen again (cursor lost) asks with the same run key: the daemon starts one run.
+    assert tick(drift_sensor, project, instance).run_requests[0].run_key == retrain.run_key
+
+    # New input that does not drift (traffic like the training prompts) starts nothing.
+    prompts = user_prompts(read_chats(project / "data/lake/sft_dataset/train.parquet"))
+    log_prompts(project, prompts[:60])
+    cfg = {"ops": {"drift_report": {"config": {"min_current_rows": 5, "max_reference_rows": 200}}}}
+    assert materialize(project, cfg, ["drift_report"], instance).success
+    assert metadata(instance, "drift_report")["drift_detected"] is False
+    calm = tick(drift_sensor, project, instance, first.cursor)
+    assert not calm.run_requests and "none found drift" in calm.skip_reason.skip_message
+
+    # The retrain's first step sees the batch: its modules became instruction pairs.
+    assert materialize(project, {"ops": {"sft_dataset": {"config": {"max_corpus_pairs": 200}}}},
+                       ["sft_dataset"], instance).success
+    sft = metadata(instance, "sft_dataset")
+    assert sft["incoming_batch_documents"] == batch["documents"]
+    assert "| incoming |" in sft["by_origin"]
+
+
+def schedule_tick(schedule, project, instance):
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime.now(timezone.utc),
+                                   resources={"lake": LakeResource(project_dir=str(project))}) as ctx:
+        return schedule(ctx)
+
+
+def test_schedules_skip_until_there_is_something_to_do(env, tmp_path):
+    project, instance = env
+    empty = tmp_path / "empty"
+    (empty / "data").mkdir(parents=True)
+    skipped = schedule_tick(drift_report_schedule, empty, instance)
+    assert isinstance(skipped, dg.SkipReason) and "0 requests" in skipped.skip_message
+    log_prompts(empty, ["def f(): pass"] * 6)  # tiny config: min_current_rows 5
+    request = schedule_tick(drift_report_schedule, empty, instance)
+    config = request.run_config["ops"]["drift_report"]["config"]
+    assert config["window_hours"] == 24 and config["incoming_batch"] == "" and config["min_current_rows"] == 5
+
+    with dg.instance_for_test() as fresh:  # schedule contexts need an instance with a ref (not ephemeral)
+        assert isinstance(schedule_tick(eval_report_schedule, project, fresh), dg.SkipReason)
+        fresh.report_runless_asset_event(dg.AssetMaterialization("quantized_model"))
+        request = schedule_tick(eval_report_schedule, project, fresh)
+        assert set(request.run_config["ops"]) == {"eval_report"}
+
+
+def test_automation_never_starts_pretraining_and_no_asset_runs_by_itself():
+    d = defs()
+    graph = d.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).automation_condition is None, key  # a code reload re-runs nothing
+    names = {s.name: s for s in d.sensors} | {s.name: s for s in d.schedules}
+    assert set(names) == {"incoming_data_sensor", "drift_sensor", "drift_report_schedule", "eval_report_schedule"}
+    for target in names.values():
+        job = d.resolve_job_def(target.job_name)
+        assets = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
+        assert not assets & TRAINING, (target.name, assets & TRAINING)
+    assert d.sensors[0].default_status == dg.DefaultSensorStatus.RUNNING

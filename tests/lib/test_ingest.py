@@ -1,0 +1,102 @@
+"""Incoming batches: which files are ready, batch keys, and cleaning + dedup against the corpus."""
+
+import json
+import os
+import time
+
+import pytest
+
+from llm_assets.lib import ingest
+from llm_assets.lib.clean import CleanRules, NoDocumentsLeftError
+from llm_assets.lib.corpus import CorpusFormatError, Document
+from llm_assets.lib.dedup import DedupParams
+
+
+def words(seed: int, n: int = 80) -> str:
+    """A document of distinct-looking prose (word 5-gram shingles differ between seeds)."""
+    return " ".join(f"w{seed}x{i % 37}y{(i * seed) % 11}" for i in range(n)) + " the end of the text."
+
+
+def doc(doc_id: str, text: str) -> Document:
+    return Document(doc_id, "user", "f", text, len(text))
+
+
+def aged(path, seconds=60):
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_scan_waits_for_files_being_written_and_skips_seen_ones(tmp_path):
+    done, fresh = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    done.write_text("{}\n")
+    aged(done)
+    fresh.write_text("still writing")
+    for name in (".hidden.txt", "c.txt.tmp", "d.part", "notes.py"):  # hidden, temp names, unsupported type
+        (tmp_path / name).write_text("x")
+        aged(tmp_path / name)
+    ready, settling = ingest.scan(tmp_path, {}, settle_s=10)
+    assert ready == [done] and settling == [fresh]
+    ready, settling = ingest.scan(tmp_path, {"a.jsonl": ingest.stamp(done)}, settle_s=10)
+    assert ready == [] and settling == [fresh]
+    aged(fresh)
+    assert ingest.scan(tmp_path, {"a.jsonl": ingest.stamp(done)}, settle_s=10) == ([fresh], [])
+
+
+def test_batch_key_follows_name_and_content(tmp_path):
+    a = tmp_path / "new data (v2).jsonl"
+    a.write_text('{"text": "x"}\n')
+    key = ingest.batch_key(a)
+    assert key.startswith("new_data_v2_.jsonl-") and len(key.rsplit("-", 1)[1]) == 8
+    assert ingest.batch_key(a) == key
+    assert ingest.find_batch_file(tmp_path, key) == a
+    a.write_text('{"text": "y"}\n')
+    assert ingest.batch_key(a) != key
+    with pytest.raises(FileNotFoundError, match="changed or removed"):
+        ingest.find_batch_file(tmp_path, key)
+
+
+def test_ingest_removes_what_the_corpus_already_has_and_duplicates_within_the_batch():
+    params = DedupParams()
+    index = ingest.CorpusIndex(params)
+    corpus = [words(s) for s in range(1, 6)]
+    index.add([f"c{i}" for i in range(5)], corpus)
+    near = corpus[1].replace("the end of the text.", "the end of this text.")  # one word changed
+    batch = [doc("b0", corpus[0]), doc("b1", near), doc("b2", words(50)), doc("b3", words(50) + " "),
+             doc("b4", words(51)), doc("b5", "too short")]
+    result = ingest.ingest(batch, index, CleanRules(), params)
+    assert [d.doc_id for d in result.kept] == ["b2", "b4"]
+    dups = {d[0]: d[1:3] for d in result.duplicates}
+    assert dups["b0"] == ("c0", "exact")
+    assert dups["b1"] == ("c1", "near")
+    assert dups["b3"] == ("b2", "exact")  # trailing whitespace is normalized away, then it is b2
+    assert result.clean_report.removed["too_short"] == 1
+    assert set(result.split.values()) <= {"train", "validation"}
+
+
+def test_a_batch_that_cleaning_empties_says_why():
+    with pytest.raises(NoDocumentsLeftError, match="too_short"):
+        ingest.ingest([doc("b", "tiny")], ingest.CorpusIndex(DedupParams()), CleanRules(), DedupParams())
+
+
+def test_written_batches_read_back_by_split(tmp_path):
+    params = DedupParams(validation_fraction=0.5)
+    result = ingest.ingest([doc(f"b{i}", words(100 + i)) for i in range(20)], ingest.CorpusIndex(params),
+                           CleanRules(), params)
+    (tmp_path / "k1").mkdir()
+    ingest.write_batch(result, tmp_path / "k1", {"key": "k1"})
+    (tmp_path / "half-written").mkdir()  # no batch.json: not a batch
+    table = ingest.read_batches(tmp_path)
+    assert table.num_rows == 20
+    assert ingest.read_batches(tmp_path, "train").num_rows + ingest.read_batches(tmp_path, "validation").num_rows == 20
+    assert ingest.read_batches(tmp_path, exclude="k1").num_rows == 0
+    assert json.loads((tmp_path / "k1/batch.json").read_text()) == {"key": "k1"}
+
+
+def test_malformed_batch_file_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": 3}\n')
+    with pytest.raises(CorpusFormatError, match=r"bad.jsonl:2: field 'text' must be a string"):
+        ingest.read_batch_file(f, "bad.jsonl-1")
+    f.write_text('{"text": "fine", "path": "pkg/mod.py"}\n')
+    [d] = ingest.read_batch_file(f, "bad.jsonl-1")
+    assert d.doc_id == "incoming/bad.jsonl-1#L1:pkg/mod.py"  # a named .py document yields instruction pairs
