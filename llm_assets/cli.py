@@ -98,11 +98,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     partitioned = {k for k in keys if graph.get(k).is_partitioned}
     if partitioned and args.select:
         names = ", ".join(sorted(k.to_user_string() for k in partitioned))
-        print(f"{names}: partitioned (one partition per incoming file); use `llm-assets ingest`", file=sys.stderr)
-        return 2
+        print(f"left out {names}: partitioned (one partition per incoming file), `llm-assets ingest` runs it",
+              file=sys.stderr)
     keys -= partitioned
     if not keys:
-        print(f"selection {args.select!r} matches no asset", file=sys.stderr)
+        print(f"selection {args.select!r} matches no asset this command runs", file=sys.stderr)
         return 2
     job = defs.resolve_implicit_global_asset_job_def()
     run_config = _run_config(args.config, {k.to_user_string() for k in keys})

@@ -23,16 +23,18 @@ def lock_md5(project: Path, stage: str) -> str:
 
 def shifted_batch(n: int = 40) -> str:
     """A JSONL batch unlike the stdlib corpus: short Python modules (named by "path", so they yield
-    instruction pairs) whose docstrings are paragraphs of the Python licence."""
+    instruction pairs) whose docstrings are the openings of the Python licence's paragraphs (short
+    enough that the pairs fit the tiny config's 128-token examples: longer ones are dropped)."""
     import json
     import sysconfig
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
-    paras = [" ".join(p.split()) for p in text.split("\n\n") if len(p.split()) >= 12]
+    paras = [" ".join(p.split()[:12]) for p in text.split("\n\n") if len(p.split()) >= 12]
     lines = []
     for i in range(n):
-        para = paras[i % len(paras)]
+        first, second = paras[i % len(paras)], paras[(i + 1) % len(paras)]
         source = (f'"""Licensing terms, clause {i}."""\n\n\ndef clause_{i}(licensee, year={1990 + i}):\n'
-                  f'    """{para}"""\n    return licensee, year\n')
+                  f'    """{first}"""\n    return licensee, year\n\n\n'
+                  f'def holder_{i}(name, country="NL"):\n    """{second}"""\n    return name, country\n')
         lines.append(json.dumps({"path": f"licensing/clause_{i}.py", "text": source}))
     return "\n".join(lines) + "\n"

@@ -58,3 +58,25 @@ def test_unknown_selection_and_failed_run_exit_nonzero(project: Path):
     failed = run(project, "materialize", "--select", "raw_corpus", "--config", str(cfg))
     assert failed.returncode == 1
     assert "bad.jsonl:1: invalid JSON" in failed.stdout + failed.stderr
+
+
+def test_ingest_takes_each_dropped_file_once(project: Path):
+    from helpers import shifted_batch
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert run(project, "init").returncode == 0
+    refused = run(project, "materialize", "--select", "incoming_batch")
+    assert refused.returncode == 2 and "llm-assets ingest" in refused.stderr
+    built = run(project, "materialize", "--select", "group:data or key:tokenizer or key:sft_dataset",
+                "--config", tiny)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert "left out incoming_batch" in built.stderr
+    (project / "data/incoming/shifted.jsonl").write_text(shifted_batch())
+    first = run(project, "ingest", "--config", tiny)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "shifted.jsonl: batch shifted.jsonl-" in first.stdout and "ingested" in first.stdout
+    assert "drift_detected=True" in first.stdout
+    [batch] = [p for p in (project / "data/lake/incoming_batch").iterdir() if not p.name.startswith(".")]
+    assert (batch / "documents.parquet").is_file()
+    again = run(project, "ingest", "--config", tiny)
+    assert again.returncode == 0 and "already ingested" in again.stdout

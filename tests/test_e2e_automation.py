@@ -23,8 +23,7 @@ RUNS = """query($key: String!, $value: String!) { runsOrError(filter: {tags: [{k
 LATEST = """query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset {
   assetMaterializations(limit: 1) { runId metadataEntries { label __typename
     ... on BoolMetadataEntry { boolValue } ... on TextMetadataEntry { text } ... on IntMetadataEntry { intValue } } } } } }"""
-CHECKS = """query($runId: ID!) { runOrError(runId: $runId) { ... on Run { status
-  assetCheckEvaluations: stepStats { stepKey status } } } }"""
+STEPS = """query($runId: ID!) { runOrError(runId: $runId) { ... on Run { stepStats { stepKey status } } } }"""
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
 
 
@@ -32,6 +31,10 @@ def e2e_config() -> dict:
     """The tiny config with the gates a 30-step model cannot pass opened (as in test_release_assets):
     the test is about the automation; whether the gates hold or refuse is tested there."""
     cfg = load_tiny_config()
+    # Six steps at the default rate move a tiny adapter so little (Adam's first steps are about
+    # lr * sign(gradient), alike for any data) that the nf4-quantized model comes out byte-identical
+    # after a retrain; this many steps at this rate make new data show in the released weights.
+    cfg["ops"]["lora_checkpoint"]["config"].update(max_steps=20, lr=5e-3, max_len=192)
     cfg["ops"]["quantized_model"]["config"]["perplexity_budget"] = 1.0
     cfg["ops"]["eval_report"]["config"].update(preference_tolerance=1.0, max_empty_generations=3)
     return cfg
@@ -117,7 +120,7 @@ def test_the_drift_report_started_one_retrain_that_released_a_new_model(closed_l
     assert tags["llm_assets/drift_report_run_id"] == ingest["runId"]  # the lineage back to the report
     assert tags["dagster/sensor_name"] == "drift_sensor"
     assert closed_loop["counts"] == {"incoming_data": 1, "drift": 1}
-    steps = dagster.graphql(CHECKS, {"runId": retrain["runId"]})["runOrError"]["assetCheckEvaluations"]
+    steps = dagster.graphql(STEPS, {"runId": retrain["runId"]})["runOrError"]["stepStats"]
     assert retrain["status"] == "SUCCESS", (steps, dagster.logs())
     after = json.loads((project / "data/releases/current.json").read_text())
     assert after["version"] != closed_loop["before"]["version"]  # new data -> new weights -> new version

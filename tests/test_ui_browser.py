@@ -15,7 +15,7 @@ from conftest import make_project
 from dagster_procs import DagsterProcesses
 
 CHROMIUM = "/usr/bin/chromium"
-LIFECYCLE = ("raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "base_checkpoint", "lora_checkpoint",
+LIFECYCLE = ("raw_corpus", "clean_corpus", "deduped_shards", "incoming_batch", "tokenizer", "base_checkpoint", "lora_checkpoint",
              "aligned_checkpoint", "quantized_model", "eval_report", "release", "drift_report")
 GROUPS = ("data", "tokenizer", "training", "evaluation", "release", "monitoring")
 

@@ -47,8 +47,12 @@ class InstructionPair:
 
 
 def module_name(doc_id: str) -> str:
-    """'stdlib/json/decoder.py' -> 'json.decoder'; 'stdlib/json/__init__.py' -> 'json'."""
-    parts = doc_id.removesuffix(".py").split("/")[1:]  # drop the namespace ("stdlib", "raw")
+    """'stdlib/json/decoder.py' -> 'json.decoder'; 'stdlib/json/__init__.py' -> 'json'; a document
+    of a user file named by its "path", 'incoming/<batch>#L3:pkg/mod.py' -> 'pkg.mod'."""
+    if "#" in doc_id:
+        parts = doc_id.partition("#")[2].partition(":")[2].removesuffix(".py").split("/")
+    else:
+        parts = doc_id.removesuffix(".py").split("/")[1:]  # drop the namespace ("stdlib", "raw")
     if parts and parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)

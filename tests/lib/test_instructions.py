@@ -25,6 +25,7 @@ def test_module_name():
     assert module_name("stdlib/json/decoder.py") == "json.decoder"
     assert module_name("stdlib/json/__init__.py") == "json"
     assert module_name("stdlib/textwrap.py") == "textwrap"
+    assert module_name("incoming/b.jsonl-1a2b3c4d#L3:pkg/mod.py") == "pkg.mod"  # named by its "path"
 
 
 def test_derive_from_real_stdlib_modules():
