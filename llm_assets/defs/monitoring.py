@@ -68,7 +68,8 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
         source = "serving"
         current_texts, reference_texts, window = _serving_window(lake, config.window_hours)
     if len(current_texts) < config.min_current_rows:
-        raise dg.Failure(description=f"only {len(current_texts)} rows in the window ({source}, {window}); "
+        unit = "documents in the batch" if config.incoming_batch else "requests in the window"
+        raise dg.Failure(description=f"only {len(current_texts)} {unit} ({source}, {window}); "
                                      f"min_current_rows is {config.min_current_rows}")
     model, tokenizer, version = _released_model(lake) if config.use_model_perplexity else (None, None, None)
     if tokenizer is None:

@@ -119,6 +119,24 @@ def test_ingest_run_reports_drift_and_the_drift_sensor_starts_one_retrain(env):
     assert "| incoming |" in sft["by_origin"]
 
 
+def test_a_batch_the_corpus_already_has_adds_nothing_and_its_report_says_why(env):
+    project, instance = env
+    drop(project, "small.jsonl", shifted_batch(3))
+    [request] = tick(incoming_data_sensor, project, instance).run_requests
+    instance.add_dynamic_partitions("incoming_batches", [request.partition_key])
+    run_config = {**request.run_config, "resources": {"lake": {"config": {"project_dir": str(project)}}}}
+    result = defs().resolve_job_def("ingest_job").execute_in_process(
+        run_config=run_config, instance=instance, partition_key=request.partition_key, raise_on_error=False)
+    assert not result.success
+    batch = metadata(instance, "incoming_batch")
+    # the three modules came with the earlier shifted.jsonl batch: exact duplicates, nothing new
+    assert batch["documents"] == 0 and batch["duplicates_of_corpus_or_batch"] == 3
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "incoming_batch_adds_documents"]
+    assert not check.passed
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "only 0 documents in the batch" in failure.step_failure_data.user_failure_data.description
+
+
 def schedule_tick(schedule, project, instance):
     with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime.now(timezone.utc),
                                    resources={"lake": LakeResource(project_dir=str(project))}) as ctx:
