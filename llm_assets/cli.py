@@ -27,6 +27,18 @@ telemetry:
   enabled: false
 nux:
   enabled: false
+# Runs the daemon launches (sensors, schedules, the UI) queue per lane: one ingestion at a time, so
+# each batch is deduplicated against the batches before it, and one training run at a time, since
+# training runs write the same checkpoints.
+concurrency:
+  runs:
+    tag_concurrency_limits:
+      - key: llm_assets/lane
+        value: ingest
+        limit: 1
+      - key: llm_assets/lane
+        value: training
+        limit: 1
 """
 SUMMARY_FIELDS = (
     "documents", "text_bytes", "documents_in", "duplicate_rate", "exact_duplicates", "near_duplicates",

@@ -118,7 +118,7 @@ def test_the_drift_report_started_one_retrain_that_released_a_new_model(closed_l
     tags = {t["key"]: t["value"] for t in retrain["tags"]}
     assert retrain["jobName"] == "retrain_job"
     assert tags["llm_assets/drift_report_run_id"] == ingest["runId"]  # the lineage back to the report
-    assert tags["dagster/sensor_name"] == "drift_sensor"
+    assert tags["dagster/sensor_name"] == "drift_sensor" and tags["llm_assets/lane"] == "training"
     assert closed_loop["counts"] == {"incoming_data": 1, "drift": 1}
     steps = dagster.graphql(STEPS, {"runId": retrain["runId"]})["runOrError"]["stepStats"]
     assert retrain["status"] == "SUCCESS", (steps, dagster.logs())

@@ -9,7 +9,7 @@ from pydantic import Field
 from llm_assets.defs.data import CleanConfig
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib import clean, dedup, ingest
-from llm_assets.lib.atomic import atomic_dir
+from llm_assets.lib.atomic import atomic_dir, sweep_leftovers
 from llm_assets.lib.report import markdown_table
 
 incoming_batches = dg.DynamicPartitionsDefinition(name="incoming_batches")
@@ -31,9 +31,10 @@ class IncomingBatchConfig(CleanConfig):
                                    description="Warns when cleaning and deduplication leave nothing new of the batch.")],
 )
 def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfig, lake: LakeResource) -> dg.MaterializeResult:
-    """One file from data/incoming/, cleaned with the corpus's rules and deduplicated (exact and MinHash) against the shards and every
-    earlier batch. Kept documents get the corpus's train/validation split; sft_dataset and
-    preference_dataset read them beside the shards. Written to data/lake/incoming_batch/<key>/."""
+    """One file from data/incoming/, cleaned with the corpus's rules and deduplicated (exact and
+    MinHash) against the shards, every earlier batch and itself. Kept documents get the corpus's
+    train/validation split; sft_dataset and preference_dataset read them beside the shards. Written
+    to data/lake/incoming_batch/<key>/; the DVC figures are those of the whole directory."""
     key = context.partition_key
     path = ingest.find_batch_file(lake.root / "data" / "incoming", key)
     docs = ingest.read_batch_file(path, key, config.jsonl_text_field, config.parquet_text_column)
@@ -50,6 +51,7 @@ def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfi
             "documents": len(result.kept), "removed_by_cleaning": result.documents_in - result.clean_report.documents_out,
             "duplicates": len(result.duplicates), "run_id": context.run_id}
     lake_dir.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(lake_dir / key)  # debris of a run killed mid-write
     with atomic_dir(lake_dir / key) as tmp:  # one partition replaced whole; the others untouched
         ingest.write_batch(result, tmp, info)
     version = lake.record("incoming_batch")
@@ -57,7 +59,8 @@ def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfi
     examples = [(d, o, k, f"{j:.3f}") for d, o, k, j in result.duplicates[:8]]
     return dg.MaterializeResult(
         metadata={
-            **artifact_metadata(lake_dir / key, version),
+            **artifact_metadata(lake_dir, version),
+            "batch_path": dg.MetadataValue.path(str(lake_dir / key)),
             "file": dg.MetadataValue.path(str(path)),
             "documents_in": result.documents_in,
             "documents": len(result.kept),

@@ -1,6 +1,9 @@
-"""Jobs: named selections people and sensors launch."""
+"""Jobs: named selections people and sensors launch. The `llm_assets/lane` tag queues runs that must
+not overlap (limits in the dagster.yaml `llm-assets init` writes)."""
 
 import dagster as dg
+
+TRAINING_LANE = {"llm_assets/lane": "training"}
 
 data_job = dg.define_asset_job(
     "data_job",
@@ -11,12 +14,14 @@ data_job = dg.define_asset_job(
 
 pretrain_job = dg.define_asset_job(
     "pretrain_job",
+    tags=TRAINING_LANE,
     selection=dg.AssetSelection.assets("tokenizer", "tokenized_shards", "base_checkpoint"),
     description="Train the tokenizer, pack the shards and pretrain the base checkpoint (expensive: never automatic).",
 )
 
 posttrain_job = dg.define_asset_job(
     "posttrain_job",
+    tags=TRAINING_LANE,
     selection=dg.AssetSelection.assets("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"),
     description="Build the instruction and preference datasets, instruction-tune the base (LoRA) and align it (DPO).",
 )
@@ -29,6 +34,7 @@ release_job = dg.define_asset_job(
 
 ingest_job = dg.define_asset_job(
     "ingest_job",
+    tags={"llm_assets/lane": "ingest"},
     selection=dg.AssetSelection.assets("incoming_batch", "drift_report"),
     description="Ingest one incoming batch (a partition: clean, dedup against the corpus) and report its drift "
                 "against the training corpus (incoming_data_sensor starts it).",
@@ -36,6 +42,7 @@ ingest_job = dg.define_asset_job(
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
+    tags=TRAINING_LANE,
     selection=dg.AssetSelection.assets("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint",
                                        "quantized_model", "eval_report", "release"),
     description="Rebuild the post-training data with the newest batches, fine-tune, align, quantize, evaluate and "

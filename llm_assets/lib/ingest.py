@@ -169,9 +169,10 @@ def write_batch(result: IngestResult, out_dir: Path, info: dict) -> None:
 
 
 def batch_dirs(lake_dir: Path) -> list[Path]:
-    """Every complete batch (`<key>/batch.json` is written last, inside an atomic directory)."""
+    """Every complete batch (`<key>/batch.json` is written last, inside an atomic directory whose
+    staging name starts with a dot)."""
     root = Path(lake_dir)
-    return sorted(p.parent for p in root.glob("*/batch.json")) if root.is_dir() else []
+    return sorted(p.parent for p in root.glob("*/batch.json") if not p.parent.name.startswith(".")) if root.is_dir() else []
 
 
 def read_batches(lake_dir: Path, split: str | None = None, exclude: str | None = None) -> pa.Table:

@@ -173,3 +173,16 @@ def test_automation_never_starts_pretraining_and_no_asset_runs_by_itself():
         assets = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
         assert not assets & TRAINING, (target.name, assets & TRAINING)
     assert d.sensors[0].default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_ingestion_and_training_runs_queue_one_at_a_time(tmp_path):
+    from llm_assets.cli import DAGSTER_YAML
+
+    (tmp_path / "dagster.yaml").write_text(DAGSTER_YAML)  # what `llm-assets init` writes
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert {(x["value"], x["limit"]) for x in limits if x["key"] == "llm_assets/lane"} == {("ingest", 1), ("training", 1)}
+    d = defs()
+    for job, lane in (("ingest_job", "ingest"), ("retrain_job", "training"), ("posttrain_job", "training"),
+                      ("pretrain_job", "training")):
+        assert d.resolve_job_def(job).tags["llm_assets/lane"] == lane
