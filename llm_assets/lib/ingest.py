@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +134,6 @@ class IngestResult:
     duplicates: list[tuple[str, str, str, float]]  # (doc_id, duplicate_of, kind, jaccard)
     clean_report: clean.CleanReport
     documents_in: int
-    stats: dict = field(default_factory=dict)
 
 
 def ingest(docs: list[Document], index: CorpusIndex, rules: clean.CleanRules, params: DedupParams) -> IngestResult:
