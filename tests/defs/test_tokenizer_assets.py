@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from llm_assets.defs.data import clean_corpus, deduped_shards, raw_corpus
 from llm_assets.defs.tokenizer import tokenized_shards, tokenizer
+from llm_assets.lib import dedup
 from llm_assets.lib.packing import load_tokens
 from llm_assets.lib.tokenizer import SPECIAL_TOKENS
 
@@ -35,6 +36,11 @@ def test_tokenizer_and_packed_shards(project, tiny_run_config):
     tok_md = result.asset_materializations_for_node("tokenizer")[0].metadata
     assert tok_md["vocab_size"].value == 512
     assert 1.5 < tok_md["bytes_per_token"].value < 4.0
+    # The figure is the saved artifact's compression of the validation shards, recomputed here.
+    saved = AutoTokenizer.from_pretrained(project / "data/lake/tokenizer")
+    texts = dedup.read_split(project / "data/lake/deduped_shards", "validation").column("text").to_pylist()
+    tokens = sum(len(ids) for ids in saved(texts, add_special_tokens=False)["input_ids"])
+    assert tok_md["bytes_per_token"].value == pytest.approx(sum(len(t.encode()) for t in texts) / tokens)
     assert tok_md["training_seconds"].value > 0
     assert "| <\\|eos\\|> | 1 |" in tok_md["special_tokens"].value
     assert "tokens" in tok_md["example"].value
