@@ -85,12 +85,12 @@ def _load_defs():
     return defs()
 
 
-def _run_config(paths: list[str], selected_ops: set[str]) -> dict:
+def _run_config(paths: list[str], selected_ops: set[str], overrides: dict[str, dict] | None = None) -> dict:
     """Merge run-config YAML files; drop `ops` entries for assets outside the selection so one
     file (configs/demo.yaml) serves every selection."""
     from llm_assets.lib.run_config import merge
 
-    merged = merge(paths, selected_ops)
+    merged = merge(paths, selected_ops, overrides)
     # Step-level DEBUG events drown the summary in a terminal; the UI keeps every event anyway.
     merged.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
     return merged
@@ -245,6 +245,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from llm_assets.defs.ingestion import incoming_batches
+    from llm_assets.defs.jobs import INGEST_ASSETS
     from llm_assets.lib import ingest
 
     project = project_dir()
@@ -258,11 +259,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 print(f"{path.name}: batch {key} already ingested (--again to redo)")
                 continue
             instance.add_dynamic_partitions(incoming_batches.name, [key])
-            run_config = _run_config(args.config, {"incoming_batch", "drift_report"})
-            run_config.setdefault("ops", {}).setdefault("drift_report", {}).setdefault("config", {})["incoming_batch"] = key
+            run_config = _run_config(args.config, set(INGEST_ASSETS), {"drift_report": {"incoming_batch": key}})
             result = job.execute_in_process(run_config=run_config, instance=instance, partition_key=key,
                                             raise_on_error=False, tags={"llm_assets/cause": "llm-assets ingest"})
-            print_summary(instance, [dg.AssetKey("incoming_batch"), dg.AssetKey("drift_report")], project)
+            print_summary(instance, [dg.AssetKey(a) for a in INGEST_ASSETS], project)
             failed += not result.success
             print(f"{path.name}: batch {key} {'ingested' if result.success else 'FAILED, run ' + result.run_id}")
     return 1 if failed else 0

@@ -17,7 +17,7 @@ from datetime import timedelta
 import dagster as dg
 
 from llm_assets.defs.ingestion import incoming_batches
-from llm_assets.defs.jobs import drift_job, evaluation_job, ingest_job, retrain_job
+from llm_assets.defs.jobs import INGEST_ASSETS, RETRAIN_ASSETS, drift_job, evaluation_job, ingest_job, retrain_job
 from llm_assets.defs.resources import LakeResource
 from llm_assets.lib import ingest, run_config
 from llm_assets.lib.serving_log import read_log
@@ -35,8 +35,6 @@ def _env_float(name: str, default: float) -> float:
 SENSOR_INTERVAL_S = int(_env_float("LLM_ASSETS_SENSOR_INTERVAL_S", 30))
 SETTLE_S = _env_float("LLM_ASSETS_SETTLE_S", 10)  # a file unchanged this long is completely written
 DRIFT_WINDOW_HOURS = 24.0
-RETRAIN_ASSETS = {"sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint",
-                  "quantized_model", "eval_report", "release"}
 TAG = "llm_assets"  # tag prefix: llm_assets/cause, llm_assets/drift_report_version, ...
 
 
@@ -62,7 +60,7 @@ def incoming_data_sensor(context: dg.SensorEvaluationContext, lake: LakeResource
         new_keys.append(key)
         requests.append(dg.RunRequest(
             run_key=f"ingest:{key}", partition_key=key,
-            run_config=run_config.for_automation(lake.root, {"incoming_batch", "drift_report"},
+            run_config=run_config.for_automation(lake.root, set(INGEST_ASSETS),
                                                  {"drift_report": {"incoming_batch": key}}),
             tags={f"{TAG}/cause": "incoming_data", f"{TAG}/incoming_file": path.name}))
     present = {p.name for p in ingest.candidates(incoming)}
@@ -87,12 +85,13 @@ def drift_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.
     requests = []
     for record in records:
         mat = record.asset_materialization
-        if not mat.metadata.get("drift_detected") or not mat.metadata["drift_detected"].value:
+        found = mat.metadata.get("drift_detected")
+        if not (found and found.value):
             continue
         version = mat.tags.get("dagster/data_version", str(record.storage_id))
         requests.append(dg.RunRequest(
             run_key=f"retrain:drift_report:{version}",
-            run_config=run_config.for_automation(lake.root, RETRAIN_ASSETS),
+            run_config=run_config.for_automation(lake.root, set(RETRAIN_ASSETS)),
             tags={f"{TAG}/cause": "drift", f"{TAG}/drift_report_version": version,
                   f"{TAG}/drift_report_run_id": record.run_id,
                   f"{TAG}/drift_source": str(mat.metadata["source"].value) if "source" in mat.metadata else "serving",

@@ -4,6 +4,9 @@ not overlap (limits in the dagster.yaml `llm-assets init` writes)."""
 import dagster as dg
 
 TRAINING_LANE = {"llm_assets/lane": "training"}
+INGEST_ASSETS = ("incoming_batch", "drift_report")
+RETRAIN_ASSETS = ("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint", "quantized_model",
+                  "eval_report", "release")
 
 data_job = dg.define_asset_job(
     "data_job",
@@ -35,7 +38,7 @@ release_job = dg.define_asset_job(
 ingest_job = dg.define_asset_job(
     "ingest_job",
     tags={"llm_assets/lane": "ingest"},
-    selection=dg.AssetSelection.assets("incoming_batch", "drift_report"),
+    selection=dg.AssetSelection.assets(*INGEST_ASSETS),
     description="Ingest one incoming batch (a partition: clean, dedup against the corpus) and report its drift "
                 "against the training corpus (incoming_data_sensor starts it).",
 )
@@ -43,8 +46,7 @@ ingest_job = dg.define_asset_job(
 retrain_job = dg.define_asset_job(
     "retrain_job",
     tags=TRAINING_LANE,
-    selection=dg.AssetSelection.assets("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint",
-                                       "quantized_model", "eval_report", "release"),
+    selection=dg.AssetSelection.assets(*RETRAIN_ASSETS),
     description="Rebuild the post-training data with the newest batches, fine-tune, align, quantize, evaluate and "
                 "release through the gates (drift_sensor starts it). The tokenizer and base stay: pretraining is a person's call.",
 )

@@ -17,8 +17,9 @@ CONFIG_ENV = "LLM_ASSETS_CONFIG"
 DEFAULT_AUTOMATION_CONFIG = "configs/demo.yaml"
 
 
-def merge(paths: list[str | Path], selected_ops: set[str]) -> dict:
-    """Later files override earlier ones per top-level section; `ops` keeps only selected assets."""
+def merge(paths: list[str | Path], selected_ops: set[str], overrides: dict[str, dict] | None = None) -> dict:
+    """Later files override earlier ones per top-level section; `ops` keeps only selected assets;
+    `overrides` ({asset: {field: value}}) go on top."""
     merged: dict = {}
     for path in paths:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -31,6 +32,8 @@ def merge(paths: list[str | Path], selected_ops: set[str]) -> dict:
                 merged[key] = value
     if "ops" in merged:
         merged["ops"] = {k: v for k, v in merged["ops"].items() if k in selected_ops}
+    for asset, fields in (overrides or {}).items():
+        merged.setdefault("ops", {}).setdefault(asset, {}).setdefault("config", {}).update(fields)
     return merged
 
 
@@ -49,8 +52,4 @@ def automation_paths(project_dir: Path) -> list[Path]:
 def for_automation(project_dir: Path, assets: set[str], overrides: dict[str, dict] | None = None) -> dict:
     """Run config for a run a sensor or schedule starts: the automation files' `ops` for `assets`,
     then `overrides` ({asset: {field: value}}) on top."""
-    cfg = merge(automation_paths(project_dir), assets)
-    ops = cfg.setdefault("ops", {})
-    for asset, fields in (overrides or {}).items():
-        ops.setdefault(asset, {}).setdefault("config", {}).update(fields)
-    return cfg
+    return merge(automation_paths(project_dir), assets, overrides)
