@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from datasketch import MinHash
 
-from llm_assets.lib.minhash import EMPTY, shingles, signatures
-from llm_assets.lib.near_dup import near_duplicate_clusters
+from llm_assets.lib.data.minhash import EMPTY, shingles, signatures
+from llm_assets.lib.data.near_dup import near_duplicate_clusters
 
 
 def stdlib_texts(limit: int | None) -> tuple[list[str], list[str]]:

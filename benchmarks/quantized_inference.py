@@ -34,13 +34,16 @@ def measure(variant: str, model_dir: Path, tokens_dir: Path, n_tokens: int, n_pr
     import torch
     from transformers import AutoTokenizer
 
-    from llm_assets.lib import adapters, evaluation, quantize
+    from llm_assets.lib.posttrain import adapters
+    from llm_assets.lib.evaluate import evaluation
+    from llm_assets.lib.release import quantize
+    from llm_assets.lib.pretrain.model import weights_bytes
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     with evaluation.PeakMemory() as memory:  # what serving costs: loading the saved model, generating
         model = adapters.load_model(model_dir) if variant == "fp32" else quantize.load_quantized(model_dir)
-        disk = quantize.weights_bytes(model_dir)
+        disk = weights_bytes(model_dir)
         prompts = [torch.tensor([[tok.eos_token_id, *tok(f"def function_{i}(x):", add_special_tokens=False)["input_ids"]]])
                    for i in range(n_prompts)]
         latencies = []
@@ -75,7 +78,7 @@ def main() -> None:
         return
     if not (args.model / "model.safetensors").is_file():
         sys.exit(f"{args.model}: no model.safetensors; run `make demo` first or pass --model DIR")
-    from llm_assets.lib import quantize
+    from llm_assets.lib.release import quantize
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

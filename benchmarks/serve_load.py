@@ -21,10 +21,10 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from llm_assets.lib.quantize import load_for_inference
-    from llm_assets.lib.chat_data import end_token_id, prompt_ids
-    from llm_assets.lib.release import current_release
-    from llm_assets.lib.serving_log import read_log
+    from llm_assets.lib.release.quantize import load_for_inference
+    from llm_assets.lib.posttrain.chat_data import end_token_id, prompt_ids
+    from llm_assets.lib.release.release import current_release
+    from llm_assets.lib.monitor.serving_log import read_log
     from llm_assets.serving.load import ServerProcess, sft_prompts, send, summarize
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm_assets.lib.model import MODEL_SIZES, build_model
-from llm_assets.lib.pretrain import PretrainSettings, autocast_dtype, make_optimizer, train
+from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model
+from llm_assets.lib.pretrain.pretrain import PretrainSettings, autocast_dtype, make_optimizer, train
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 

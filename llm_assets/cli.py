@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
+
 
 DAGSTER_YAML = """\
 # Written by `llm-assets init`. SQLite storage under this directory (the default); point
@@ -54,9 +56,7 @@ SUMMARY_FIELDS = (
 
 
 def project_dir() -> Path:
-    from llm_assets.defs.resources import default_project_dir
-
-    return Path(default_project_dir()).resolve()
+    return default_project_dir()
 
 
 def ensure_dagster_home(project: Path) -> Path:
@@ -68,13 +68,13 @@ def ensure_dagster_home(project: Path) -> Path:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from llm_assets.lib.versioning import init_dvc
+    from llm_assets.lib.common.versioning import init_dvc
 
     project = project_dir()
     home = ensure_dagster_home(project)
     init_dvc(project)
-    for sub in ("raw", "incoming", "lake"):
-        (project / "data" / sub).mkdir(parents=True, exist_ok=True)
+    for directory in ProjectPaths(project).user_dirs():
+        directory.mkdir(parents=True, exist_ok=True)
     print(f"project      {project}\nDAGSTER_HOME {home}\nDVC          initialized, default remote configured")
     return 0
 
@@ -88,7 +88,7 @@ def _load_defs():
 def _run_config(paths: list[str], selected_ops: set[str], overrides: dict[str, dict] | None = None) -> dict:
     """Merge run-config YAML files; drop `ops` entries for assets outside the selection so one
     file (configs/demo.yaml) serves every selection."""
-    from llm_assets.lib.run_config import merge
+    from llm_assets.lib.common.run_config import merge
 
     merged = merge(paths, selected_ops, overrides)
     # Step-level DEBUG events drown the summary in a terminal; the UI keeps every event anyway.
@@ -148,13 +148,13 @@ def print_evaluation(instance, project: Path) -> None:
     """The eval_report comparison table and the current release, when there are any."""
     import dagster as dg
 
-    from llm_assets.lib.release import current_release
+    from llm_assets.lib.release.release import current_release
 
     event = instance.get_latest_materialization_event(dg.AssetKey("eval_report"))
     if event is not None:
         md = event.asset_materialization.metadata
         print(f"\nEvaluation ({Path(md['report'].value).relative_to(project)}):\n{md['comparison'].value}")
-    current = current_release(project / "data" / "releases")
+    current = current_release(ProjectPaths(project).releases)
     if current:
         print(f"\nReleased: {current['model']} {current['version'][:12]} at {current['released_at']} -> "
               f"{Path(current['path']).relative_to(project)}")
@@ -191,7 +191,7 @@ def print_summary(instance, keys, project: Path) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from llm_assets.lib.versioning import dvc_status
+    from llm_assets.lib.common.versioning import dvc_status
 
     project = project_dir()
     ensure_dagster_home(project)
@@ -224,7 +224,7 @@ def _ts(ts: float) -> str:
 def cmd_restore(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from llm_assets.lib.versioning import restore_version
+    from llm_assets.lib.common.versioning import restore_version
 
     project = project_dir()
     ensure_dagster_home(project)
@@ -246,14 +246,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     from llm_assets.defs.ingestion import incoming_batches
     from llm_assets.defs.jobs import INGEST_ASSETS
-    from llm_assets.lib import ingest
+    from llm_assets.lib.data import ingest
 
     project = project_dir()
     ensure_dagster_home(project)
     job = _load_defs().resolve_job_def("ingest_job")
     failed = 0
     with dg.DagsterInstance.get() as instance:
-        for path in ingest.candidates(project / "data" / "incoming"):
+        for path in ingest.candidates(ProjectPaths(project).incoming):
             key = ingest.batch_key(path)
             if instance.has_dynamic_partition(incoming_batches.name, key) and not args.again:
                 print(f"{path.name}: batch {key} already ingested (--again to redo)")
@@ -275,7 +275,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     project = project_dir()
     settings = ServeSettings(
-        releases_dir=project / "data" / "releases", log_dir=project / "data" / "serving",
+        releases_dir=ProjectPaths(project).releases, log_dir=ProjectPaths(project).serving,
         model_dir=Path(args.model).resolve() if args.model else None, max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens_cap=args.max_new_tokens, max_concurrent=args.concurrency)
     # Each generation gets its share of the cores: torch's default (all cores per generation) makes

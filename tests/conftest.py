@@ -25,7 +25,7 @@ def _dvc_env(tmp_path_factory: pytest.TempPathFactory):
 def make_project(base: Path) -> Path:
     """A project root like the checkout: dvc.yaml, the code it lists as deps, data/raw, and DVC
     initialized with a local-directory remote beside it."""
-    from llm_assets.lib.versioning import init_dvc
+    from llm_assets.lib.common.versioning import init_dvc
 
     root = base / "project"
     root.mkdir()
@@ -83,8 +83,8 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     import torch
 
-    from llm_assets.lib.model import build_model
-    from llm_assets.lib.tokenizer import train_tokenizer
+    from llm_assets.lib.pretrain.model import build_model
+    from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / m).read_text() for m in ("textwrap.py", "csv.py", "shlex.py", "heapq.py", "bisect.py")]

@@ -8,8 +8,8 @@ import httpx
 import pytest
 import uvicorn
 
-from llm_assets.lib.release import Gate, publish
-from llm_assets.lib.serving_log import read_log
+from llm_assets.lib.release.release import Gate, publish
+from llm_assets.lib.monitor.serving_log import read_log
 from llm_assets.serving.app import ServeSettings, create_app
 
 
@@ -140,7 +140,7 @@ def test_llm_assets_serve_process_flushes_its_log_on_sigterm(tmp_path, tiny_base
 
 @pytest.mark.parametrize("variant", ["fp32", "nf4"])
 def test_concurrent_load_on_a_real_server_process_is_all_answered_and_logged(tmp_path, tiny_base_dir, variant):
-    from llm_assets.lib.quantize import quantize
+    from llm_assets.lib.release.quantize import quantize
     from llm_assets.serving.load import ServerProcess, send, summarize
 
     model_dir = tiny_base_dir

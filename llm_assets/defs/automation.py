@@ -7,7 +7,7 @@ condition, so reloading code never re-runs training.
 - drift_report_schedule (daily) and eval_report_schedule (weekly).
 
 Runs they start take their config from $LLM_ASSETS_CONFIG (default configs/demo.yaml), see
-`llm_assets.lib.run_config`.
+`llm_assets.lib.common.run_config`.
 """
 
 import json
@@ -19,8 +19,9 @@ import dagster as dg
 from llm_assets.defs.ingestion import incoming_batches
 from llm_assets.defs.jobs import INGEST_ASSETS, RETRAIN_ASSETS, drift_job, evaluation_job, ingest_job, retrain_job
 from llm_assets.defs.resources import LakeResource
-from llm_assets.lib import ingest, run_config
-from llm_assets.lib.serving_log import read_log
+from llm_assets.lib.data import ingest
+from llm_assets.lib.common import run_config
+from llm_assets.lib.monitor.serving_log import read_log
 
 
 def _env_float(name: str, default: float) -> float:
@@ -43,7 +44,7 @@ def incoming_data_sensor(context: dg.SensorEvaluationContext, lake: LakeResource
     """Starts ingest_job for each file dropped into data/incoming/ (one partition per file content),
     once: the cursor remembers each file's size and mtime, a run key per content guards restarts,
     and a file that changed in the last LLM_ASSETS_SETTLE_S seconds waits for the next tick."""
-    incoming = lake.root / "data" / "incoming"
+    incoming = lake.paths.incoming
     seen: dict[str, list[int]] = json.loads(context.cursor) if context.cursor else {}
     ready, settling = ingest.scan(incoming, seen, SETTLE_S)
     requests, new_keys = [], []
@@ -112,7 +113,7 @@ def drift_report_schedule(context: dg.ScheduleEvaluationContext, lake: LakeResou
                                     {"drift_report": {"window_hours": DRIFT_WINDOW_HOURS, "incoming_batch": ""}})
     need = cfg["ops"]["drift_report"]["config"].get("min_current_rows", _default_min_rows())
     since = context.scheduled_execution_time - timedelta(hours=DRIFT_WINDOW_HOURS)
-    rows = read_log(lake.root / "data" / "serving", since=since).num_rows
+    rows = read_log(lake.paths.serving, since=since).num_rows
     if rows < need:
         return dg.SkipReason(f"{rows} requests since {since.isoformat()} (< min_current_rows {need})")
     return dg.RunRequest(run_config=cfg, tags={f"{TAG}/cause": "schedule", f"{TAG}/window_requests": str(rows)})

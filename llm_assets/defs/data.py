@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import clean, corpus, dedup
-from llm_assets.lib.report import histogram_markdown, markdown_table
+from llm_assets.lib.data import clean, corpus, dedup
+from llm_assets.lib.common.report import histogram_markdown, markdown_table
 
 
 class CorpusConfig(dg.Config):

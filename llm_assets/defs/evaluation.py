@@ -8,8 +8,10 @@ from pydantic import Field
 
 from llm_assets.defs.release import context_length, validation_tokens
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import evaluation, posttrain_data, quantize
-from llm_assets.lib.report import figure_markdown, markdown_table
+from llm_assets.lib.evaluate import evaluation
+from llm_assets.lib.posttrain import posttrain_data
+from llm_assets.lib.release import quantize
+from llm_assets.lib.common.report import figure_markdown, markdown_table
 
 PREFERENCE_GATE = "aligned_preference_not_below_lora"
 GENERATION_GATE = "generation_non_empty"

@@ -10,10 +10,10 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import adapters, posttrain_data
-from llm_assets.lib.align import DpoSettings, train_dpo
-from llm_assets.lib.report import lines_png, markdown_table, png_markdown
-from llm_assets.lib.sft import SftSettings, train_sft
+from llm_assets.lib.posttrain import adapters, posttrain_data
+from llm_assets.lib.posttrain.align import DpoSettings, train_dpo
+from llm_assets.lib.common.report import lines_png, markdown_table, png_markdown
+from llm_assets.lib.posttrain.sft import SftSettings, train_sft
 
 _S, _D, _A = SftSettings(), DpoSettings(), adapters.AdapterSettings()
 

@@ -8,9 +8,9 @@ from pydantic import Field
 
 from llm_assets.defs.data import CleanConfig
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import clean, dedup, ingest
-from llm_assets.lib.atomic import atomic_dir, sweep_leftovers
-from llm_assets.lib.report import markdown_table
+from llm_assets.lib.data import clean, dedup, ingest
+from llm_assets.lib.common.atomic import atomic_dir, sweep_leftovers
+from llm_assets.lib.common.report import markdown_table
 
 incoming_batches = dg.DynamicPartitionsDefinition(name="incoming_batches")
 
@@ -36,7 +36,7 @@ def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfi
     train/validation split; sft_dataset and preference_dataset read them beside the shards. Written
     to data/lake/incoming_batch/<key>/; the DVC figures are those of the whole directory."""
     key = context.partition_key
-    path = ingest.find_batch_file(lake.root / "data" / "incoming", key)
+    path = ingest.find_batch_file(lake.paths.incoming, key)
     docs = ingest.read_batch_file(path, key, config.jsonl_text_field, config.parquet_text_column)
     shards = lake.artifact_dir("deduped_shards")
     params = dedup.read_params(shards)

@@ -11,17 +11,19 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import dedup, drift, posttrain_data
-from llm_assets.lib.release import current_release
-from llm_assets.lib.report import markdown_table
-from llm_assets.lib.serving_log import PART_GLOB, read_log
+from llm_assets.lib.data import dedup
+from llm_assets.lib.monitor import drift
+from llm_assets.lib.posttrain import posttrain_data
+from llm_assets.lib.release.release import current_release
+from llm_assets.lib.common.report import markdown_table
+from llm_assets.lib.monitor.serving_log import PART_GLOB, read_log
 
 
 @dg.observable_source_asset(group_name="monitoring", description=(
     "Every request `llm-assets serve` answered (time, prompt, response, token counts, latency, model "
     "version), as Parquet parts under data/serving/. Observed: the data version changes when new parts arrive."))
 def serving_log(lake: LakeResource) -> dg.ObserveResult:
-    directory = lake.root / "data" / "serving"
+    directory = lake.paths.serving
     parts = sorted(directory.glob(PART_GLOB)) if directory.is_dir() else []
     h = hashlib.blake2b(digest_size=12)
     for p in parts:  # parts are write-once: names and sizes identify the log's content
@@ -43,12 +45,12 @@ class DriftReportConfig(dg.Config):
 
 
 def _released_model(lake: LakeResource):
-    release = current_release(lake.root / "data" / "releases")
+    release = current_release(lake.paths.releases)
     if release is None:
         return None, None, None
     from transformers import AutoTokenizer
 
-    from llm_assets.lib.quantize import load_for_inference
+    from llm_assets.lib.release.quantize import load_for_inference
 
     return load_for_inference(release["path"]), AutoTokenizer.from_pretrained(release["path"]), release["version"]
 
@@ -112,7 +114,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
 
 def _serving_window(lake: LakeResource, window_hours: float) -> tuple[list[str], list[str], str]:
     since = datetime.now(timezone.utc) - timedelta(hours=window_hours) if window_hours else None
-    log = read_log(lake.root / "data" / "serving", since=since).to_pandas()
+    log = read_log(lake.paths.serving, since=since).to_pandas()
     window = (f"{log['time'].min().isoformat()} .. {log['time'].max().isoformat()}" if len(log)
               else f"no requests in the last {window_hours} h")
     chats = posttrain_data.read_chats(lake.artifact_dir("sft_dataset") / "train.parquet")

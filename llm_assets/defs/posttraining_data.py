@@ -8,8 +8,9 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import dedup, ingest, instructions, posttrain_data, preferences
-from llm_assets.lib.report import markdown_table
+from llm_assets.lib.data import dedup, ingest
+from llm_assets.lib.posttrain import instructions, posttrain_data, preferences
+from llm_assets.lib.common.report import markdown_table
 
 
 class SftDatasetConfig(dg.Config):

@@ -8,9 +8,13 @@ import numpy as np
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import adapters, evaluation, quantize, versioning
-from llm_assets.lib import release as release_lib
-from llm_assets.lib.report import markdown_table
+from llm_assets.lib.posttrain import adapters
+from llm_assets.lib.evaluate import evaluation
+from llm_assets.lib.pretrain import model as model_lib
+from llm_assets.lib.release import quantize
+from llm_assets.lib.common import versioning
+from llm_assets.lib.release import release as release_lib
+from llm_assets.lib.common.report import markdown_table
 
 PPL_GATE = "quantized_perplexity_within_budget"
 
@@ -58,7 +62,7 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, l
         figures = {
             "method": config.method, "source": str(source),
             "val_perplexity": ppl, "aligned_val_perplexity": full_ppl, "perplexity_ratio": ppl / full_ppl,
-            "disk_bytes": quantize.weights_bytes(tmp), "aligned_disk_bytes": quantize.weights_bytes(source),
+            "disk_bytes": model_lib.weights_bytes(tmp), "aligned_disk_bytes": model_lib.weights_bytes(source),
             "memory_bytes": memory, "aligned_memory_bytes": full_memory,
             "gate": {"name": PPL_GATE, "passed": passed, "threshold": 1 + config.perplexity_budget,
                      "observed": ppl / full_ppl, "rule": "perplexity / aligned perplexity <= 1 + budget"},
@@ -100,7 +104,7 @@ def release(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materia
     if recorded is None:
         raise dg.Failure(description="quantized_model has no recorded DVC version; materialize it first")
     version = recorded.md5
-    releases = lake.root / "data" / "releases"
+    releases = lake.paths.releases
     previous = release_lib.current_release(releases)
     try:
         record = release_lib.publish(quantized, releases, version, gates, {

@@ -3,34 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from llm_assets.lib import versioning
-from llm_assets.lib.atomic import atomic_dir, sweep_leftovers
-
-PROJECT_DIR_ENV = "LLM_ASSETS_PROJECT_DIR"
-
-
-def default_project_dir() -> str:
-    """$LLM_ASSETS_PROJECT_DIR, else the checkout this package was installed from (editable
-    install, the supported way), else the current directory."""
-    if os.environ.get(PROJECT_DIR_ENV):
-        return os.environ[PROJECT_DIR_ENV]
-    checkout = Path(__file__).resolve().parents[2]
-    return str(checkout if (checkout / "dvc.yaml").is_file() else Path.cwd())
-
+from llm_assets.lib.common import versioning
+from llm_assets.lib.common.paths import PROJECT_DIR_ENV, ProjectPaths, default_project_dir
+from llm_assets.lib.common.atomic import atomic_dir, sweep_leftovers
 
 class LakeResource(dg.ConfigurableResource):
     """The project directory: user data in `data/raw/`, artifacts in `data/lake/<asset>/`, each
     written atomically and versioned by DVC (commit + push to the default remote) after writing."""
 
     project_dir: str = Field(
-        default_factory=default_project_dir,
+        default_factory=lambda: str(default_project_dir()),
         description=f"Project root holding dvc.yaml and data/ (default: ${PROJECT_DIR_ENV} or the checkout).",
     )
 
@@ -39,15 +27,20 @@ class LakeResource(dg.ConfigurableResource):
         return Path(self.project_dir).resolve()
 
     @property
+    def paths(self) -> ProjectPaths:
+        """Every project directory (raw, incoming, lake, serving, releases, remote)."""
+        return ProjectPaths(self.root)
+
+    @property
     def raw_dir(self) -> Path:
-        return self.root / "data" / "raw"
+        return self.paths.raw
 
     def artifact_dir(self, asset: str) -> Path:
-        return self.root / "data" / "lake" / asset
+        return self.paths.artifact(asset)
 
     def work_dir(self, asset: str) -> Path:
         """Scratch space that survives a crash (resumable checkpoints); never DVC-tracked."""
-        path = self.root / "data" / "lake" / ".work" / asset
+        path = self.paths.work(asset)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -6,9 +6,10 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import dedup, packing
-from llm_assets.lib import tokenizer as bpe
-from llm_assets.lib.report import markdown_table
+from llm_assets.lib.data import dedup
+from llm_assets.lib.tokenizer import packing
+from llm_assets.lib.tokenizer import tokenizer as bpe
+from llm_assets.lib.common.report import markdown_table
 
 SPECIAL_ROLES = ("begin of sequence (bos)", "end of document (eos)", "padding (pad)",
                  "chat: system turn", "chat: user turn", "chat: assistant turn", "chat: end of turn")

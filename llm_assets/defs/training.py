@@ -13,9 +13,9 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib import model as model_lib
-from llm_assets.lib.pretrain import PretrainSettings, load_tokens
-from llm_assets.lib.report import markdown_table, png_markdown
+from llm_assets.lib.pretrain import model as model_lib
+from llm_assets.lib.pretrain.pretrain import PretrainSettings, load_tokens
+from llm_assets.lib.common.report import markdown_table, png_markdown
 
 _D = PretrainSettings()  # the defaults live with the trainer; the descriptions live here
 

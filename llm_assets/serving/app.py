@@ -40,9 +40,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from llm_assets.lib.chat_data import end_token_id, prompt_ids
-from llm_assets.lib.release import current_release
-from llm_assets.lib.serving_log import ServingLog
+from llm_assets.lib.posttrain.chat_data import end_token_id, prompt_ids
+from llm_assets.lib.release.release import current_release
+from llm_assets.lib.monitor.serving_log import ServingLog
 
 
 @dataclass
@@ -94,7 +94,7 @@ class LoadedModel:
             path, version = source
             from transformers import AutoTokenizer
 
-            from llm_assets.lib.quantize import load_for_inference
+            from llm_assets.lib.release.quantize import load_for_inference
 
             model = load_for_inference(path)
             # One forward before any request: bitsandbytes repacks 4-bit weights for CPU inference

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -103,16 +105,15 @@ def summarize(results: list[dict], wall_seconds: float) -> dict:
 
 def sft_prompts(project_dir: Path, n: int, split: str = "validation") -> list[str]:
     """n user prompts spread evenly over a split of sft_dataset."""
-    from llm_assets.lib.posttrain_data import read_chats, user_prompts
+    from llm_assets.lib.posttrain.posttrain_data import read_chats, user_prompts
 
-    chats = read_chats(project_dir / f"data/lake/sft_dataset/{split}.parquet")
+    chats = read_chats(ProjectPaths(project_dir).artifact("sft_dataset") / f"{split}.parquet")
     prompts = user_prompts(chats)
     return [prompts[i * len(prompts) // n] for i in range(min(n, len(prompts)))]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llm_assets.defs.resources import default_project_dir
-    from llm_assets.lib.release import current_release
+    from llm_assets.lib.release.release import current_release
 
     parser = argparse.ArgumentParser(description="Send instruction prompts to the released model over HTTP.")
     parser.add_argument("--requests", type=int, default=40)
@@ -122,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="prompts like the training ones (default), or from held-out modules, whose names and "
                              "lengths differ enough for the drift report to flag them")
     args = parser.parse_args(argv)
-    project = Path(default_project_dir()).resolve()
+    project = default_project_dir()
     model_dir = None
-    if current_release(project / "data/releases") is None:
-        model_dir = project / "data/lake/quantized_model"
+    if current_release(ProjectPaths(project).releases) is None:
+        model_dir = ProjectPaths(project).artifact("quantized_model")
         print(f"no release (the gates refused the candidate): serving {model_dir.relative_to(project)} for the demo traffic")
     prompts = sft_prompts(project, args.requests, args.split)
     start = time.perf_counter()

@@ -4,13 +4,13 @@
 
 Rank 0 alone opens Pipes, forwards progress as log lines and reports the final metrics: a second
 reporter would make two materializations of one asset. Other ranks, and runs without Pipes
-(no DAGSTER_PIPES_CONTEXT), train exactly as `python -m llm_assets.lib.pretrain`.
+(no DAGSTER_PIPES_CONTEXT), train exactly as `python -m llm_assets.lib.pretrain.pretrain`.
 """
 
 import json
 import os
 
-from llm_assets.lib.pretrain import parse_args, train
+from llm_assets.lib.pretrain.pretrain import parse_args, train
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from helpers import shifted_batch
 from llm_assets.definitions import defs
 from llm_assets.defs.automation import drift_report_schedule, drift_sensor, eval_report_schedule, incoming_data_sensor
 from llm_assets.defs.resources import LakeResource
-from llm_assets.lib.posttrain_data import read_chats, user_prompts
+from llm_assets.lib.posttrain.posttrain_data import read_chats, user_prompts
 from test_monitoring_assets import log_prompts
 from test_posttraining_assets import metadata
 from test_training_assets import materialize

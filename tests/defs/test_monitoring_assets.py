@@ -11,8 +11,8 @@ from dagster._core.definitions.observe import observe  # the test-side twin of a
 from helpers import lock_md5
 from llm_assets.defs.monitoring import serving_log
 from llm_assets.defs.resources import LakeResource
-from llm_assets.lib.posttrain_data import read_chats, user_prompts
-from llm_assets.lib.serving_log import ServingLog
+from llm_assets.lib.posttrain.posttrain_data import read_chats, user_prompts
+from llm_assets.lib.monitor.serving_log import ServingLog
 from test_posttraining_assets import metadata
 from test_training_assets import materialize
 

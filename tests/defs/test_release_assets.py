@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from helpers import lock_md5
 from llm_assets.cli import refused_gates
-from llm_assets.lib.quantize import load_quantized
-from llm_assets.lib.release import current_release, history
+from llm_assets.lib.release.quantize import load_quantized
+from llm_assets.lib.release.release import current_release, history
 from test_posttraining_assets import POST, metadata
 from test_training_assets import UPSTREAM, materialize
 

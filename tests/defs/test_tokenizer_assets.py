@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from llm_assets.defs.data import clean_corpus, deduped_shards, raw_corpus
 from llm_assets.defs.tokenizer import tokenized_shards, tokenizer
-from llm_assets.lib import dedup
-from llm_assets.lib.packing import load_tokens
-from llm_assets.lib.tokenizer import SPECIAL_TOKENS
+from llm_assets.lib.data import dedup
+from llm_assets.lib.tokenizer.packing import load_tokens
+from llm_assets.lib.tokenizer.tokenizer import SPECIAL_TOKENS
 
 from helpers import lock_md5, materialize_assets
 

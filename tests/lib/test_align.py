@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_assets.lib.adapters import AdapterSettings, load_model
-from llm_assets.lib.align import DpoSettings, encode_pairs, preference_scores, prompt_messages, train_dpo
-from llm_assets.lib.preferences import PreferencePair
+from llm_assets.lib.posttrain.adapters import AdapterSettings, load_model
+from llm_assets.lib.posttrain.align import DpoSettings, encode_pairs, preference_scores, prompt_messages, train_dpo
+from llm_assets.lib.posttrain.preferences import PreferencePair
 
 PAIRS = [PreferencePair(f"Explain what `mod.f{i}(x)` does.", f"Return x plus {i}.", f"Open the file number {i} for writing.",
                         f"m.py::f{i}") for i in range(24)]

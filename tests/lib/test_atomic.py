@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_assets.lib.atomic import atomic_dir
+from llm_assets.lib.common.atomic import atomic_dir
 
 
 def test_success_replaces_previous_version(tmp_path: Path):
@@ -38,7 +38,7 @@ def test_failure_on_first_write_leaves_no_artifact(tmp_path: Path):
 def test_sweep_removes_only_old_leftovers_of_that_target(tmp_path: Path):
     import os
 
-    from llm_assets.lib.atomic import sweep_leftovers
+    from llm_assets.lib.common.atomic import sweep_leftovers
 
     old = tmp_path / ".staging-asset-dead1234"
     fresh = tmp_path / ".staging-asset-live5678"

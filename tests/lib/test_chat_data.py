@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_assets.lib.chat_data import (IGNORE_INDEX, END_TOKEN, encode_chat, encode_prompt_reply, pad_batch,
+from llm_assets.lib.posttrain.chat_data import (IGNORE_INDEX, END_TOKEN, encode_chat, encode_prompt_reply, pad_batch,
                                       reply_logprobs, reply_loss)
 
 CHAT = [{"role": "user", "content": "Explain what `heapq.heappush(heap, item)` does."},

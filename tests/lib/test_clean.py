@@ -1,7 +1,7 @@
 import pytest
 
-from llm_assets.lib.clean import CleanRules, NoDocumentsLeftError, clean_documents, normalize
-from llm_assets.lib.corpus import Document
+from llm_assets.lib.data.clean import CleanRules, NoDocumentsLeftError, clean_documents, normalize
+from llm_assets.lib.data.corpus import Document
 
 PROSE = (
     "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than "

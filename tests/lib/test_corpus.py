@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llm_assets.lib import corpus
+from llm_assets.lib.data import corpus
 
 
 def sources(raw: Path, **kw) -> corpus.CorpusSources:

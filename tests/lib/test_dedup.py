@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_assets.lib.corpus import Document
-from llm_assets.lib.dedup import DedupParams, deduplicate, read_split, split_of, write_shards
+from llm_assets.lib.data.corpus import Document
+from llm_assets.lib.data.dedup import DedupParams, deduplicate, read_split, split_of, write_shards
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

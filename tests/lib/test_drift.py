@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from llm_assets.lib.drift import DriftSettings, describe, detect_drift
-from llm_assets.lib.instructions import derive_pairs
+from llm_assets.lib.monitor.drift import DriftSettings, describe, detect_drift
+from llm_assets.lib.posttrain.instructions import derive_pairs
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from llm_assets.lib import ingest
-from llm_assets.lib.clean import CleanRules, NoDocumentsLeftError
-from llm_assets.lib.corpus import CorpusFormatError, Document
-from llm_assets.lib.dedup import DedupParams
+from llm_assets.lib.data import ingest
+from llm_assets.lib.data.clean import CleanRules, NoDocumentsLeftError
+from llm_assets.lib.data.corpus import CorpusFormatError, Document
+from llm_assets.lib.data.dedup import DedupParams
 
 
 def words(seed: int, n: int = 80) -> str:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_assets.lib.corpus import CorpusFormatError
-from llm_assets.lib.instructions import (
+from llm_assets.lib.data.corpus import CorpusFormatError
+from llm_assets.lib.posttrain.instructions import (
     InstructionPair,
     derive_pairs,
     module_name,

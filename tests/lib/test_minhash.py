@@ -1,4 +1,4 @@
-"""Unit tests for llm_assets.lib.minhash: shingles, fast signatures vs the plain-Python twin."""
+"""Unit tests for llm_assets.lib.data.minhash: shingles, fast signatures vs the plain-Python twin."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_assets.lib.minhash import (
+from llm_assets.lib.data.minhash import (
     EMPTY,
     estimate_jaccard,
     is_empty,

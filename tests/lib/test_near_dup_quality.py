@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_assets.lib.minhash import shingles, signatures
-from llm_assets.lib.near_dup import Cluster, near_duplicate_clusters
+from llm_assets.lib.data.minhash import shingles, signatures
+from llm_assets.lib.data.near_dup import Cluster, near_duplicate_clusters
 
 THRESHOLD = 0.8
 ABOVE = (0.005, 0.01, 0.02)  # edit rates giving exact Jaccard mostly >= 0.8

@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_assets.lib import packing
-from llm_assets.lib.corpus import Document
-from llm_assets.lib.dedup import DedupParams, deduplicate, write_shards
-from llm_assets.lib.packing import load_tokens, pack_split, read_meta, token_dtype, write_packed
-from llm_assets.lib.tokenizer import train_tokenizer
+from llm_assets.lib.tokenizer import packing
+from llm_assets.lib.data.corpus import Document
+from llm_assets.lib.data.dedup import DedupParams, deduplicate, write_shards
+from llm_assets.lib.tokenizer.packing import load_tokens, pack_split, read_meta, token_dtype, write_packed
+from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["textwrap.py", "csv.py", "shlex.py", "fnmatch.py", "heapq.py", "string.py", "bisect.py",

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_assets.lib.corpus import CorpusFormatError
-from llm_assets.lib.instructions import InstructionPair, derive_pairs
-from llm_assets.lib.preferences import (
+from llm_assets.lib.data.corpus import CorpusFormatError
+from llm_assets.lib.posttrain.instructions import InstructionPair, derive_pairs
+from llm_assets.lib.posttrain.preferences import (
     PreferencePair,
     derive_preferences,
     drop_identical,

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from llm_assets.lib.model import MODEL_SIZES, build_model, count_parameters, estimate_parameters
-from llm_assets.lib.checkpoints import latest_checkpoint
-from llm_assets.lib.pretrain import (PretrainSettings, eval_starts, lr_factor,
+from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model, count_parameters, estimate_parameters
+from llm_assets.lib.pretrain.checkpoints import latest_checkpoint
+from llm_assets.lib.pretrain.pretrain import (PretrainSettings, eval_starts, lr_factor,
                                      train, train_batch)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,7 +227,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path):
     reference = run_train(s, corpus, tmp_path, name="reference")
 
     root = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "llm_assets.lib.pretrain", *cli(s, corpus, root, tmp_path)]
+    cmd = [sys.executable, "-m", "llm_assets.lib.pretrain.pretrain", *cli(s, corpus, root, tmp_path)]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while latest_checkpoint(root / "work") is None and time.monotonic() < deadline:
@@ -260,7 +260,7 @@ def test_two_rank_ddp_run_writes_a_loadable_model(corpus, tmp_path):
     s = replace(TINY, max_steps=12, eval_every=6, checkpoint_every=6, log_every=3)
     root = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "llm_assets.lib.pretrain", *cli(s, corpus, root, tmp_path)]
+           "-m", "llm_assets.lib.pretrain.pretrain", *cli(s, corpus, root, tmp_path)]
     done = subprocess.run(cmd, env={**child_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llm_assets.lib.release import Gate, GatesFailed, current_release, history, publish
+from llm_assets.lib.release.release import Gate, GatesFailed, current_release, history, publish
 
 
 def model_dir(tmp_path, name, text):

@@ -1,6 +1,6 @@
 from datetime import datetime, timedelta, timezone
 
-from llm_assets.lib.serving_log import ServingLog, read_log
+from llm_assets.lib.monitor.serving_log import ServingLog, read_log
 
 
 def row(prompt: str, when=None) -> dict:

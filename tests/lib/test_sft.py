@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_assets.lib.adapters import AdapterSettings, attach_adapter, load_model, merge_into_fp32
-from llm_assets.lib.chat_data import encode_chat, pad_batch
-from llm_assets.lib.sft import SftSettings, train_sft
+from llm_assets.lib.posttrain.adapters import AdapterSettings, attach_adapter, load_model, merge_into_fp32
+from llm_assets.lib.posttrain.chat_data import encode_chat, pad_batch
+from llm_assets.lib.posttrain.sft import SftSettings, train_sft
 
 CHATS = [[{"role": "user", "content": f"Explain what `mod.f{i}(x, y={i})` does."},
           {"role": "assistant", "content": f"Return x plus {i} times y, rounded down."}] for i in range(24)]

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from llm_assets.lib.tokenizer import (
+from llm_assets.lib.tokenizer.tokenizer import (
     CHAT_MARKERS, ROUNDTRIP_SAMPLES, SPECIAL_TOKENS, bytes_per_token, load_tokenizer, roundtrip_failures,
     sample_texts, token_pieces, train_tokenizer)
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from filelock import FileLock
 
-from llm_assets.lib import versioning
-from llm_assets.lib.versioning import (
+from llm_assets.lib.common import versioning
+from llm_assets.lib.common.versioning import (
     VersioningError,
     current_version,
     dvc_status,
@@ -158,7 +158,7 @@ def test_concurrent_records_queue_on_the_lock_and_all_land(ab: Path):
     # push would; they must wait, not fail on DVC's own lock (which gives up after ~3 s), and
     # then all record once it is released, contending with each other.
     script = (
-        "import sys; from llm_assets.lib.versioning import record_version as r\n"
+        "import sys; from llm_assets.lib.common.versioning import record_version as r\n"
         "for _ in range(3): r(sys.argv[1], sys.argv[2])"
     )
     with FileLock(ab / ".dvc/tmp/llm_assets.lock"):

@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from llm_assets.lib import adapters, hf_training
-from llm_assets.lib.atomic import atomic_dir
-from llm_assets.lib.chat_data import encode_prompt_reply, reply_logprobs
-from llm_assets.lib.preferences import HH_ASSISTANT, PreferencePair
-from llm_assets.lib.sft import save_merged
+from llm_assets.lib.posttrain import adapters, hf_training
+from llm_assets.lib.common.atomic import atomic_dir
+from llm_assets.lib.posttrain.chat_data import encode_prompt_reply, reply_logprobs
+from llm_assets.lib.posttrain.preferences import PreferencePair, prompt_messages
+from llm_assets.lib.posttrain.sft import save_merged
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 @dataclass
@@ -60,22 +58,6 @@ class DpoSettings:
         if self.beta <= 0:
             raise ValueError(f"beta: must be positive (got {self.beta})")
         hf_training.validate_schedule(self)
-
-
-def prompt_messages(prompt: str | list[dict]) -> list[dict]:
-    """A preference prompt as chat messages ending in a user turn: TRL conversational prompts as
-    they are, HH-RLHF dialogue text split into its Human/Assistant turns, any other string as one
-    user message."""
-    if isinstance(prompt, list):
-        return prompt
-    if prompt.endswith(HH_ASSISTANT) and "\n\nHuman:" in prompt:
-        parts = _HH_TURN.split(prompt[: -len(HH_ASSISTANT)])
-        # parts = [text before the first turn, role, content, role, content, ...]
-        turns = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
-                 for role, content in zip(parts[1::2], parts[2::2])]
-        if turns and turns[-1]["role"] == "user":
-            return turns
-    return [{"role": "user", "content": prompt}]
 
 
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_len: int) -> tuple[list[tuple[dict, dict]], list[int]]:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 
-from llm_assets.lib.atomic import STAGING_PREFIX, atomic_dir
+from llm_assets.lib.common.atomic import STAGING_PREFIX, atomic_dir
 
 CHECKPOINT_PREFIX = "checkpoint-"  # work_dir/checkpoint-00000120/ = state after 120 steps
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llm_assets.lib.corpus import CorpusFormatError
-from llm_assets.lib.instructions import (InstructionPair, iter_json_list, iter_jsonl, read_alpaca, read_chat_jsonl,
+from llm_assets.lib.data.corpus import CorpusFormatError
+from llm_assets.lib.posttrain.instructions import (InstructionPair, iter_json_list, iter_jsonl, read_alpaca, read_chat_jsonl,
                                          to_messages)
-from llm_assets.lib.preferences import PreferencePair, read_hh_rlhf_jsonl, read_trl_jsonl
+from llm_assets.lib.posttrain.preferences import PreferencePair, prompt_messages, read_hh_rlhf_jsonl, read_trl_jsonl
 
 USER_SUFFIXES = (".json", ".jsonl")
 
@@ -112,7 +112,6 @@ def user_prompts(chats: list[list[dict]]) -> list[str]:
 
 
 def write_preferences(path: Path, pairs: list[PreferencePair]) -> None:
-    from llm_assets.lib.align import prompt_messages  # the one place prompts become messages
 
     rows = [{"prompt": prompt_messages(p.prompt), "chosen": p.chosen, "rejected": p.rejected,
              "source": p.source, "negative": p.negative} for p in pairs]

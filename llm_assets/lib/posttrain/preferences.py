@@ -19,14 +19,16 @@ Malformed user files raise `CorpusFormatError` naming the file and line.
 from __future__ import annotations
 
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_assets.lib.corpus import CorpusFormatError
-from llm_assets.lib.instructions import InstructionPair, iter_jsonl, require_text, validate_messages
+from llm_assets.lib.data.corpus import CorpusFormatError
+from llm_assets.lib.posttrain.instructions import InstructionPair, iter_jsonl, require_text, validate_messages
 
 HH_ASSISTANT = "\n\nAssistant:"  # HH-RLHF turn marker; the last one opens the compared reply
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 @dataclass(frozen=True)
@@ -139,3 +141,19 @@ def read_hh_rlhf_jsonl(path: Path) -> list[PreferencePair]:
             raise CorpusFormatError(f"{where}: 'chosen' and 'rejected' differ before their final assistant reply")
         out.append(PreferencePair(prompt, chosen, rejected, f"{Path(path).name}#L{lineno}"))
     return out
+
+
+def prompt_messages(prompt: str | list[dict]) -> list[dict]:
+    """A preference prompt as chat messages ending in a user turn: TRL conversational prompts as
+    they are, HH-RLHF dialogue text split into its Human/Assistant turns, any other string as one
+    user message."""
+    if isinstance(prompt, list):
+        return prompt
+    if prompt.endswith(HH_ASSISTANT) and "\n\nHuman:" in prompt:
+        parts = _HH_TURN.split(prompt[: -len(HH_ASSISTANT)])
+        # parts = [text before the first turn, role, content, role, content, ...]
+        turns = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+                 for role, content in zip(parts[1::2], parts[2::2])]
+        if turns and turns[-1]["role"] == "user":
+            return turns
+    return [{"role": "user", "content": prompt}]

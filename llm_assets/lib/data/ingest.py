@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 from datasketch import MinHashLSH
 from datasketch.lean_minhash import LeanMinHash
 
-from llm_assets.lib import clean
-from llm_assets.lib.corpus import USER_SUFFIXES, Document, read_user_file
-from llm_assets.lib.dedup import DedupParams, split_of
-from llm_assets.lib.minhash import is_empty, signatures
-from llm_assets.lib.near_dup import LSH_MARGIN
+from llm_assets.lib.data import clean
+from llm_assets.lib.data.corpus import USER_SUFFIXES, Document, read_user_file
+from llm_assets.lib.data.dedup import DedupParams, split_of
+from llm_assets.lib.data.minhash import is_empty, signatures
+from llm_assets.lib.data.near_dup import LSH_MARGIN
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 BATCH_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()),

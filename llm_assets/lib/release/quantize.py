@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llm_assets.lib import adapters
+from llm_assets.lib.posttrain import adapters
 
 METHODS = ("nf4", "int8")
 
@@ -82,8 +82,3 @@ def load_for_inference(model_dir: Path):
 
     quantized = getattr(AutoConfig.from_pretrained(model_dir), "quantization_config", None) is not None
     return (load_quantized(model_dir) if quantized else adapters.load_model(model_dir)).eval()
-
-
-def weights_bytes(model_dir: Path) -> int:
-    """Bytes of the weight files (*.safetensors) in a model directory."""
-    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))

@@ -1,8 +1,8 @@
 """Pretraining: a Llama-style model from scratch on packed token shards; resumable, DDP-ready.
 
-    python -m llm_assets.lib.pretrain --settings settings.json --tokens DIR --tokenizer DIR \\
+    python -m llm_assets.lib.pretrain.pretrain --settings settings.json --tokens DIR --tokenizer DIR \\
         --work DIR --out DIR
-    torchrun --standalone --nproc_per_node 2 -m llm_assets.lib.pretrain ...   # DDP, gloo on CPU
+    torchrun --standalone --nproc_per_node 2 -m llm_assets.lib.pretrain.pretrain ...   # DDP, gloo on CPU
 
 `--tokens`: train.bin and validation.bin (flat token ids, documents separated by eos) + meta.json;
 `--tokenizer`: a transformers tokenizer dir; `--settings`: JSON of `PretrainSettings` fields.
@@ -40,11 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llm_assets.lib.atomic import atomic_dir
-from llm_assets.lib.checkpoints import resume, run_hash, save_checkpoint
-from llm_assets.lib.model import (MODEL_SIZES, build_model, count_parameters, estimate_parameters,
+from llm_assets.lib.common.atomic import atomic_dir
+from llm_assets.lib.pretrain.checkpoints import resume, run_hash, save_checkpoint
+from llm_assets.lib.pretrain.model import (MODEL_SIZES, build_model, count_parameters, estimate_parameters,
                                   matmul_peak_flops, training_flops, training_memory_bytes)
-from llm_assets.lib.report import loss_curve_png
+from llm_assets.lib.common.report import loss_curve_png
 
 # Fields that change how a run is watched, not what it computes: editing them keeps checkpoints.
 OPERATIONAL_FIELDS = ("log_every", "checkpoint_every", "num_threads")

@@ -17,7 +17,7 @@ Document text is data, never control: a literal "<|eos|>" inside a document is t
 text, so eos ids in the stream are exactly the document boundaries.
 
 Run on its own (packs existing shards with an existing tokenizer):
-    python -m llm_assets.lib.packing data/lake/tokenizer data/lake/deduped_shards /tmp/packed
+    python -m llm_assets.lib.tokenizer.packing data/lake/tokenizer data/lake/deduped_shards /tmp/packed
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from llm_assets.lib.dedup import read_split
+from llm_assets.lib.data.dedup import read_split
 
 SPLITS = ("train", "validation")
 FORMAT = ("flat little-endian token ids, each document followed by eos_token_id; "
@@ -133,7 +133,7 @@ if __name__ == "__main__":
     import sys
     import time
 
-    from llm_assets.lib.tokenizer import load_tokenizer
+    from llm_assets.lib.tokenizer.tokenizer import load_tokenizer
 
     tok_dir, shard_dir, out_dir = map(Path, sys.argv[1:4])
     out_dir.mkdir(parents=True, exist_ok=True)

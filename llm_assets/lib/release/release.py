@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llm_assets.lib.atomic import atomic_dir
+from llm_assets.lib.common.atomic import atomic_dir
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ concurrent materializations queue behind a long push instead of failing. A DVC c
 runs by hand meanwhile can still collide with us and fails loudly ("Unable to acquire lock").
 
 Run on its own, from the project root:
-    python -c "import llm_assets.lib.versioning as v; v.init_dvc('.'); \
+    python -c "import llm_assets.lib.common.versioning as v; v.init_dvc('.'); \
         print(v.record_version('.', 'raw_corpus'))"
 """
 
@@ -26,6 +26,8 @@ import yaml
 from dvc.repo import Repo
 from dvc.stage import Stage
 from filelock import FileLock, Timeout
+
+from llm_assets.lib.common.paths import ProjectPaths
 
 # Seconds to wait for another process's DVC operation. Pushing a large checkpoint to S3 can take
 # minutes, and a queue of materializations adds up; a stuck holder should still surface.
@@ -78,7 +80,7 @@ def init_dvc(project_dir: Path, remote_url: str | Path | None = None) -> None:
         if repo.config["core"].get("remote"):
             return
         if remote_url is None:
-            url = RelPath(project_dir / "data" / "dvc-remote")
+            url = RelPath(ProjectPaths(project_dir).remote)
             Path(url).mkdir(parents=True, exist_ok=True)
         elif "://" in str(remote_url) or Path(remote_url).is_absolute():
             url = str(remote_url)

@@ -16,7 +16,7 @@ of prompt + response ids for every response (a prompt ending in a newline would 
 that: GPT-2's regex glues the newline to a response that starts with whitespace).
 
 Run on its own (prints bytes per token on a few stdlib modules):
-    python -m llm_assets.lib.tokenizer
+    python -m llm_assets.lib.tokenizer.tokenizer
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_assets.lib.corpus import CorpusFormatError, parse_json_object
+from llm_assets.lib.data.corpus import CorpusFormatError, parse_json_object
 
 MIN_RESPONSE_CHARS = 20  # shorter docstrings ("Return x.") teach nothing
 MAX_RESPONSE_CHARS = 600  # longer first paragraphs are cut at a sentence boundary

@@ -15,7 +15,7 @@ near-duplicates of each other, nor of anything else.
 `storage_config` goes to `MinHashLSH` unchanged, e.g. `{"type": "redis", "redis": {"host":
 "localhost", "port": 6379}}` keeps the index in Redis (install `redis`; untested here).
 
-Run on its own: `python -m llm_assets.lib.near_dup FILE...` prints the clusters of the files.
+Run on its own: `python -m llm_assets.lib.data.near_dup FILE...` prints the clusters of the files.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from datasketch import LeanMinHash, MinHashLSH
 
-from llm_assets.lib.minhash import is_empty
+from llm_assets.lib.data.minhash import is_empty
 
 # Why the LSH threshold sits 0.3 below the decision threshold: tuned for 0.8 itself (9 bands of
 # 13 rows) the index proposes a pair of true Jaccard 0.8 only 40% of the time; on the stdlib it
@@ -118,7 +118,7 @@ def near_duplicate_clusters(
 
 
 def _main(paths: list[str]) -> None:
-    from llm_assets.lib.minhash import signatures
+    from llm_assets.lib.data.minhash import signatures
 
     texts = [open(p, encoding="utf-8", errors="replace").read() for p in paths]
     for cluster in near_duplicate_clusters(signatures(texts)):

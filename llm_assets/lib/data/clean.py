@@ -24,7 +24,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from llm_assets.lib.corpus import Document
+from llm_assets.lib.data.corpus import Document
 
 RULES = ("control_chars", "invalid_utf8", "too_short", "too_long", "long_lines", "low_alpha", "repetition")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # keeps \t and \n; \r is handled first

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from llm_assets.lib.tokenizer import BYTE_ALPHABET, SPECIAL_TOKENS
+from llm_assets.lib.tokenizer.tokenizer import BYTE_ALPHABET, SPECIAL_TOKENS
 
 DESCRIPTORS = ("length_chars", "words", "non_letter_share", "byte_fallback_rate", "perplexity")
 _WORD = re.compile(r"\w+")
@@ -53,7 +53,7 @@ class DriftResult:
 
 def perplexities(texts: list[str], tokenizer, model, max_tokens: int = 128, batch: int = 32) -> list[float]:
     """Per-text perplexity under `model` of the first max_tokens tokens (after the eos boundary)."""
-    from llm_assets.lib.chat_data import reply_logprobs
+    from llm_assets.lib.posttrain.chat_data import reply_logprobs
 
     examples = []
     for t in texts:

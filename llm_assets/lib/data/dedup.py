@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llm_assets.lib.corpus import Document
-from llm_assets.lib.minhash import signatures
-from llm_assets.lib.near_dup import near_duplicate_clusters
+from llm_assets.lib.data.corpus import Document
+from llm_assets.lib.data.minhash import signatures
+from llm_assets.lib.data.near_dup import near_duplicate_clusters
 
 SHARD_SCHEMA = pa.schema(
     [

@@ -20,7 +20,7 @@ A document without words has no shingles: its row is all EMPTY (2**64 - 1). Real
 at EMPTY - 1, so an empty row matches nothing, and `estimate_jaccard` returns 0.0 for it.
 
 `reference_signature` computes the same signature from the `shingles` set in plain Python; tests use
-it to check the fast path bit for bit. Run on its own: `python -m llm_assets.lib.minhash FILE...`
+it to check the fast path bit for bit. Run on its own: `python -m llm_assets.lib.data.minhash FILE...`
 prints pairwise estimated Jaccard similarities.
 """
 

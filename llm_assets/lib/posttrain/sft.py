@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from llm_assets.lib import adapters, hf_training
-from llm_assets.lib.atomic import atomic_dir
-from llm_assets.lib.chat_data import PadCollator, encode_chat, end_token_id, reply_loss
+from llm_assets.lib.posttrain import adapters, hf_training
+from llm_assets.lib.common.atomic import atomic_dir
+from llm_assets.lib.posttrain.chat_data import PadCollator, encode_chat, end_token_id, reply_loss
 
 
 @dataclass

@@ -28,7 +28,7 @@ END_TOKEN = "<|end|>"  # closes every chat turn; generation stops on it
 def end_token_id(tokenizer) -> int:
     end = tokenizer.convert_tokens_to_ids(END_TOKEN)
     if end is None or end == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no {END_TOKEN!r} token; it was not trained by llm_assets.lib.tokenizer")
+        raise ValueError(f"tokenizer has no {END_TOKEN!r} token; it was not trained by llm_assets.lib.tokenizer.tokenizer")
     return end
 
 

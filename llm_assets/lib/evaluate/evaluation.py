@@ -30,9 +30,9 @@ import numpy as np
 import psutil
 import torch
 
-from llm_assets.lib.align import encode_pairs, preference_scores
-from llm_assets.lib.chat_data import prompt_ids, reply_loss
-from llm_assets.lib.quantize import weights_bytes
+from llm_assets.lib.posttrain.align import encode_pairs, preference_scores
+from llm_assets.lib.posttrain.chat_data import prompt_ids, reply_loss
+from llm_assets.lib.pretrain.model import weights_bytes
 
 
 @dataclass
@@ -63,7 +63,7 @@ class EvalData:
 
     @classmethod
     def build(cls, tokens: np.ndarray, chats: list[list[dict]], preferences: list, tokenizer, s: EvalSettings) -> EvalData:
-        from llm_assets.lib.chat_data import encode_chat
+        from llm_assets.lib.posttrain.chat_data import encode_chat
 
         encoded = [e for e in (encode_chat(tokenizer, c, s.seq_len) for c in chats) if e is not None]
         pairs, _ = encode_pairs(tokenizer, preferences, s.seq_len)
@@ -133,7 +133,7 @@ def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
              repetition_penalty: float = 1.0) -> tuple[list[str], list[float], int]:
     """(texts, seconds per generated token per prompt, tokens generated): greedy, batch size 1."""
-    from llm_assets.lib.chat_data import end_token_id
+    from llm_assets.lib.posttrain.chat_data import end_token_id
 
     model.eval()
     device = next(model.parameters()).device

@@ -111,3 +111,8 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float =
         sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def weights_bytes(model_dir: Path) -> int:
+    """Bytes of the weight files (*.safetensors) in a model directory."""
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
