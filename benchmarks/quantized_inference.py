@@ -34,15 +34,15 @@ def measure(variant: str, model_dir: Path, tokens_dir: Path, n_tokens: int, n_pr
     import torch
     from transformers import AutoTokenizer
 
-    from llm_assets.lib.posttrain import adapters
     from llm_assets.lib.evaluate import evaluation
+    from llm_assets.lib.pretrain.model_dir import load_model, weights_bytes
     from llm_assets.lib.release import quantize
-    from llm_assets.lib.pretrain.model import weights_bytes
+    from llm_assets.lib.tokenizer import packing
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     with evaluation.PeakMemory() as memory:  # what serving costs: loading the saved model, generating
-        model = adapters.load_model(model_dir) if variant == "fp32" else quantize.load_quantized(model_dir)
+        model = load_model(model_dir) if variant == "fp32" else quantize.load_quantized(model_dir)
         disk = weights_bytes(model_dir)
         prompts = [torch.tensor([[tok.eos_token_id, *tok(f"def function_{i}(x):", add_special_tokens=False)["input_ids"]]])
                    for i in range(n_prompts)]
@@ -57,18 +57,20 @@ def measure(variant: str, model_dir: Path, tokens_dir: Path, n_tokens: int, n_pr
     row = {"variant": variant, "disk_bytes": disk, "memory_footprint_bytes": model.get_memory_footprint(),
            "peak_memory_bytes": memory.peak, "ms_per_token_p50": 1000 * float(np.percentile(latencies, 50)),
            "ms_per_token_p95": 1000 * float(np.percentile(latencies, 95))}
-    if (tokens_dir / "validation.bin").is_file():
-        meta = json.loads((tokens_dir / "meta.json").read_text())
-        stream = np.memmap(tokens_dir / "validation.bin", dtype=meta["dtype"], mode="r")
+    if packing.split_path(tokens_dir, "validation").is_file():
+        stream = packing.load_tokens(tokens_dir, "validation")
         seq_len = min(256, model.config.max_position_embeddings)
         row["val_perplexity"] = evaluation.perplexity(model, evaluation.validation_windows(stream, seq_len, 32))
     return row
 
 
 def main() -> None:
+    from llm_assets.lib.common.paths import ProjectPaths
+    from llm_assets.lib.pretrain.model_dir import merged_dir, weights_file
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "data/lake/aligned_checkpoint/merged")
-    parser.add_argument("--tokens-dir", type=Path, default=ROOT / "data/lake/tokenized_shards")
+    parser.add_argument("--model", type=Path, default=merged_dir(ProjectPaths(ROOT).artifact("aligned_checkpoint")))
+    parser.add_argument("--tokens-dir", type=Path, default=ProjectPaths(ROOT).artifact("tokenized_shards"))
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
@@ -76,7 +78,7 @@ def main() -> None:
     if args.variant:
         print("RESULT " + json.dumps(measure(args.variant, args.model, args.tokens_dir, args.tokens, args.prompts)))
         return
-    if not (args.model / "model.safetensors").is_file():
+    if not weights_file(args.model).is_file():
         sys.exit(f"{args.model}: no model.safetensors; run `make demo` first or pass --model DIR")
     from llm_assets.lib.release import quantize
 

@@ -21,6 +21,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from llm_assets.lib.common.paths import ProjectPaths
     from llm_assets.lib.release.quantize import load_for_inference
     from llm_assets.lib.posttrain.chat_data import end_token_id, prompt_ids
     from llm_assets.lib.release.release import current_release
@@ -32,17 +33,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
-    release = current_release(ROOT / "data/releases")
-    model_dir = Path(release["path"]) if release else ROOT / "data/lake/quantized_model"
+    paths = ProjectPaths(ROOT)
+    release = current_release(paths.releases)
+    model_dir = Path(release["path"]) if release else paths.artifact("quantized_model")
     pool = sft_prompts(ROOT, 400)
     prompts = [pool[i % len(pool)] for i in range(args.requests)]
-    logged_before = read_log(ROOT / "data/serving").num_rows
+    logged_before = read_log(paths.serving).num_rows
 
     with ServerProcess(ROOT, None if release else model_dir) as url:
         start = time.perf_counter()  # from the first request to the last answer: start-up excluded
         results = send(url, prompts, args.concurrency, args.max_new_tokens)
         http = summarize(results, time.perf_counter() - start)
-    logged = read_log(ROOT / "data/serving").num_rows - logged_before
+    logged = read_log(paths.serving).num_rows - logged_before
 
     # baseline: the same prompts, generated one after another in this process
     model = load_for_inference(model_dir)

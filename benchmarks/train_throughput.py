@@ -22,11 +22,9 @@ seconds per step, and the ratio real/bare (target ≥ 0.9).
 from __future__ import annotations
 
 import argparse
-import json
 import sysconfig
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 
 from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model
 from llm_assets.lib.pretrain.pretrain import PretrainSettings, autocast_dtype, make_optimizer, train
+from llm_assets.lib.tokenizer.packing import write_streams
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -56,14 +55,10 @@ def make_inputs(root: Path, vocab_size: int, train_tokens: int, seed: int = 0) -
                             pad_token="<|pad|>").save_pretrained(root / "tokenizer")
 
     tokens = root / "tokens"
-    tokens.mkdir()
     rng = np.random.default_rng(seed)
     sizes = {"train": train_tokens, "validation": max(train_tokens // 10, 100_000)}
-    for split, n in sizes.items():
-        rng.integers(0, vocab_size, size=n, dtype=np.uint16).tofile(tokens / f"{split}.bin")
-    meta = {"dtype": "uint16", "vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 1,
-            "pad_token_id": 2, "splits": {k: {"tokens": n, "documents": 1} for k, n in sizes.items()}}
-    (tokens / "meta.json").write_text(json.dumps(meta))
+    streams = {split: rng.integers(0, vocab_size, size=n, dtype=np.uint16) for split, n in sizes.items()}
+    write_streams(tokens, streams, vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return tokens, root / "tokenizer"
 
 
@@ -103,9 +98,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     demo = PretrainSettings()
-    s = replace(demo, size=args.size, max_steps=args.steps, num_threads=args.threads,
-                seq_len=min(demo.seq_len, MODEL_SIZES[args.size].context),
-                warmup_steps=min(demo.warmup_steps, args.steps - 1))
+    s = PretrainSettings(size=args.size, max_steps=args.steps, num_threads=args.threads,
+                         seq_len=min(demo.seq_len, MODEL_SIZES[args.size].context),
+                         warmup_steps=min(demo.warmup_steps, args.steps - 1))
     s.validate()
     tokens_per_step = s.micro_batch * s.grad_accum * s.seq_len
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:
@@ -120,7 +115,7 @@ def main() -> None:
         bare_seconds += bare_loop(s, args.vocab, args.steps - args.steps // 2, batches)
 
     bare_tps = args.steps * tokens_per_step / bare_seconds
-    real_tps = real["tokens_per_second"]
+    real_tps = real.tokens_per_second
     print(f"size={s.size} micro_batch={s.micro_batch} grad_accum={s.grad_accum} seq_len={s.seq_len} "
           f"steps={args.steps} threads={args.threads} precision={s.precision} "
           f"eval_every={s.eval_every} eval_batches={s.eval_batches} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -42,17 +43,9 @@ concurrency:
         value: training
         limit: 1
 """
-SUMMARY_FIELDS = (
-    "documents", "text_bytes", "documents_in", "duplicate_rate", "exact_duplicates", "near_duplicates",
-    "removed_share", "train_documents", "validation_documents", "shards", "vocab_size",
-    "bytes_per_token", "train_tokens", "validation_tokens", "val_perplexity", "unigram_perplexity",
-    "perplexity_vs_unigram", "tokens_per_second", "parameters", "train_examples", "validation_examples",
-    "train_pairs", "validation_pairs", "dropped_identical", "trainable_parameters", "trainable_share",
-    "eval_reply_loss_before", "eval_reply_loss_after", "base_preference_accuracy", "lora_preference_accuracy",
-    "aligned_preference_accuracy", "eval_reward_margin", "method", "disk_ratio", "perplexity_ratio",
-    "version", "previous_version", "drift_detected", "drift_share", "drifted_columns", "current_rows",
-    "reference_rows", "bytes",
-)
+# What resources.artifact_metadata puts first in every artifact's metadata: the summary shows these
+# on the asset's path line, not among its figures.
+ARTIFACT_FIELDS = ("path", "dvc_md5", "files", "bytes")
 
 
 def project_dir() -> Path:
@@ -166,13 +159,39 @@ def _fmt(name: str, value) -> str:
     if isinstance(value, float):
         if name.endswith(("_rate", "_share", "_accuracy")):
             return f"{value:.2%}"
-        return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
+        if abs(value) >= 1e7:
+            return f"{value:.3g}"  # FLOP counts and rates
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
 
 
+def figures(metadata: dict) -> list[tuple[str, object]]:
+    """The entries of an asset's metadata that read as figures, in the order the asset emitted them:
+    numbers, booleans and texts. Paths, markdown (tables, plots), JSON, empty texts and texts that
+    are absolute paths are left to the UI; the artifact's own entries go on its path line."""
+    import dagster as dg
+
+    scalar = (dg.IntMetadataValue, dg.FloatMetadataValue, dg.BoolMetadataValue)
+    return [(name, entry.value) for name, entry in metadata.items() if name not in ARTIFACT_FIELDS and (
+        isinstance(entry, scalar)
+        or (isinstance(entry, dg.TextMetadataValue) and entry.value and not os.path.isabs(entry.value)))]
+
+
+def _wrap(items: list[str], width: int) -> list[str]:
+    """`items` joined by two spaces into lines of at most `width` characters (longer items alone)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += "  " + item
+        else:
+            lines.append(item)
+    return lines or [""]
+
+
 def print_summary(instance, keys, project: Path) -> None:
+    width = max(60, shutil.get_terminal_size((120, 24)).columns - 20)  # right of the asset column
     print(f"\n{'asset':<19} figures")
     for key in keys:
         event = instance.get_latest_materialization_event(key)
@@ -180,11 +199,13 @@ def print_summary(instance, keys, project: Path) -> None:
             print(f"{key.to_user_string():<17} not materialized")
             continue
         md = event.asset_materialization.metadata
-        figures = "  ".join(f"{f}={_fmt(f, md[f].value)}" for f in SUMMARY_FIELDS if f in md)
-        print(f"{key.to_user_string():<19} {figures}")
+        lines = _wrap([f"{name}={_fmt(name, value)}" for name, value in figures(md)], width)
+        for name, line in zip([key.to_user_string(), *[""] * len(lines)], lines):
+            print(f"{name:<19} {line}")
         if "path" in md:
-            short = md["dvc_md5"].value[:12] if "dvc_md5" in md else "-"
-            print(f"{'':<19} {Path(md['path'].value).relative_to(project)}  (dvc {short})")
+            artifact = [f"dvc {md['dvc_md5'].value[:12] if 'dvc_md5' in md else '-'}",
+                        *(f"{_fmt(n, md[n].value)} {n[:-1] if md[n].value == 1 else n}" for n in ("files", "bytes") if n in md)]
+            print(f"{'':<19} {Path(md['path'].value).relative_to(project)}  ({', '.join(artifact)})")
     print(f"\nDagster home: {os.environ['DAGSTER_HOME']}\nOpen the UI:  make ui  ->  http://127.0.0.1:3000")
 
 
@@ -273,16 +294,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from llm_assets.serving.app import ServeSettings, create_app
 
-    project = project_dir()
-    settings = ServeSettings(
-        releases_dir=ProjectPaths(project).releases, log_dir=ProjectPaths(project).serving,
-        model_dir=Path(args.model).resolve() if args.model else None, max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens_cap=args.max_new_tokens, max_concurrent=args.concurrency)
+    paths = ProjectPaths(project_dir())
+    flags = {"max_prompt_tokens": args.max_prompt_tokens, "max_new_tokens_cap": args.max_new_tokens,
+             "max_concurrent": args.concurrency}  # a flag left out keeps ServeSettings' default
+    settings = ServeSettings(releases_dir=paths.releases, log_dir=paths.serving,
+                             model_dir=Path(args.model).resolve() if args.model else None,
+                             **{k: v for k, v in flags.items() if v is not None})
     # Each generation gets its share of the cores: torch's default (all cores per generation) makes
     # concurrent generations fight over them.
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.concurrency))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.max_concurrent))
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, which flushes the request log.
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
@@ -309,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="serve this model directory instead of data/releases/current.json")
-    p.add_argument("--max-prompt-tokens", type=int, default=192)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="cap on a request's max_new_tokens")
-    p.add_argument("--concurrency", type=int, default=2, help="generations at once; more wait, then get 429")
+    # Defaults and meanings: ServeSettings in llm_assets/serving/app.py (not imported here: it loads torch).
+    p.add_argument("--max-prompt-tokens", type=int, help="ServeSettings.max_prompt_tokens: longest prompt, in tokens")
+    p.add_argument("--max-new-tokens", type=int, help="ServeSettings.max_new_tokens_cap: cap on a request's max_new_tokens")
+    p.add_argument("--concurrency", type=int, help="ServeSettings.max_concurrent: generations at once; more wait, then get 429")
     p.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import load_tiny_config, make_project
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -20,36 +18,6 @@ def _dvc_env(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("DVC_NO_ANALYTICS", "1")
     yield
     mp.undo()
-
-
-def make_project(base: Path) -> Path:
-    """A project root like the checkout: dvc.yaml, the code it lists as deps, data/raw, and DVC
-    initialized with a local-directory remote beside it."""
-    from llm_assets.lib.common.versioning import init_dvc
-
-    root = base / "project"
-    root.mkdir()
-    # A git work tree with the checkout's .gitignore, as after `git clone`: DVC behaves differently
-    # in git mode (it refuses a git-ignored dvc.lock, writes .gitignore entries for outputs).
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    shutil.copy(REPO / ".gitignore", root / ".gitignore")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "llm_assets").symlink_to(REPO / "llm_assets")  # dvc.yaml lists code files as deps
-    for user_dir in ("raw", "sft", "preferences"):
-        (root / "data" / user_dir).mkdir(parents=True)
-    init_dvc(root, remote_url=str(base / "remote"))
-    return root
-
-
-def load_tiny_config(assets: list[str] | None = None) -> dict:
-    """configs/tiny.yaml, optionally restricted to `assets` (Dagster rejects config for assets
-    outside the run)."""
-    import yaml
-
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    if assets is not None:
-        cfg["ops"] = {k: v for k, v in cfg["ops"].items() if k in assets}
-    return cfg
 
 
 @pytest.fixture
@@ -84,6 +52,7 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from llm_assets.lib.pretrain.model import build_model
+    from llm_assets.lib.pretrain.model_dir import save_model
     from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -92,6 +61,5 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     out = tmp_path_factory.mktemp("tiny_base")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_model(model, tok, out)
     return out

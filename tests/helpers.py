@@ -1,15 +1,90 @@
-"""Helpers shared by the asset tests (importable because pytest's `pythonpath` includes tests/)."""
+"""Helpers shared by the tests (importable because pytest's `pythonpath` includes tests/): test
+modules share code through this module and fixtures through conftest.py, never by importing each
+other (tests/test_every_module_tested.py checks)."""
 
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
-import dagster as dg
 import yaml
 
-from llm_assets.defs.resources import LakeResource
+# dagster is imported inside the helpers that need it: conftest.py imports this module in every
+# session, lib tests included, and those never load dagster.
+REPO = Path(__file__).resolve().parents[1]
+# What base_checkpoint is trained from, and the post-training assets after it, in graph order.
+UPSTREAM = ["raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "tokenized_shards"]
+POST = ["sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"]
+
+
+def make_project(base: Path) -> Path:
+    """A project root like the checkout: dvc.yaml, the code it lists as deps, data/raw, and DVC
+    initialized with a local-directory remote beside it."""
+    from llm_assets.lib.common.versioning import init_dvc
+
+    root = base / "project"
+    root.mkdir()
+    # A git work tree with the checkout's .gitignore, as after `git clone`: DVC behaves differently
+    # in git mode (it refuses a git-ignored dvc.lock, writes .gitignore entries for outputs).
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "llm_assets").symlink_to(REPO / "llm_assets")  # dvc.yaml lists code files as deps
+    for user_dir in ("raw", "sft", "preferences"):
+        (root / "data" / user_dir).mkdir(parents=True)
+    init_dvc(root, remote_url=str(base / "remote"))
+    return root
+
+
+def load_tiny_config(assets: list[str] | None = None) -> dict:
+    """configs/tiny.yaml, optionally restricted to `assets` (Dagster rejects config for assets
+    outside the run)."""
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    if assets is not None:
+        cfg["ops"] = {k: v for k, v in cfg["ops"].items() if k in assets}
+    return cfg
+
+
+def materialize(project: Path, run_config: dict, selection: list[str], instance):
+    """Run `selection` of the real code location (`defs()`) in-process against `project`."""
+    import dagster as dg
+
+    from llm_assets.definitions import defs
+
+    job = defs().resolve_implicit_global_asset_job_def()
+    resources = {"lake": {"config": {"project_dir": str(project)}}}
+    return job.execute_in_process(
+        run_config={**run_config, "resources": resources}, instance=instance,
+        asset_selection=[dg.AssetKey(k) for k in selection], raise_on_error=False)
+
+
+def metadata(instance, asset: str) -> dict:
+    """The latest materialization's metadata of `asset`, as plain values."""
+    import dagster as dg
+
+    md = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+    return {k: v.value for k, v in md.items()}
+
+
+def log_prompts(project: Path, prompts: list[str]) -> None:
+    """Requests in the project's serving log, as if the server had answered `prompts` just now."""
+    from llm_assets.lib.monitor.serving_log import ServingLog
+
+    log = ServingLog(project / "data/serving")
+    for p in prompts:
+        log.append({"time": datetime.now(timezone.utc), "request_id": "r", "prompt": p, "response": "x",
+                    "prompt_tokens": 5, "response_tokens": 1, "latency_seconds": 0.01, "model_version": "v", "status": "ok"})
+    log.close()
 
 
 def materialize_assets(assets: list, project: Path, run_config: dict, selection=None, instance=None):
     """`dg.materialize` of `assets` against the throwaway `project`; failures come back as results."""
+    import dagster as dg
+
+    from llm_assets.defs.resources import LakeResource
+
     return dg.materialize(
         assets, selection=selection, run_config=run_config, instance=instance,
         resources={"lake": LakeResource(project_dir=str(project))}, raise_on_error=False)

@@ -12,9 +12,8 @@ import time
 import pytest
 import yaml
 
-from conftest import load_tiny_config, make_project
 from dagster_procs import DagsterProcesses
-from helpers import shifted_batch
+from helpers import load_tiny_config, make_project, shifted_batch
 from llm_assets.cli import DAGSTER_YAML
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -56,3 +56,14 @@ def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("def f():\n    from llm_assets.lib.monitor import drift\n")
     assert stage_of(next(iter(imports_of(bad)))) == "monitor"
+
+
+def test_readme_tree_lists_every_lib_module():
+    """The README's layout tree is the map a newcomer reads: it must name every stage folder and module."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    tree = readme[readme.index("## Layout"):]
+    for stage in STAGES:
+        assert f"    {stage}/ " in tree, f"README's tree lacks lib/{stage}/"
+        for module in sorted((PACKAGE / "lib" / stage).glob("*.py")):
+            if module.name != "__init__.py":
+                assert f"      {module.name} " in tree, f"README's tree lacks lib/{stage}/{module.name}"

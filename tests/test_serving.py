@@ -97,6 +97,43 @@ def test_a_new_release_is_served_without_a_restart(tmp_path, releases, tiny_base
         assert client.get("/health").json()["model_version"] == "v2"
 
 
+@pytest.fixture
+def broken_model_dir(tiny_base_dir, tmp_path):
+    """Loads and warms up fine, but its embedding has 16 rows for a 512-token tokenizer: every real
+    prompt fails inside model.generate (IndexError in the embedding lookup)."""
+    from transformers import AutoTokenizer
+
+    from llm_assets.lib.pretrain.model import build_model
+    from llm_assets.lib.pretrain.model_dir import save_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    out = tmp_path / "broken"
+    save_model(build_model("tiny", 16, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok, out)
+    return out
+
+
+def test_a_failure_during_generation_is_logged_and_counted_the_same_on_both_endpoints(tmp_path, broken_model_dir):
+    # One slot and a short queue: a slot a failure did not give back turns the next request into a 429.
+    app = create_app(settings(tmp_path, tmp_path / "no-releases", model_dir=broken_model_dir, max_concurrent=1,
+                              queue_timeout_s=5))
+    with Server(app) as client:
+        assert client.get("/health").json() == {"status": "ok", "model_version": "dir:broken"}
+        r = client.post("/generate", json={"prompt": "plain", "max_new_tokens": 3})
+        assert r.status_code == 500 and r.json()["detail"].startswith("generation failed: IndexError")
+        with client.stream("POST", "/generate/stream", json={"prompt": "streamed", "max_new_tokens": 3}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        assert events == [{"error": r.json()["detail"]}]
+        assert client.post("/generate", json={"prompt": "again", "max_new_tokens": 3}).status_code == 500
+        metrics = client.get("/metrics").text
+        for endpoint, n in (("generate", 2), ("stream", 1)):
+            assert f'llm_requests_total{{endpoint="{endpoint}",status="500"}} {n}.0' in metrics
+            assert f'llm_errors_total{{endpoint="{endpoint}",reason="generation_error"}} {n}.0' in metrics
+        assert 'status="200"' not in metrics
+    log = read_log(tmp_path / "serving").to_pylist()
+    assert sorted((r["prompt"], r["status"], r["response"], r["response_tokens"], r["model_version"]) for r in log) == [
+        (p, "IndexError", "", 0, "dir:broken") for p in ("again", "plain", "streamed")]
+
+
 def test_no_release_answers_503(tmp_path):
     app = create_app(settings(tmp_path, tmp_path / "no-releases"))
     with Server(app) as client:

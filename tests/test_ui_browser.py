@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_project
 from dagster_procs import DagsterProcesses
+from helpers import make_project
 
 CHROMIUM = "/usr/bin/chromium"
 LIFECYCLE = ("raw_corpus", "clean_corpus", "deduped_shards", "incoming_batch", "tokenizer", "base_checkpoint", "lora_checkpoint",

@@ -1,46 +1,27 @@
 """Group `data`: raw_corpus -> clean_corpus -> deduped_shards, each a DVC-versioned directory."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.data import clean, corpus, dedup
 from llm_assets.lib.common.report import histogram_markdown, markdown_table
+from llm_assets.lib.common.settings import settings_of
 
 
-class CorpusConfig(dg.Config):
-    include_stdlib: bool = Field(True, description="Include the embedded default corpus: this Python's standard library.")
-    stdlib_parts: list[str] = Field(
-        list(corpus.STDLIB_PARTS),
-        description="Which stdlib parts: 'modules' (source), 'tests' (its test suite), 'docs' (pydoc topics, .txt docs).")
-    stdlib_max_documents: int = Field(0, description="Keep at most this many stdlib documents, spread evenly (0 = all).")
-    user_globs: list[str] = Field(
-        ["**/*.txt", "**/*.md", "**/*.jsonl", "**/*.parquet"],
-        description="Glob patterns, relative to data/raw/, selecting the user's corpus files.")
-    jsonl_text_field: str = Field("text", description="Field holding the document text in .jsonl files.")
-    parquet_text_column: str = Field("text", description="Column holding the document text in .parquet files.")
+class CorpusConfig(dg.Config, corpus.CorpusSources):
+    """raw_corpus's launchpad: the sources of lib/data/corpus.py (raw_dir is the project's data/raw/)."""
 
 
-class CleanConfig(dg.Config):
-    min_chars: int = Field(200, description="Drop documents shorter than this after normalization.")
-    max_chars: int = Field(1_000_000, description="Drop documents longer than this.")
-    max_line_chars: int = Field(2_000, description="Drop documents with a longer line (minified code, data blobs).")
-    min_alpha_share: float = Field(0.25, description="Drop documents whose share of letters is lower.")
-    max_repeated_line_share: float = Field(0.6, description="Drop documents where a larger share of characters sits in repeated lines.")
-    max_control_share: float = Field(0.001, description="Drop documents with a higher share of control characters.")
-    max_replacement_share: float = Field(0.001, description="Drop documents with a higher share of U+FFFD (invalid UTF-8).")
+class CleanConfig(dg.Config, clean.CleanRules):
+    """clean_corpus's launchpad: the quality rules of lib/data/clean.py."""
 
 
-class DedupConfig(dg.Config):
-    threshold: float = Field(0.8, description="Estimated Jaccard similarity of word 5-gram shingles at which two documents are near duplicates.")
-    num_perm: int = Field(128, description="MinHash signature length (a power of two).")
-    shingle_size: int = Field(5, description="Words per shingle.")
-    seed: int = Field(1, description="Seed of the MinHash hash functions.")
-    validation_fraction: float = Field(0.1, description="Share of duplicate clusters assigned to the validation split.")
+class DedupConfig(dg.Config, dedup.DedupParams):
+    """deduped_shards' launchpad: the dedup parameters of lib/data/dedup.py plus the shard size."""
+
     shard_target_mb: float = Field(8.0, description="Target uncompressed text per Parquet shard, in MB.")
 
 
@@ -48,14 +29,13 @@ class DedupConfig(dg.Config):
 def raw_corpus(context: dg.AssetExecutionContext, config: CorpusConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Documents from the configured sources (default: this Python's standard library, sources,
     tests and docs; plus .txt/.md/.jsonl/.parquet files under data/raw/) as one Parquet file."""
-    sources = corpus.CorpusSources(raw_dir=lake.raw_dir, **config.model_dump())
-    docs, stats = corpus.collect_documents(sources)
+    docs, stats = corpus.collect_documents(settings_of(config, corpus.CorpusSources), lake.raw_dir)
     if not docs:
         raise dg.Failure(f"raw_corpus: no documents (stdlib {'on' if config.include_stdlib else 'off'}, "
                          f"no files matching {config.user_globs} under {lake.raw_dir})")
     out = lake.artifact_dir("raw_corpus")
     with lake.write("raw_corpus") as tmp:
-        corpus.write_documents(docs, tmp / "corpus.parquet")
+        corpus.write_documents(docs, corpus.corpus_file(tmp))
     version = lake.record("raw_corpus")
     rows = [(src, n) for src, n in sorted(stats.by_source.items())]
     return dg.MaterializeResult(
@@ -82,11 +62,11 @@ def raw_corpus(context: dg.AssetExecutionContext, config: CorpusConfig, lake: La
 def clean_corpus(config: CleanConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Normalized text (NFC, LF, no control characters, no trailing whitespace) after the quality
     filters; metadata counts what each rule removed, with examples."""
-    docs = corpus.read_documents(lake.artifact_dir("raw_corpus") / "corpus.parquet")
-    kept, report = clean.clean_documents(docs, clean.CleanRules(**config.model_dump()))
+    docs = corpus.read_documents(corpus.corpus_file(lake.artifact_dir("raw_corpus")))
+    kept, report = clean.clean_documents(docs, settings_of(config, clean.CleanRules))
     out = lake.artifact_dir("clean_corpus")
     with lake.write("clean_corpus") as tmp:
-        corpus.write_documents(kept, tmp / "corpus.parquet")
+        corpus.write_documents(kept, corpus.corpus_file(tmp))
     version = lake.record("clean_corpus")
     rows = [(rule, report.removed.get(rule, 0), ", ".join(report.examples.get(rule, [])))
             for rule in clean.RULES]
@@ -120,8 +100,8 @@ def clean_corpus(config: CleanConfig, lake: LakeResource) -> dg.MaterializeResul
 def deduped_shards(config: DedupConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Exact and MinHash-LSH near-duplicate removal, then Parquet shards of a target size with a
     deterministic train/validation split that keeps each duplicate cluster on one side."""
-    docs = corpus.read_documents(lake.artifact_dir("clean_corpus") / "corpus.parquet")
-    params = dedup.DedupParams(**config.model_dump(exclude={"shard_target_mb"}))
+    docs = corpus.read_documents(corpus.corpus_file(lake.artifact_dir("clean_corpus")))
+    params = settings_of(config, dedup.DedupParams)
     result = dedup.deduplicate(docs, params)
     out = lake.artifact_dir("deduped_shards")
     with lake.write("deduped_shards") as tmp:
@@ -155,11 +135,11 @@ def deduped_shards(config: DedupConfig, lake: LakeResource) -> dg.MaterializeRes
 def _splits_disjoint(shard_dir: Path) -> dg.AssetCheckResult:
     """Reads the written shards back: the gate checks the artifact, not the in-memory result."""
     ids = {s: set(dedup.read_split(shard_dir, s).column("doc_id").to_pylist())
-           if list(shard_dir.glob(f"{s}-*.parquet")) else set() for s in ("train", "validation")}
+           if dedup.shard_files(shard_dir, s) else set() for s in ("train", "validation")}
     overlap = ids["train"] & ids["validation"]
-    removed = set(pq.read_table(shard_dir / "duplicates.parquet").column("doc_id").to_pylist())
+    removed = set(dedup.read_duplicates(shard_dir).column("doc_id").to_pylist())
     leaked = removed & (ids["train"] | ids["validation"])
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    manifest = dedup.read_manifest(shard_dir)
     passed = bool(ids["train"]) and bool(ids["validation"]) and not overlap and not leaked
     return dg.AssetCheckResult(
         check_name="deduped_shards_splits_disjoint", passed=passed,

@@ -2,16 +2,19 @@
 release gates that need the whole comparison."""
 
 import json
+from dataclasses import asdict
 
 import dagster as dg
 from pydantic import Field
 
-from llm_assets.defs.release import context_length, validation_tokens
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.evaluate import evaluation
 from llm_assets.lib.posttrain import posttrain_data
+from llm_assets.lib.pretrain.model_dir import context_length, merged_dir
 from llm_assets.lib.release import quantize
+from llm_assets.lib.tokenizer import packing
 from llm_assets.lib.common.report import figure_markdown, markdown_table
+from llm_assets.lib.common.settings import settings_of
 
 PREFERENCE_GATE = "aligned_preference_not_below_lora"
 GENERATION_GATE = "generation_non_empty"
@@ -20,22 +23,15 @@ COLUMNS = [("val_perplexity", "val ppl"), ("instruction_loss", "instr. loss"), (
            ("tokens_per_second", "tokens/s"), ("peak_memory_bytes", "peak memory (B)"), ("parameters", "parameters"),
            ("disk_bytes", "disk (B)")]
 
-_E = evaluation.EvalSettings()
 
+class EvalReportConfig(dg.Config, evaluation.EvalSettings):
+    """The evaluation settings of lib/evaluate/evaluation.py plus eval_report's release gates."""
 
-class EvalReportConfig(dg.Config):
-    perplexity_windows: int = Field(_E.perplexity_windows, description="Validation windows scored for perplexity.")
-    instruction_examples: int = Field(_E.instruction_examples, description="Held-out instruction chats scored for the response loss.")
-    preference_pairs: int = Field(_E.preference_pairs, description="Held-out preference pairs scored for accuracy.")
-    generation_prompts: int = Field(_E.generation_prompts, description="Held-out prompts generated from (ROUGE-L, latency, samples).")
-    max_new_tokens: int = Field(_E.max_new_tokens, description="Tokens generated per prompt at most (greedy).")
-    repetition_penalty: float = Field(_E.repetition_penalty, description="Greedy decoding's repetition penalty (1 = off).")
-    samples: int = Field(_E.samples, description="Generations per model shown in the report.")
     preference_tolerance: float = Field(0.0, ge=0, description="Gate: the aligned model's preference accuracy may trail the LoRA model's by at most this much.")
     max_empty_generations: int = Field(0, ge=0, description="Gate: prompts for which the quantized model may generate empty text.")
 
 
-def _plot(rows: dict[str, dict]) -> str:
+def _plot(rows: dict[str, evaluation.ModelFigures]) -> str:
     import matplotlib.pyplot as plt
 
     names = list(rows)
@@ -43,7 +39,7 @@ def _plot(rows: dict[str, dict]) -> str:
     for ax, (key, title) in zip(axes, [("val_perplexity", "validation perplexity"),
                                        ("preference_accuracy", "held-out preference accuracy"),
                                        ("latency_ms_per_token_p50", "latency, ms per token (p50)")]):
-        ax.bar(names, [rows[n][key] for n in names], color=["#9aa5b1", "#4f6bed", "#2f9e44", "#e8590c"][: len(names)])
+        ax.bar(names, [getattr(rows[n], key) for n in names], color=["#9aa5b1", "#4f6bed", "#2f9e44", "#e8590c"][: len(names)])
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     return figure_markdown(fig, "model comparison")
@@ -68,48 +64,50 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
     `report.md` (the same, readable)."""
     from transformers import AutoTokenizer
 
-    settings = evaluation.EvalSettings(**config.model_dump(exclude={"preference_tolerance", "max_empty_generations"}))
+    settings = settings_of(config, evaluation.EvalSettings)
     settings.validate()
-    aligned = lake.artifact_dir("aligned_checkpoint") / "merged"
-    settings.seq_len = context_length(aligned)
+    aligned = merged_dir(lake.artifact_dir("aligned_checkpoint"))
+    seq_len = context_length(aligned)  # windows and examples as long as the models' context
     tokenizer = AutoTokenizer.from_pretrained(aligned)
     data = evaluation.EvalData.build(
-        validation_tokens(lake), posttrain_data.read_chats(lake.artifact_dir("sft_dataset") / "validation.parquet"),
-        posttrain_data.read_preferences(lake.artifact_dir("preference_dataset") / "validation.parquet"), tokenizer, settings)
-    models = {"base": lake.artifact_dir("base_checkpoint"), "lora": lake.artifact_dir("lora_checkpoint") / "merged",
+        packing.load_tokens(lake.artifact_dir("tokenized_shards"), "validation"),
+        posttrain_data.read_chats(lake.artifact_dir("sft_dataset"), "validation"),
+        posttrain_data.read_preferences(lake.artifact_dir("preference_dataset"), "validation"), tokenizer, settings, seq_len)
+    models = {"base": lake.artifact_dir("base_checkpoint"), "lora": merged_dir(lake.artifact_dir("lora_checkpoint")),
               "aligned": aligned, "quantized": lake.artifact_dir("quantized_model")}
     rows, texts = {}, {}
     for name, path in models.items():
         rows[name], texts[name] = evaluation.evaluate_model(
-            lambda p=path: quantize.load_for_inference(p), path, tokenizer, data, settings, parameters=rows["aligned"]["parameters"] if name == "quantized" else None)
-        context.log.info(f"{name}: {json.dumps(rows[name])}")
+            lambda p=path: quantize.load_for_inference(p), path, tokenizer, data, settings, parameters=rows["aligned"].parameters if name == "quantized" else None)
+        context.log.info(f"{name}: {json.dumps(asdict(rows[name]))}")
 
     gates = [
-        {"name": PREFERENCE_GATE, "passed": rows["aligned"]["preference_accuracy"] >= rows["lora"]["preference_accuracy"] - config.preference_tolerance,
-         "threshold": rows["lora"]["preference_accuracy"] - config.preference_tolerance,
-         "observed": rows["aligned"]["preference_accuracy"], "rule": "aligned accuracy >= LoRA accuracy - tolerance"},
-        {"name": GENERATION_GATE, "passed": rows["quantized"]["empty_generations"] <= config.max_empty_generations,
-         "threshold": config.max_empty_generations, "observed": rows["quantized"]["empty_generations"],
+        {"name": PREFERENCE_GATE, "passed": rows["aligned"].preference_accuracy >= rows["lora"].preference_accuracy - config.preference_tolerance,
+         "threshold": rows["lora"].preference_accuracy - config.preference_tolerance,
+         "observed": rows["aligned"].preference_accuracy, "rule": "aligned accuracy >= LoRA accuracy - tolerance"},
+        {"name": GENERATION_GATE, "passed": rows["quantized"].empty_generations <= config.max_empty_generations,
+         "threshold": config.max_empty_generations, "observed": rows["quantized"].empty_generations,
          "rule": "empty generations of the quantized model <= max_empty_generations"},
     ]
     samples = [{"prompt": tokenizer.decode(data.prompts[i], skip_special_tokens=True), "reference": data.references[i],
                 **{name: texts[name][i] for name in models}} for i in range(min(settings.samples, len(data.prompts)))]
     table = markdown_table(["model", *[label for _, label in COLUMNS]],
-                           [(name, *[row[key] for key, _ in COLUMNS]) for name, row in rows.items()])
+                           [(name, *[getattr(row, key) for key, _ in COLUMNS]) for name, row in rows.items()])
     sample_md = "\n\n".join(
         f"**{s['prompt'].strip()[:200]}**\n\n" + markdown_table(["model", "text"], [("reference", s["reference"][:300]),
                                                                                    *[(n, s[n][:300]) for n in models]])
         for s in samples)
     out = lake.artifact_dir("eval_report")
     with lake.write("eval_report") as tmp:
-        report = {"models": {n: str(p) for n, p in models.items()}, "settings": vars(settings), "figures": rows,
+        report = {"models": {n: str(p) for n, p in models.items()}, "settings": {"seq_len": seq_len, **settings.model_dump()},
+                  "figures": {name: asdict(row) for name, row in rows.items()},
                   "gates": gates, "samples": samples}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(f"# Evaluation report\n\n{table}\n\n## Gates\n\n" + markdown_table(
             ["gate", "passed", "threshold", "observed", "rule"], [tuple(g.values()) for g in gates])
             + f"\n\n## Samples\n\n{sample_md}\n")
     version = lake.record("eval_report")
-    flat = {f"{name}_{key}": value for name, row in rows.items() for key, value in row.items()}
+    flat = {f"{name}_{key}": value for name, row in rows.items() for key, value in asdict(row).items()}
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),

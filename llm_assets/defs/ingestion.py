@@ -11,6 +11,7 @@ from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.data import clean, dedup, ingest
 from llm_assets.lib.common.atomic import atomic_dir, sweep_leftovers
 from llm_assets.lib.common.report import markdown_table
+from llm_assets.lib.common.settings import settings_of
 
 incoming_batches = dg.DynamicPartitionsDefinition(name="incoming_batches")
 
@@ -45,7 +46,7 @@ def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfi
     earlier = ingest.read_batches(lake_dir, exclude=key)  # a re-run of this batch must not match itself
     for table in (dedup.read_split(shards, "train"), dedup.read_split(shards, "validation"), earlier):
         index.add(table.column("doc_id").to_pylist(), table.column("text").to_pylist())
-    rules = clean.CleanRules(**config.model_dump(exclude={"jsonl_text_field", "parquet_text_column"}))
+    rules = settings_of(config, clean.CleanRules)
     result = ingest.ingest(docs, index, rules, params)
     info = {"key": key, "file": str(path), "documents_in": result.documents_in,
             "documents": len(result.kept), "removed_by_cleaning": result.documents_in - result.clean_report.documents_out,
@@ -75,5 +76,5 @@ def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfi
         check_results=[dg.AssetCheckResult(
             check_name="incoming_batch_adds_documents", passed=bool(result.kept), severity=dg.AssetCheckSeverity.WARN,
             metadata={"documents_in": result.documents_in, "documents": len(result.kept)})],
-        data_version=dg.DataVersion(hashlib.sha256((lake_dir / key / "documents.parquet").read_bytes()).hexdigest()[:24]),
+        data_version=dg.DataVersion(hashlib.sha256(ingest.documents_file(lake_dir / key).read_bytes()).hexdigest()[:24]),
     )

@@ -2,21 +2,20 @@
 recent traffic against the prompts the model was trained on)."""
 
 import hashlib
-import json
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import pandas as pd
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib.data import dedup
+from llm_assets.lib.data import dedup, ingest
 from llm_assets.lib.monitor import drift
 from llm_assets.lib.posttrain import posttrain_data
 from llm_assets.lib.release.release import current_release
 from llm_assets.lib.common.report import markdown_table
-from llm_assets.lib.monitor.serving_log import PART_GLOB, read_log
+from llm_assets.lib.common.settings import settings_of
+from llm_assets.lib.monitor import serving_log as log_lib
 
 
 @dg.observable_source_asset(group_name="monitoring", description=(
@@ -24,24 +23,23 @@ from llm_assets.lib.monitor.serving_log import PART_GLOB, read_log
     "version), as Parquet parts under data/serving/. Observed: the data version changes when new parts arrive."))
 def serving_log(lake: LakeResource) -> dg.ObserveResult:
     directory = lake.paths.serving
-    parts = sorted(directory.glob(PART_GLOB)) if directory.is_dir() else []
+    parts = log_lib.parts(directory)
     h = hashlib.blake2b(digest_size=12)
     for p in parts:  # parts are write-once: names and sizes identify the log's content
         h.update(f"{p.name}:{p.stat().st_size}\n".encode())
-    rows = read_log(directory).num_rows
+    rows = log_lib.read_log(directory).num_rows
     return dg.ObserveResult(data_version=dg.DataVersion(h.hexdigest()),
                             metadata={"parts": len(parts), "requests": rows, "path": dg.MetadataValue.path(str(directory))})
 
 
-class DriftReportConfig(dg.Config):
+class DriftReportConfig(dg.Config, drift.DriftSettings):
+    """The drift rules of lib/monitor/drift.py plus what drift_report compares."""
+
     incoming_batch: str = Field("", description="An incoming_batch partition key: compare that batch's documents with the training corpus instead of serving traffic with the training prompts (set by incoming_data_sensor).")
     window_hours: float = Field(24.0, ge=0, description="Current window: serving traffic of the last this many hours (0 = all of it).")
     min_current_rows: int = Field(20, ge=1, description="Fewer requests than this in the window: no report (the comparison would mean nothing).")
     max_reference_rows: int = Field(2000, ge=50, description="Training prompts sampled as the reference.")
     use_model_perplexity: bool = Field(True, description="Add each text's perplexity under the released model as a descriptor (needs a release).")
-    text_threshold: float = Field(drift.DriftSettings.text_threshold, description="ROC AUC at which the text column counts as drifted.")
-    num_threshold: float = Field(drift.DriftSettings.num_threshold, description="Kolmogorov-Smirnov p-value below which a descriptor counts as drifted.")
-    drift_share: float = Field(drift.DriftSettings.drift_share, description="Share of drifted columns at which the window counts as drifted.")
 
 
 def _released_model(lake: LakeResource):
@@ -75,23 +73,19 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
                                      f"min_current_rows is {config.min_current_rows}")
     model, tokenizer, version = _released_model(lake) if config.use_model_perplexity else (None, None, None)
     if tokenizer is None:
-        from transformers import AutoTokenizer
+        from llm_assets.lib.tokenizer.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(lake.artifact_dir("tokenizer"))
+        tokenizer = load_tokenizer(lake.artifact_dir("tokenizer"))
         if config.use_model_perplexity:
             context.log.warning("no release to score perplexity with: the report leaves that descriptor out")
     reference_texts = drift.sample(pd.DataFrame({"text": reference_texts}), config.max_reference_rows)["text"].tolist()
     reference = drift.describe(reference_texts, tokenizer, model)
     current = drift.describe(current_texts, tokenizer, model)
-    settings = drift.DriftSettings(num_threshold=config.num_threshold, text_threshold=config.text_threshold,
-                                   drift_share=config.drift_share)
-    result = drift.detect_drift(reference, current, settings)
+    result = drift.detect_drift(reference, current, settings_of(config, drift.DriftSettings))
     s = {**result.summary, "source": source, "window": window, "model_version": version}
     out = lake.artifact_dir("drift_report")
     with lake.write("drift_report") as tmp:
-        result.snapshot.save_html(str(tmp / "report.html"))
-        (tmp / "summary.json").write_text(json.dumps(s, indent=2, default=str))
-        current.to_parquet(tmp / "current.parquet")
+        drift.write_report(tmp, result, s, current)
     version_ = lake.record("drift_report")
     rows = [(col, f"{v['score']:.4g}", v["method"], v["threshold"], "yes" if col in s["drifted_columns"] else "no")
             for col, v in s["scores"].items()]
@@ -105,7 +99,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
             "reference_rows": s["reference_rows"],
             "source": source,
             "window": window,
-            "report": dg.MetadataValue.path(str(out / "report.html")),
+            "report": dg.MetadataValue.path(str(out / drift.REPORT_HTML)),
             "columns": dg.MetadataValue.md(markdown_table(["column", "score", "method", "threshold", "drifted"], rows)),
         },
         data_version=dg.DataVersion(version_.md5),
@@ -114,17 +108,18 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
 
 def _serving_window(lake: LakeResource, window_hours: float) -> tuple[list[str], list[str], str]:
     since = datetime.now(timezone.utc) - timedelta(hours=window_hours) if window_hours else None
-    log = read_log(lake.paths.serving, since=since).to_pandas()
+    log = log_lib.read_log(lake.paths.serving, since=since).to_pandas()
     window = (f"{log['time'].min().isoformat()} .. {log['time'].max().isoformat()}" if len(log)
               else f"no requests in the last {window_hours} h")
-    chats = posttrain_data.read_chats(lake.artifact_dir("sft_dataset") / "train.parquet")
+    chats = posttrain_data.read_chats(lake.artifact_dir("sft_dataset"), "train")
     return log["prompt"].tolist(), posttrain_data.user_prompts(chats), window
 
 
 def _batch_window(lake: LakeResource, key: str) -> tuple[list[str], list[str], str]:
     batch = lake.artifact_dir("incoming_batch") / key
-    if not (batch / "batch.json").is_file():
+    if not ingest.is_batch(batch):
         raise dg.Failure(description=f"incoming batch {key!r} is not ingested ({batch} missing): materialize incoming_batch[{key}] first")
-    current = pq.read_table(batch / "documents.parquet", columns=["text"]).column("text").to_pylist()
+    info, documents = ingest.read_batch(batch)
+    current = documents.column("text").to_pylist()
     reference = dedup.read_split(lake.artifact_dir("deduped_shards"), "train").column("text").to_pylist()
-    return current, reference, f"batch {key} ({json.loads((batch / 'batch.json').read_text())['file']})"
+    return current, reference, f"batch {key} ({info['file']})"

@@ -66,7 +66,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lak
     out = lake.artifact_dir("sft_dataset")
     with lake.write("sft_dataset") as tmp:
         for split, rows in splits.items():
-            posttrain_data.write_chats(tmp / f"{split}.parquet", rows)
+            posttrain_data.write_chats(tmp, split, rows)
     version = lake.record("sft_dataset")
 
     origins = sorted({r["origin"] for rows in splits.values() for r in rows})
@@ -117,7 +117,7 @@ def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceData
     out = lake.artifact_dir("preference_dataset")
     with lake.write("preference_dataset") as tmp:
         for split, pairs in splits.items():
-            posttrain_data.write_preferences(tmp / f"{split}.parquet", pairs)
+            posttrain_data.write_preferences(tmp, split, pairs)
     version = lake.record("preference_dataset")
 
     tiers = Counter(p.negative or "user file" for pairs in splits.values() for p in pairs)

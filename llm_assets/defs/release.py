@@ -4,17 +4,16 @@ pointer the server loads, moved only when every gate passed)."""
 import json
 
 import dagster as dg
-import numpy as np
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib.posttrain import adapters
 from llm_assets.lib.evaluate import evaluation
-from llm_assets.lib.pretrain import model as model_lib
+from llm_assets.lib.pretrain.model_dir import context_length, load_model, merged_dir, weights_bytes
 from llm_assets.lib.release import quantize
 from llm_assets.lib.common import versioning
 from llm_assets.lib.release import release as release_lib
 from llm_assets.lib.common.report import markdown_table
+from llm_assets.lib.tokenizer import packing
 
 PPL_GATE = "quantized_perplexity_within_budget"
 
@@ -23,17 +22,6 @@ class QuantizeConfig(dg.Config):
     method: str = Field("nf4", description="nf4 (4-bit NormalFloat, double-quantized scales) | int8 (LLM.int8()).")
     perplexity_budget: float = Field(0.05, ge=-1, description="Gate: the quantized model's validation perplexity may exceed the aligned model's by at most this share (negative demands an improvement: a way to rehearse a refused release).")
     perplexity_windows: int = Field(32, ge=1, description="Validation windows both models are scored on.")
-
-
-def validation_tokens(lake: LakeResource) -> np.ndarray:
-    meta = json.loads((lake.artifact_dir("tokenized_shards") / "meta.json").read_text())
-    return np.memmap(lake.artifact_dir("tokenized_shards") / "validation.bin", dtype=meta["dtype"], mode="r")
-
-
-def context_length(model_dir, cap: int = 256) -> int:
-    from transformers import AutoConfig
-
-    return min(cap, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
 
 
 @dg.asset(
@@ -48,10 +36,11 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, l
     """The aligned model quantized with bitsandbytes (nf4 or int8, both on CPU), saved with
     save_pretrained (one model.safetensors with the quantization state) so it reloads quantized and
     generates; `quantization.json` holds the figures and the perplexity gate."""
-    source = lake.artifact_dir("aligned_checkpoint") / "merged"
-    windows = evaluation.validation_windows(validation_tokens(lake), context_length(source), config.perplexity_windows)
+    source = merged_dir(lake.artifact_dir("aligned_checkpoint"))
+    tokens = packing.load_tokens(lake.artifact_dir("tokenized_shards"), "validation")
+    windows = evaluation.validation_windows(tokens, context_length(source), config.perplexity_windows)
 
-    full = adapters.load_model(source)
+    full = load_model(source)
     full_ppl, full_memory = evaluation.perplexity(full, windows), full.get_memory_footprint()
     del full
     out = lake.artifact_dir("quantized_model")
@@ -62,7 +51,7 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, l
         figures = {
             "method": config.method, "source": str(source),
             "val_perplexity": ppl, "aligned_val_perplexity": full_ppl, "perplexity_ratio": ppl / full_ppl,
-            "disk_bytes": model_lib.weights_bytes(tmp), "aligned_disk_bytes": model_lib.weights_bytes(source),
+            "disk_bytes": weights_bytes(tmp), "aligned_disk_bytes": weights_bytes(source),
             "memory_bytes": memory, "aligned_memory_bytes": full_memory,
             "gate": {"name": PPL_GATE, "passed": passed, "threshold": 1 + config.perplexity_budget,
                      "observed": ppl / full_ppl, "rule": "perplexity / aligned perplexity <= 1 + budget"},
@@ -120,7 +109,7 @@ def release(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materia
             "version": record["version"],
             "previous_version": record["previous"] or "none",
             "path": dg.MetadataValue.path(record["path"]),
-            "pointer": dg.MetadataValue.path(str(releases / "current.json")),
+            "pointer": dg.MetadataValue.path(str(release_lib.pointer_path(releases))),
             "gates": dg.MetadataValue.md(markdown_table(["gate", "result", "threshold", "observed", "rule"], rows)),
         },
         data_version=dg.DataVersion(record["version"]),

@@ -114,7 +114,7 @@ def tokenized_shards(lake: LakeResource) -> dg.MaterializeResult:
 
     total = {k: sum(s[k] for s in splits.values()) for k in ("text_bytes", "tokens", "documents")}
     rows = [(name, s["documents"], s["tokens"], s["text_bytes"], per_token(s),
-             (out / f"{name}.bin").stat().st_size) for name, s in splits.items()]
+             packing.split_path(out, name).stat().st_size) for name, s in splits.items()]
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),

@@ -7,41 +7,21 @@ stream back over Pipes, and a re-run resumes from the last checkpoint in `data/l
 
 import json
 import sys
-from dataclasses import asdict
 
 import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib.pretrain import model as model_lib
-from llm_assets.lib.pretrain.pretrain import PretrainSettings, load_tokens
+from llm_assets.lib.pretrain.pretrain import PretrainMetrics, PretrainSettings, load_training_tokens
 from llm_assets.lib.common.report import markdown_table, png_markdown
+from llm_assets.lib.common.settings import settings_of
 
-_D = PretrainSettings()  # the defaults live with the trainer; the descriptions live here
 
+class PretrainConfig(dg.Config, PretrainSettings):
+    """The trainer's settings (lib/pretrain/pretrain.py: fields, defaults, descriptions) plus how the
+    asset launches it."""
 
-class PretrainConfig(dg.Config):
-    size: str = Field(_D.size, description=f"Model size dial: {', '.join(model_lib.MODEL_SIZES)} (tiny = tests, demo = make demo, large = real use on a GPU).")
-    seq_len: int = Field(_D.seq_len, description="Tokens per training window; at most the model size's context.")
-    micro_batch: int = Field(_D.micro_batch, description="Windows per forward/backward pass, per process.")
-    grad_accum: int = Field(_D.grad_accum, description="Micro-batches accumulated into one optimizer step.")
-    max_steps: int = Field(_D.max_steps, description="Optimizer steps. Tokens per step = processes x micro_batch x grad_accum x seq_len.")
-    lr: float = Field(_D.lr, description="Peak AdamW learning rate, reached after warmup, then cosine decay.")
-    min_lr_ratio: float = Field(_D.min_lr_ratio, description="The cosine ends at lr x min_lr_ratio.")
-    warmup_steps: int = Field(_D.warmup_steps, description="Linear warmup steps.")
-    weight_decay: float = Field(_D.weight_decay, description="AdamW decoupled weight decay on matrices (not norms or biases).")
-    grad_clip: float = Field(_D.grad_clip, description="Maximum global gradient norm (0 = no clipping).")
-    eval_every: int = Field(_D.eval_every, description="Steps between validation evaluations (0 = only at the end).")
-    eval_batches: int = Field(_D.eval_batches, description="Validation micro-batches per evaluation (fixed windows).")
-    checkpoint_every: int = Field(_D.checkpoint_every, description="Steps between resumable checkpoints (0 = only at the end).")
-    log_every: int = Field(_D.log_every, description="Steps between progress log lines.")
-    seed: int = Field(_D.seed, description="Seeds initialization and every batch, so a resumed run sees the same data.")
-    precision: str = Field(_D.precision, description="auto (bf16 autocast on CUDA when supported, else fp32) | fp32 | bf16.")
-    num_threads: int = Field(_D.num_threads, description="torch CPU threads per process (0 = torch's default).")
     nproc_per_node: int = Field(1, ge=1, description="Processes for torch DDP via torchrun (gloo on CPU, nccl on GPU); 1 = plain process.")
-
-    def settings(self) -> PretrainSettings:
-        return PretrainSettings(**self.model_dump(exclude={"nproc_per_node"}))
 
 
 @dg.asset(
@@ -57,14 +37,14 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: PretrainConfig, l
     """A small decoder-only transformer (transformers Llama, built from a size dial) pretrained from
     scratch on the packed shards; saved with save_pretrained (safetensors) together with its
     tokenizer and the exact training config. Resumes from the last checkpoint after a crash."""
-    settings = config.settings()
+    settings = settings_of(config, PretrainSettings)
     # A config or data that cannot work (seq_len over the context, empty or short shards) fails
     # here, in the step, with the field named, before any training process starts.
     settings.validate()
-    load_tokens(lake.artifact_dir("tokenized_shards"), settings.seq_len)
+    load_training_tokens(lake.artifact_dir("tokenized_shards"), settings.seq_len)
     work = lake.work_dir("base_checkpoint")
     settings_file = work / "settings.json"
-    settings_file.write_text(json.dumps(asdict(settings), indent=2))
+    settings_file.write_text(json.dumps(settings.model_dump(), indent=2))
     out = lake.artifact_dir("base_checkpoint")
     with lake.write("base_checkpoint") as staging:
         args = ["-m", "llm_assets.workers.pretrain", "--settings", str(settings_file),
@@ -76,11 +56,11 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: PretrainConfig, l
             command=[sys.executable, *args], context=context, cwd=str(lake.root)).get_materialize_result()
         curve = (staging / "loss_curve.png").read_bytes()
     version = lake.record("base_checkpoint")
-    m = {k: v.value for k, v in reported.metadata.items()}
-    ratio = m["perplexity_vs_unigram"]  # validation perplexity / unigram baseline, same tokens
-    rows = [("validation perplexity", m["val_perplexity"]), ("unigram perplexity (baseline)", m["unigram_perplexity"]),
-            ("ratio (bar: <= 0.5)", ratio), ("parameters", m["parameters"]), ("tokens seen", m["tokens_seen"]),
-            ("tokens/s", m["tokens_per_second"]), ("MFU vs measured matmul peak", m["mfu"])]
+    m = PretrainMetrics(**{k: v.value for k, v in reported.metadata.items()})  # what the worker reported
+    ratio = m.perplexity_vs_unigram  # validation perplexity / unigram baseline, same tokens
+    rows = [("validation perplexity", m.val_perplexity), ("unigram perplexity (baseline)", m.unigram_perplexity),
+            ("ratio (bar: <= 0.5)", ratio), ("parameters", m.parameters), ("tokens seen", m.tokens_seen),
+            ("tokens/s", m.tokens_per_second), ("MFU vs measured matmul peak", m.mfu)]
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),

@@ -1,9 +1,17 @@
 """Traffic for the model server: start `llm-assets serve` as a real process on loopback, send prompts
 from concurrent clients, stop it with SIGTERM (which flushes the request log).
 
-    with ServerProcess(project_dir) as url:
-        results = send(url, prompts, concurrency=16, max_new_tokens=32)
-    print(summarize(results))
+`with ServerProcess(project_dir) as url:` starts the server (tests/test_serving.py does, with a tiny
+model) and gives its URL; `send` posts prompts to it and `summarize` sums the results up. Against a
+port nothing listens on, every request fails, as a result with status 0, not an exception:
+
+    >>> from llm_assets.serving.load import free_port, send, summarize
+    >>> results = send(f"http://127.0.0.1:{free_port()}", ["Explain f()."] * 3, concurrency=2, max_new_tokens=8)
+    >>> [(r["status"], r["tokens"]) for r in results]
+    [(0, 0), (0, 0), (0, 0)]
+    >>> answered = [{"status": 200, "seconds": s, "prompt": "p", "text": "t", "tokens": 8} for s in (0.5, 1.5)]
+    >>> summarize(results + answered, wall_seconds=2.0)
+    {'requests': 5, 'ok': 2, 'errors': 3, 'latency_p50_s': 1.0, 'latency_p95_s': 1.5, 'requests_per_second': 1.0, 'tokens_per_second': 8.0}
 
     python -m llm_assets.serving.load --requests 40 --concurrency 4   # what `make demo` runs
 
@@ -107,7 +115,7 @@ def sft_prompts(project_dir: Path, n: int, split: str = "validation") -> list[st
     """n user prompts spread evenly over a split of sft_dataset."""
     from llm_assets.lib.posttrain.posttrain_data import read_chats, user_prompts
 
-    chats = read_chats(ProjectPaths(project_dir).artifact("sft_dataset") / f"{split}.parquet")
+    chats = read_chats(ProjectPaths(project_dir).artifact("sft_dataset"), split)
     prompts = user_prompts(chats)
     return [prompts[i * len(prompts) // n] for i in range(min(n, len(prompts)))]
 

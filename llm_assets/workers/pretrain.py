@@ -9,6 +9,7 @@ reporter would make two materializations of one asset. Other ranks, and runs wit
 
 import json
 import os
+from dataclasses import asdict
 
 from llm_assets.lib.pretrain.pretrain import parse_args, train
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with open_dagster_pipes() as pipes:
         final = train(settings, **paths, log=lambda event: pipes.log.info(json.dumps(event)))
-        pipes.report_asset_materialization(metadata=final)  # all numbers: the UI charts them
+        pipes.report_asset_materialization(metadata=asdict(final))  # all numbers: the UI charts them
 
 
 if __name__ == "__main__":

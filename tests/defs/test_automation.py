@@ -9,14 +9,11 @@ from datetime import datetime, timezone
 import dagster as dg
 import pytest
 
-from helpers import shifted_batch
+from helpers import log_prompts, materialize, metadata, shifted_batch
 from llm_assets.definitions import defs
 from llm_assets.defs.automation import drift_report_schedule, drift_sensor, eval_report_schedule, incoming_data_sensor
 from llm_assets.defs.resources import LakeResource
 from llm_assets.lib.posttrain.posttrain_data import read_chats, user_prompts
-from test_monitoring_assets import log_prompts
-from test_posttraining_assets import metadata
-from test_training_assets import materialize
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UPSTREAM = ["raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "sft_dataset"]
@@ -103,7 +100,7 @@ def test_ingest_run_reports_drift_and_the_drift_sensor_starts_one_retrain(env):
     assert tick(drift_sensor, project, instance).run_requests[0].run_key == retrain.run_key
 
     # New input that does not drift (traffic like the training prompts) starts nothing.
-    prompts = user_prompts(read_chats(project / "data/lake/sft_dataset/train.parquet"))
+    prompts = user_prompts(read_chats(project / "data/lake/sft_dataset", "train"))
     log_prompts(project, prompts[:60])
     cfg = {"ops": {"drift_report": {"config": {"min_current_rows": 5, "max_reference_rows": 200}}}}
     assert materialize(project, cfg, ["drift_report"], instance).success

@@ -35,10 +35,32 @@ def test_assets_groups_checks_and_jobs():
             "base_checkpoint_beats_unigram", "lora_improves_reply_loss", "aligned_preference_accuracy",
             "quantized_perplexity_within_budget", "aligned_preference_not_below_lora", "generation_non_empty",
             "incoming_batch_adds_documents"} <= checks
-    for job in ("data_job", "pretrain_job", "posttrain_job", "release_job", "ingest_job", "retrain_job",
-                "drift_job", "evaluation_job"):
-        assert d.resolve_job_def(job).name == job
     assert "lake" in d.resources
+
+
+# What each job runs, and the lane it queues in (None: runs alongside anything).
+JOBS = {
+    "data_job": ({"raw_corpus", "clean_corpus", "deduped_shards"}, None),
+    "pretrain_job": ({"tokenizer", "tokenized_shards", "base_checkpoint"}, "training"),
+    "posttrain_job": ({"sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"}, "training"),
+    "release_job": ({"quantized_model", "eval_report", "release"}, None),
+    "ingest_job": ({"incoming_batch", "drift_report"}, "ingest"),
+    # retraining rebuilds everything after the base; the tokenizer and base_checkpoint are a person's call
+    "retrain_job": ({"sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint",
+                     "quantized_model", "eval_report", "release"}, "training"),
+    "drift_job": ({"drift_report"}, None),
+    "evaluation_job": ({"eval_report"}, None),
+}
+
+
+def test_each_job_runs_exactly_its_assets_in_its_lane():
+    d = defs()
+    assert {j.name for j in d.resolve_all_job_defs() if not j.name.startswith("__")} == set(JOBS)
+    for name, (assets, lane) in JOBS.items():
+        job = d.resolve_job_def(name)
+        assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == assets, name
+        assert job.tags.get("llm_assets/lane") == lane, name
+        assert job.description, name
 
 
 def test_string_selections_work():

@@ -1,31 +1,19 @@
 """serving_log (observed) and drift_report on the tiny config, with a request log written here."""
 
 import sysconfig
-from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from dagster._core.definitions.observe import observe  # the test-side twin of an observation tick
 
-from helpers import lock_md5
+from helpers import lock_md5, log_prompts, materialize, metadata
 from llm_assets.defs.monitoring import serving_log
 from llm_assets.defs.resources import LakeResource
 from llm_assets.lib.posttrain.posttrain_data import read_chats, user_prompts
-from llm_assets.lib.monitor.serving_log import ServingLog
-from test_posttraining_assets import metadata
-from test_training_assets import materialize
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 UPSTREAM = ["raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "sft_dataset"]
-
-
-def log_prompts(project: Path, prompts: list[str]) -> None:
-    log = ServingLog(project / "data/serving")
-    for p in prompts:
-        log.append({"time": datetime.now(timezone.utc), "request_id": "r", "prompt": p, "response": "x",
-                    "prompt_tokens": 5, "response_tokens": 1, "latency_seconds": 0.01, "model_version": "v", "status": "ok"})
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,7 @@ def test_drift_report_on_training_like_traffic_and_too_little_traffic(project_fa
 
     # traffic like training: prompts drawn from the training chats (held-out modules' prompts are a
     # different distribution of names and lengths, and are flagged: see the README)
-    trained = user_prompts(read_chats(root / "data/lake/sft_dataset/train.parquet"))
+    trained = user_prompts(read_chats(root / "data/lake/sft_dataset", "train"))
     log_prompts(root, trained[1::3])
     assert materialize(root, tiny_config(["drift_report"]), ["drift_report"], instance).success
     md = metadata(instance, "drift_report")

@@ -9,10 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import lock_md5
-from test_training_assets import UPSTREAM, materialize
-
-POST = ["sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"]
+from helpers import POST, UPSTREAM, lock_md5, materialize, metadata
 
 
 def write_user_files(project: Path) -> None:
@@ -38,11 +35,6 @@ def post(project_factory, tiny_config):
     instance = dg.DagsterInstance.ephemeral()
     result = materialize(project, tiny_config(), [*UPSTREAM, "base_checkpoint", *POST], instance)
     return project, instance, result
-
-
-def metadata(instance, asset: str) -> dict:
-    md = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
-    return {k: v.value for k, v in md.items()}
 
 
 def test_datasets_mix_corpus_and_user_files(post):

@@ -7,12 +7,10 @@ import dagster as dg
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import lock_md5
+from helpers import POST, UPSTREAM, lock_md5, materialize, metadata
 from llm_assets.cli import refused_gates
 from llm_assets.lib.release.quantize import load_quantized
 from llm_assets.lib.release.release import current_release, history
-from test_posttraining_assets import POST, metadata
-from test_training_assets import UPSTREAM, materialize
 
 RELEASE = ["quantized_model", "eval_report", "release"]
 

@@ -6,19 +6,7 @@ import dagster as dg
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_assets.definitions import defs
-from helpers import lock_md5
-
-UPSTREAM = ["raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "tokenized_shards"]
-
-
-def materialize(project: Path, run_config: dict, selection: list[str], instance):
-    d = defs()
-    job = d.resolve_implicit_global_asset_job_def()
-    resources = {"lake": {"config": {"project_dir": str(project)}}}
-    return job.execute_in_process(
-        run_config={**run_config, "resources": resources}, instance=instance,
-        asset_selection=[dg.AssetKey(k) for k in selection], raise_on_error=False)
+from helpers import UPSTREAM, lock_md5, materialize
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import pytest
 from llm_assets.lib.data import corpus
 
 
-def sources(raw: Path, **kw) -> corpus.CorpusSources:
-    return corpus.CorpusSources(raw_dir=raw, include_stdlib=False, **kw)
+def collect(raw: Path, **kw):
+    """collect_documents of the user files under `raw` alone (no stdlib)."""
+    return corpus.collect_documents(corpus.CorpusSources(include_stdlib=False, **kw), raw)
 
 
 def test_stdlib_default_has_modules_tests_and_docs():
@@ -31,7 +32,7 @@ def test_stdlib_parts_select_and_validate():
 
 
 def test_stdlib_max_documents_spreads_evenly():
-    docs, stats = corpus.collect_documents(corpus.CorpusSources(raw_dir=Path("/nonexistent"), stdlib_max_documents=50))
+    docs, stats = corpus.collect_documents(corpus.CorpusSources(stdlib_max_documents=50), Path("/nonexistent"))
     assert stats.documents == 50
     assert len({d.source for d in docs}) >= 2
 
@@ -42,7 +43,7 @@ def test_user_formats(tmp_path: Path):
     (tmp_path / "sub" / "b.md").write_text("# heading\nmarkdown body")
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "first"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")
     pq.write_table(pa.table({"content": ["row zero", "row one"]}), tmp_path / "d.parquet")
-    docs, stats = corpus.collect_documents(sources(tmp_path, jsonl_text_field="body", parquet_text_column="content"))
+    docs, stats = collect(tmp_path, jsonl_text_field="body", parquet_text_column="content")
     assert {d.doc_id: d.text for d in docs} == {
         "raw/a.txt": "plain text document",
         "raw/c.jsonl#L1": "first",
@@ -57,7 +58,7 @@ def test_user_formats(tmp_path: Path):
 def test_user_globs_select_files(tmp_path: Path):
     (tmp_path / "keep.md").write_text("kept")
     (tmp_path / "skip.txt").write_text("skipped")
-    docs, _ = corpus.collect_documents(sources(tmp_path, user_globs=("*.md",)))
+    docs, _ = collect(tmp_path, user_globs=("*.md",))
     assert [d.doc_id for d in docs] == ["raw/keep.md"]
 
 
@@ -73,27 +74,27 @@ def test_user_globs_select_files(tmp_path: Path):
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path, content: str, message: str):
     (tmp_path / "bad.jsonl").write_text(content)
     with pytest.raises(corpus.CorpusFormatError, match=message):
-        corpus.collect_documents(sources(tmp_path))
+        collect(tmp_path)
 
 
 def test_parquet_errors_name_file(tmp_path: Path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
     with pytest.raises(corpus.CorpusFormatError, match=r"nocol\.parquet: missing text column 'text'"):
-        corpus.collect_documents(sources(tmp_path))
+        collect(tmp_path)
     (tmp_path / "nocol.parquet").unlink()
     pq.write_table(pa.table({"text": ["x", None]}), tmp_path / "nulls.parquet")
     with pytest.raises(corpus.CorpusFormatError, match=r"nulls\.parquet: row 1"):
-        corpus.collect_documents(sources(tmp_path))
+        collect(tmp_path)
     (tmp_path / "nulls.parquet").unlink()
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(corpus.CorpusFormatError, match=r"junk\.parquet: not a readable Parquet file"):
-        corpus.collect_documents(sources(tmp_path))
+        collect(tmp_path)
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path):
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
     (tmp_path / "mixed.jsonl").write_bytes(b'{"text": "ok \xff\xfe end"}\n')
-    docs, stats = corpus.collect_documents(sources(tmp_path))
+    docs, stats = collect(tmp_path)
     by_id = {d.doc_id: d for d in docs}
     assert by_id["raw/latin1.txt"].text == "caf\ufffd cr\ufffdme"
     assert by_id["raw/latin1.txt"].invalid_utf8 == 2
@@ -108,7 +109,7 @@ def test_non_ascii_round_trips_through_parquet(tmp_path: Path):
 
 
 def test_write_is_deterministic(tmp_path: Path):
-    docs, _ = corpus.collect_documents(corpus.CorpusSources(raw_dir=tmp_path, stdlib_max_documents=20))
+    docs, _ = corpus.collect_documents(corpus.CorpusSources(stdlib_max_documents=20), tmp_path)
     corpus.write_documents(docs, tmp_path / "a.parquet")
     corpus.write_documents(docs, tmp_path / "b.parquet")
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()

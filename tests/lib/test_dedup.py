@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from llm_assets.lib.data.corpus import Document
-from llm_assets.lib.data.dedup import DedupParams, deduplicate, read_split, split_of, write_shards
+from llm_assets.lib.data.dedup import (DedupParams, deduplicate, read_duplicates, read_manifest, read_params, read_split,
+                                      shard_files, split_of, write_shards)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -75,7 +76,19 @@ def test_write_shards_respects_target_size(tmp_path, corpus):
     train, val = read_split(tmp_path, "train"), read_split(tmp_path, "validation")
     assert train.num_rows + val.num_rows == len(result.kept)
     assert set(train.column("doc_id").to_pylist()).isdisjoint(val.column("doc_id").to_pylist())
-    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert json.loads((tmp_path / "manifest.json").read_text()) == read_manifest(tmp_path) == manifest
+    assert [p.name for p in shard_files(tmp_path, "train")] == [s["file"] for s in manifest["shards"] if s["split"] == "train"]
+    assert shard_files(tmp_path, "test") == []
+
+
+def test_duplicates_and_params_read_back(tmp_path, corpus):
+    params = DedupParams(threshold=0.7, validation_fraction=0.3)
+    result = deduplicate(corpus, params)
+    write_shards(result, tmp_path, target_mb=1.0, params=params)
+    assert read_params(tmp_path) == params
+    dups = read_duplicates(tmp_path).to_pylist()
+    assert [(d["doc_id"], d["kept_doc_id"], d["kind"]) for d in dups] == [
+        (d.doc_id, d.kept_doc_id, d.kind) for d in result.duplicates] and dups
 
 
 def test_bad_params():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from llm_assets.lib.monitor.drift import DriftSettings, describe, detect_drift
+from llm_assets.lib.monitor.drift import DriftSettings, describe, detect_drift, read_report, write_report
 from llm_assets.lib.posttrain.instructions import derive_pairs
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -64,3 +64,14 @@ def test_settings_are_passed_to_evidently(prompts, tok):
     frame = describe(prompts[:400], tok)
     strict = detect_drift(frame.iloc[:300], frame.iloc[300:], DriftSettings(num_threshold=1e-9, drift_share=0.2))
     assert strict.summary["drift_detected"]  # any difference at all counts under an absurd threshold
+
+
+def test_a_written_report_reads_back(prompts, tok, tmp_path):
+    reference, current = describe(prompts[:200], tok), describe(prompts[200:260], tok)
+    result = detect_drift(reference, current)
+    summary = {**result.summary, "source": "serving", "window": "a .. b"}
+    write_report(tmp_path, result, summary, current)
+    assert (tmp_path / "report.html").stat().st_size > 100_000  # Evidently's self-contained HTML
+    summary_read, current_read = read_report(tmp_path)
+    assert summary_read == summary
+    assert current_read.equals(current)

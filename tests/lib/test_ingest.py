@@ -90,6 +90,12 @@ def test_written_batches_read_back_by_split(tmp_path):
     assert ingest.read_batches(tmp_path, "train").num_rows + ingest.read_batches(tmp_path, "validation").num_rows == 20
     assert ingest.read_batches(tmp_path, exclude="k1").num_rows == 0
     assert json.loads((tmp_path / "k1/batch.json").read_text()) == {"key": "k1"}
+    info, documents = ingest.read_batch(tmp_path / "k1")
+    assert info == {"key": "k1"} and documents.to_pylist() == table.to_pylist()
+    assert documents.column("doc_id").to_pylist() == [d.doc_id for d in result.kept]
+    assert ingest.is_batch(tmp_path / "k1") and not ingest.is_batch(tmp_path / "half-written")
+    with pytest.raises(FileNotFoundError, match="half-written: not an ingested batch"):
+        ingest.read_batch(tmp_path / "half-written")
 
 
 def test_malformed_batch_file_names_file_and_line(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 from llm_assets.lib.tokenizer import packing
 from llm_assets.lib.data.corpus import Document
 from llm_assets.lib.data.dedup import DedupParams, deduplicate, write_shards
-from llm_assets.lib.tokenizer.packing import load_tokens, pack_split, read_meta, token_dtype, write_packed
+from llm_assets.lib.tokenizer.packing import (load_tokens, pack_split, read_meta, split_path, token_dtype,
+                                             write_packed, write_streams)
 from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -114,3 +115,30 @@ def test_a_missing_split_fails_naming_it(tok, docs, tmp_path):
     out.mkdir()
     with pytest.raises(FileNotFoundError, match="no validation shards"):
         write_packed(tok, shards, out)
+
+
+@pytest.mark.parametrize("vocab", [400, 70_000])
+def test_written_streams_read_back_identically(tmp_path, vocab):
+    streams = {"train": [5, 6, 1, 7, 1], "validation": [vocab - 1, 1], "empty": []}
+    meta = write_streams(tmp_path, streams, vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    assert read_meta(tmp_path) == meta and meta["dtype"] == token_dtype(vocab).name
+    assert meta["splits"]["train"] == {"tokens": 5, "documents": 2}
+    for split in ("train", "validation"):
+        ids = load_tokens(tmp_path, split)
+        assert ids.tolist() == streams[split] and ids.dtype == token_dtype(vocab)
+        assert split_path(tmp_path, split).stat().st_size == len(ids) * ids.dtype.itemsize
+    with pytest.raises(ValueError, match="empty.bin: empty"):
+        load_tokens(tmp_path, "empty")
+    with pytest.raises(ValueError, match="outside uint16"):
+        write_streams(tmp_path, {"train": [70_000]}, 400, 0, 1, 2)
+
+
+def test_meta_without_a_promised_key_fails_naming_it(tmp_path):
+    write_streams(tmp_path, {"train": [5, 1]}, 400, 0, 1, 2)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "eos_token_id"}))
+    with pytest.raises(ValueError, match=r"meta.json: missing \['eos_token_id'\]"):
+        load_tokens(tmp_path, "train")
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "dtype": "int64"}))
+    with pytest.raises(ValueError, match="dtype must be uint16 or uint32"):
+        read_meta(tmp_path)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,9 @@ import torch
 
 from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model, count_parameters, estimate_parameters
 from llm_assets.lib.pretrain.checkpoints import latest_checkpoint
-from llm_assets.lib.pretrain.pretrain import (PretrainSettings, eval_starts, lr_factor,
+from llm_assets.lib.pretrain.pretrain import (PretrainMetrics, PretrainSettings, eval_starts, lr_factor,
                                      train, train_batch)
+from llm_assets.lib.tokenizer.packing import write_streams
 
 REPO = Path(__file__).resolve().parents[2]
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -51,15 +52,9 @@ def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 400):
 
 
 def write_tokens(out: Path, splits: dict[str, list[list[int]]], vocab_size: int) -> Path:
-    """The packed-shard format: documents joined by eos (id 1), uint16, plus meta.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"dtype": "uint16", "vocab_size": vocab_size, "eos_token_id": 1, "bos_token_id": 0,
-            "pad_token_id": 2, "splits": {}}
-    for split, docs in splits.items():
-        ids = np.array([t for doc in docs for t in [*doc, 1]], dtype=np.uint16)
-        ids.tofile(out / f"{split}.bin")
-        meta["splits"][split] = {"tokens": len(ids), "documents": len(docs)}
-    (out / "meta.json").write_text(json.dumps(meta))
+    """The packed-shard format (packing's own writer): documents joined by eos (id 1), plus meta.json."""
+    streams = {split: [t for doc in docs for t in [*doc, 1]] for split, docs in splits.items()}
+    write_streams(out, streams, vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return out
 
 
@@ -78,7 +73,7 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     return root / "tokens", root / "tokenizer"
 
 
-def run_train(settings, corpus, root: Path, name: str = "run", events: list | None = None) -> dict:
+def run_train(settings, corpus, root: Path, name: str = "run", events: list | None = None) -> PretrainMetrics:
     tokens, tokenizer = corpus
     sink = events if events is not None else []
     return train(settings, tokens, tokenizer, root / name / "work", root / name / "out", log=sink.append)
@@ -95,7 +90,7 @@ def test_parameter_estimate_matches_the_built_model(size):
 
 
 def test_lr_warms_up_then_decays_to_min():
-    s = replace(TINY, max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    s = TINY.model_copy(update=dict(max_steps=100, warmup_steps=10, min_lr_ratio=0.1))
     f = [lr_factor(i, s) for i in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))
@@ -129,19 +124,17 @@ def test_batches_are_a_function_of_seed_step_rank_micro():
 ])
 def test_bad_settings_fail_naming_the_field(change, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):
-        PretrainSettings.from_dict({**asdict(TINY), **change})
+        PretrainSettings.from_dict({**TINY.model_dump(), **change})
 
 
 @pytest.mark.parametrize("splits, field", [
-    ({"train": [], "validation": [[5] * 100]}, "train.bin is empty"),
+    ({"train": [], "validation": [[5] * 100]}, "train.bin: empty"),
     ({"train": [[5] * 500], "validation": [[5] * 20]}, "seq_len: validation.bin holds 21 tokens"),
     ({"train": [[5] * 500, [999]], "validation": [[5] * 100]}, "vocab_size: train.bin holds id 999"),
 ])
 def test_bad_token_shards_fail_before_training(corpus, tmp_path, splits, field):
     tokens = tmp_path / "tokens"
     write_tokens(tokens, splits, vocab_size=400)
-    if not splits["train"]:
-        (tokens / "train.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=field):
         train(TINY, tokens, corpus[1], tmp_path / "work", tmp_path / "out", log=lambda e: None)
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
@@ -166,14 +159,15 @@ def test_tiny_model_learns_and_its_output_reloads_and_generates(corpus, tmp_path
     # It learns: from ~ln(400) = 6.0 nats at init to below the unigram model's loss (~5.1).
     assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"] - 0.8
     assert [r["step"] for r in rows if "val_loss" in r] == [30, 60]
-    assert final["val_perplexity"] < final["unigram_perplexity"]  # already beats the baseline
-    assert final["steps"] == 60 and final["resumed_from_step"] == 0
-    assert final["tokens_seen"] == 60 * 8 * 64 and final["parameters"] == final["estimated_parameters"]
-    assert final["memory_bytes"] == 16 * final["parameters"]
-    assert final["compute_flops"] == 6 * final["parameters"] * final["tokens_seen"]
-    assert 0 < final["mfu"] < 1.5  # against a matmul peak measured in the same process
+    assert final.val_perplexity < final.unigram_perplexity  # already beats the baseline
+    assert final.steps == 60 and final.resumed_from_step == 0
+    assert final.tokens_seen == 60 * 8 * 64 and final.parameters == final.estimated_parameters
+    assert final.memory_bytes == 16 * final.parameters
+    assert final.compute_flops == 6 * final.parameters * final.tokens_seen
+    assert 0 < final.mfu < 1.5  # against a matmul peak measured in the same process
+    assert json.loads((out / "final_metrics.json").read_text()) == asdict(final)
     config = json.loads((out / "training_config.json").read_text())
-    assert config["settings"] == asdict(TINY) and config["data_meta"]["vocab_size"] == 400
+    assert config["settings"] == TINY.model_dump() and config["data_meta"]["vocab_size"] == 400
     assert events[-1]["event"] == "done"
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -189,24 +183,24 @@ def test_tiny_model_learns_and_its_output_reloads_and_generates(corpus, tmp_path
 
 
 def test_changed_config_does_not_resume(corpus, tmp_path):
-    short = replace(TINY, max_steps=6, warmup_steps=2, checkpoint_every=3, eval_every=3)
+    short = TINY.model_copy(update=dict(max_steps=6, warmup_steps=2, checkpoint_every=3, eval_every=3))
     run_train(short, corpus, tmp_path)
     assert latest_checkpoint(tmp_path / "run" / "work").name == "checkpoint-00000006"
 
     events: list[dict] = []  # same settings: the finished run is picked up, nothing retrains
-    again = run_train(replace(short, log_every=2), corpus, tmp_path, events=events)
-    assert again["resumed_from_step"] == 6 and any(e["event"] == "resume" for e in events)
+    again = run_train(short.model_copy(update=dict(log_every=2)), corpus, tmp_path, events=events)
+    assert again.resumed_from_step == 6 and any(e["event"] == "resume" for e in events)
 
     events = []
-    fresh = run_train(replace(short, lr=1e-3), corpus, tmp_path, events=events)
-    assert fresh["resumed_from_step"] == 0
+    fresh = run_train(short.model_copy(update=dict(lr=1e-3)), corpus, tmp_path, events=events)
+    assert fresh.resumed_from_step == 0
     assert [e for e in events if e["event"] == "start_over"]
     assert not [e for e in events if e["event"] == "resume"]
 
 
 def cli(settings: PretrainSettings, corpus, root: Path, tmp_path: Path) -> list[str]:
     path = tmp_path / f"{root.name}.json"
-    path.write_text(json.dumps(asdict(settings)))
+    path.write_text(json.dumps(settings.model_dump()))
     return ["--settings", str(path), "--tokens", str(corpus[0]), "--tokenizer", str(corpus[1]),
             "--work", str(root / "work"), "--out", str(root / "out")]
 
@@ -223,7 +217,7 @@ def events_of(stdout: str) -> list[dict]:
 def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path):
     from safetensors.torch import load_file
 
-    s = replace(TINY, checkpoint_every=2)
+    s = TINY.model_copy(update=dict(checkpoint_every=2))
     reference = run_train(s, corpus, tmp_path, name="reference")
 
     root = tmp_path / "killed"
@@ -245,8 +239,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path):
     assert resumed["step"] >= killed_at > 0
     final = events[-1]
     assert final["event"] == "done" and final["steps"] == 60
-    assert final["tokens_seen"] == reference["tokens_seen"]
-    assert final["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
+    assert final["tokens_seen"] == reference.tokens_seen
+    assert final["val_loss"] == pytest.approx(reference.val_loss, rel=1e-5)
     ours = load_file(root / "out" / "model.safetensors")
     theirs = load_file(tmp_path / "reference" / "out" / "model.safetensors")
     assert ours.keys() == theirs.keys()
@@ -257,7 +251,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path):
 def test_two_rank_ddp_run_writes_a_loadable_model(corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    s = replace(TINY, max_steps=12, eval_every=6, checkpoint_every=6, log_every=3)
+    s = TINY.model_copy(update=dict(max_steps=12, eval_every=6, checkpoint_every=6, log_every=3))
     root = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "llm_assets.lib.pretrain.pretrain", *cli(s, corpus, root, tmp_path)]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llm_assets.lib.posttrain.adapters import CheckpointError, load_model
-from llm_assets.lib.release.quantize import load_quantized, quantize, weights_bytes
+from llm_assets.lib.pretrain.model_dir import CheckpointError, load_model, weights_bytes
+from llm_assets.lib.release.quantize import load_quantized, quantize
 
 
 @pytest.mark.parametrize("method, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llm_assets.lib.release.release import Gate, GatesFailed, current_release, history, publish
+from llm_assets.lib.release.release import Gate, GatesFailed, current_release, history, pointer_path, publish
 
 
 def model_dir(tmp_path, name, text):
@@ -17,6 +17,7 @@ def test_release_moves_only_when_every_gate_passes(tmp_path):
     ok = [Gate("a", True, 1.05, 1.01), Gate("b", True, 0, 0)]
     first = publish(model_dir(tmp_path, "m1", "one"), releases, "v1", ok, {"model": "quantized_model"})
     assert current_release(releases)["version"] == "v1"
+    assert current_release(releases) == json.loads(pointer_path(releases).read_text()) == first
     assert (releases / "v1" / "model.safetensors").read_text() == "one"
     assert json.loads((releases / "v1" / "release.json").read_text())["gates"][0]["name"] == "a"
     assert first["previous"] is None

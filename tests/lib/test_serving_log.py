@@ -1,6 +1,8 @@
 from datetime import datetime, timedelta, timezone
 
-from llm_assets.lib.monitor.serving_log import ServingLog, read_log
+import pyarrow.parquet as pq
+
+from llm_assets.lib.monitor.serving_log import SCHEMA, ServingLog, parts, read_log
 
 
 def row(prompt: str, when=None) -> dict:
@@ -33,3 +35,17 @@ def test_two_logs_in_one_second_never_overwrite_each_other_and_windows_filter(tm
     recent = read_log(tmp_path, since=datetime.now(timezone.utc) - timedelta(days=1))
     assert recent["prompt"].to_pylist() == ["b"]
     assert read_log(tmp_path / "missing").num_rows == 0
+
+
+def test_rows_read_back_as_written_one_part_per_flush(tmp_path):
+    log = ServingLog(tmp_path, flush_rows=100)
+    written = [row(f"p{i}") for i in range(3)]
+    for r in written[:2]:
+        log.append(r)
+    first = log.flush()
+    log.append(written[2])
+    log.close()
+    assert parts(tmp_path)[0] == first and len(parts(tmp_path)) == 2 and parts(tmp_path / "missing") == []
+    (tmp_path / f".{first.name}.tmp").write_bytes(b"half a part")  # a part being written is not read
+    assert read_log(tmp_path).to_pylist() == written
+    assert pq.read_schema(first) == SCHEMA

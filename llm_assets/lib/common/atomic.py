@@ -1,8 +1,22 @@
 """Atomic artifact directories: a crash never leaves a half-written artifact that looks complete.
 
-    with atomic_dir(Path("data/lake/raw_corpus")) as tmp:
-        write_everything_into(tmp)
-    # only now does data/lake/raw_corpus hold the new files
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.common.atomic import atomic_dir
+    >>> target = Path(tempfile.mkdtemp()) / "raw_corpus"
+    >>> with atomic_dir(target) as tmp:
+    ...     _ = (tmp / "corpus.parquet").write_text("v1")
+    ...     target.exists()              # nothing there until the block finishes
+    False
+    >>> (target / "corpus.parquet").read_text()
+    'v1'
+    >>> with atomic_dir(target) as tmp:
+    ...     _ = (tmp / "corpus.parquet").write_text("v2, half written")
+    ...     raise RuntimeError("killed")
+    Traceback (most recent call last):
+    RuntimeError: killed
+    >>> (target / "corpus.parquet").read_text(), sorted(p.name for p in target.parent.iterdir())
+    ('v1', ['raw_corpus'])
 
 The staging directory sits next to the target (same filesystem, so `rename` is atomic) under a
 dot-prefixed name that DVC and git ignore. On an exception the staging directory is removed and

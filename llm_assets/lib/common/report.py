@@ -1,4 +1,14 @@
-"""Small presentation helpers shared by the stages: markdown tables and inline PNG plots.
+r"""Small presentation helpers shared by the stages: markdown tables and inline PNG plots.
+
+    >>> from llm_assets.lib.common.report import lines_png, markdown_table, png_markdown
+    >>> print(markdown_table(["model", "val_perplexity"], [["base", 41.23456], ["lora", 38.9]]))
+    | model | val_perplexity |
+    |---|---|
+    | base | 41.23 |
+    | lora | 38.9 |
+    >>> png = lines_png({"train": ([0, 1, 2], [3.0, 2.5, 2.2])}, "loss", "step", "nats/token")
+    >>> png[:4], png_markdown(png, "loss")[:30]
+    (b'\x89PNG', '![loss](data:image/png;base64,')
 
 Dagster has no image metadata type; a PNG embedded as a data URI in markdown renders in the UI
 (see FIELD_NOTES), so plots travel as markdown strings.

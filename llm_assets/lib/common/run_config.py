@@ -1,5 +1,14 @@
-"""Run-config YAML files (configs/demo.yaml, configs/tiny.yaml): `ops:` sections per asset, merged
+r"""Run-config YAML files (configs/demo.yaml, configs/tiny.yaml): `ops:` sections per asset, merged
 and cut down to the assets a run selects (Dagster rejects config for assets outside the run).
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.common.run_config import merge
+    >>> demo = Path(tempfile.mkdtemp()) / "demo.yaml"
+    >>> _ = demo.write_text("ops:\n  raw_corpus: {config: {include_stdlib: true}}\n"
+    ...                     "  tokenizer: {config: {vocab_size: 8192}}\n")
+    >>> merge([demo], {"tokenizer"}, overrides={"tokenizer": {"vocab_size": 512}})
+    {'ops': {'tokenizer': {'config': {'vocab_size': 512}}}}
 
 Runs people start pass files with `llm-assets materialize --config`; runs sensors and schedules
 start read `$LLM_ASSETS_CONFIG` (paths separated by `:`, relative to the project), by default

@@ -1,4 +1,4 @@
-"""Version artifact directories with DVC 3: record, look up and restore `data/lake/<stage>`.
+r"""Version artifact directories with DVC 3: record, look up and restore `data/lake/<stage>`.
 
 Dagster writes `data/lake/<stage>/` itself, then calls `record_version(project, stage)`, which
 runs `dvc commit -f <stage>` (dvc.lock + local cache) and pushes that stage's outputs to the
@@ -9,9 +9,29 @@ runs behind an inter-process file lock (`.dvc/tmp/llm_assets.lock`, waits up to 
 concurrent materializations queue behind a long push instead of failing. A DVC command a person
 runs by hand meanwhile can still collide with us and fails loudly ("Unable to acquire lock").
 
-Run on its own, from the project root:
-    python -c "import llm_assets.lib.common.versioning as v; v.init_dvc('.'); \
-        print(v.record_version('.', 'raw_corpus'))"
+Run on its own, on a project with a one-stage dvc.yaml:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.common.versioning import init_dvc, record_version, restore_version
+    >>> project = Path(tempfile.mkdtemp())
+    >>> _ = (project / "dvc.yaml").write_text(
+    ...     "stages:\n  raw_corpus:\n    cmd: llm-assets materialize --select raw_corpus\n"
+    ...     "    outs: [data/lake/raw_corpus]\n")
+    >>> corpus = project / "data/lake/raw_corpus/corpus.txt"
+    >>> corpus.parent.mkdir(parents=True)
+    >>> _ = corpus.write_text("version one")
+    >>> init_dvc(project)                     # remote "local" at data/dvc-remote
+    >>> first = record_version(project, "raw_corpus")
+    >>> first.path, first.nfiles, first.size
+    ('data/lake/raw_corpus', 1, 11)
+    >>> _ = corpus.write_text("version two")
+    >>> record_version(project, "raw_corpus").md5 != first.md5
+    True
+    >>> restore_version(project, "raw_corpus", first.short) == first
+    True
+    >>> corpus.read_text()
+    'version one'
 """
 
 from __future__ import annotations

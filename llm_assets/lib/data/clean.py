@@ -1,6 +1,15 @@
-"""Clean corpus: normalize text, then drop documents that fail a quality rule.
+r"""Clean corpus: normalize text, then drop documents that fail a quality rule.
 
-    kept, report = clean_documents(docs, CleanRules())
+    >>> from llm_assets.lib.data.clean import CleanRules, clean_documents
+    >>> from llm_assets.lib.data.corpus import Document
+    >>> texts = {"prose": "A readable document,\r\nwritten on Windows.  \r\nThe end.\n",
+    ...          "table": "".join(f"{i} {i * i} {i ** 3}\n" for i in range(9)), "short": "tiny"}
+    >>> docs = [Document(k, "user", f"{k}.txt", t, len(t.encode())) for k, t in texts.items()]
+    >>> kept, report = clean_documents(docs, CleanRules(min_chars=20))
+    >>> [d.doc_id for d in kept], dict(report.removed)
+    (['prose'], {'low_alpha': 1, 'too_short': 1})
+    >>> kept[0].text                  # CRLF -> LF, trailing spaces and the final newline stripped
+    'A readable document,\nwritten on Windows.\nThe end.'
 
 Normalization (every kept document): Unicode NFC, CRLF/CR to LF, control characters other than tab
 and newline removed, trailing whitespace stripped per line, leading/trailing blank lines removed.
@@ -24,6 +33,9 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from pydantic import ConfigDict, Field
+
+from llm_assets.lib.common.settings import Settings
 from llm_assets.lib.data.corpus import Document
 
 RULES = ("control_chars", "invalid_utf8", "too_short", "too_long", "long_lines", "low_alpha", "repetition")
@@ -36,17 +48,20 @@ class NoDocumentsLeftError(ValueError):
     """Every document was filtered out; the message says which rules removed them."""
 
 
-@dataclass(frozen=True)
-class CleanRules:
-    """Thresholds of the quality rules (documented for users on `CleanConfig` in the defs)."""
+class CleanRules(Settings):
+    """Thresholds of the quality rules; the launchpad of `clean_corpus` (and of `incoming_batch`)."""
 
-    min_chars: int = 200
-    max_chars: int = 1_000_000
-    max_line_chars: int = 2_000
-    min_alpha_share: float = 0.25
-    max_repeated_line_share: float = 0.6
-    max_control_share: float = 0.001
-    max_replacement_share: float = 0.001
+    model_config = ConfigDict(frozen=True)
+
+    min_chars: int = Field(200, description="Drop documents shorter than this many characters after normalization.")
+    max_chars: int = Field(1_000_000, description="Drop documents longer than this many characters.")
+    max_line_chars: int = Field(2_000, description="Drop documents with a line longer than this many characters "
+                                                   "(minified code, data blobs).")
+    min_alpha_share: float = Field(0.25, description="Drop documents whose share of letters is lower.")
+    max_repeated_line_share: float = Field(0.6, description="Drop documents where a larger share of characters sits in "
+                                                            "repeated lines.")
+    max_control_share: float = Field(0.001, description="Drop documents with a higher share of control characters.")
+    max_replacement_share: float = Field(0.001, description="Drop documents with a higher share of U+FFFD (invalid UTF-8).")
 
 
 @dataclass

@@ -1,7 +1,20 @@
-"""Raw corpus: documents from the embedded default (this Python's standard library) and user files.
+r"""Raw corpus: documents from the embedded default (this Python's standard library) and user files.
 
-    docs, stats = collect_documents(CorpusSources(raw_dir=Path("data/raw")))
-    write_documents(docs, Path("out/corpus.parquet"))
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.data.corpus import (CorpusSources, collect_documents, corpus_file,
+    ...                                         read_documents, write_documents)
+    >>> raw = Path(tempfile.mkdtemp())
+    >>> _ = (raw / "notes.md").write_text("# Notes\nA user file is one document.\n")
+    >>> _ = (raw / "rows.jsonl").write_bytes(b'{"text": "one per line"}\n{"text": "bad byte \xff"}\n')
+    >>> docs, stats = collect_documents(CorpusSources(include_stdlib=False), raw)
+    >>> [d.doc_id for d in docs], stats.documents, stats.invalid_utf8_bytes
+    (['raw/notes.md', 'raw/rows.jsonl#L1', 'raw/rows.jsonl#L2'], 3, 1)
+    >>> docs[2].text
+    'bad byte \ufffd'
+    >>> write_documents(docs, corpus_file(raw))             # corpus.parquet
+    >>> read_documents(corpus_file(raw)) == docs
+    True
 
 Every document is a `Document(doc_id, source, path, text, n_bytes, invalid_utf8)`.
 
@@ -31,6 +44,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ConfigDict, Field
+
+from llm_assets.lib.common.settings import Settings
 
 USER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 STDLIB_PARTS = ("modules", "tests", "docs")
@@ -62,17 +78,19 @@ class Document:
     invalid_utf8: int = 0
 
 
-@dataclass(frozen=True)
-class CorpusSources:
-    """What goes into the raw corpus (documented for users on `CorpusConfig` in the defs)."""
+class CorpusSources(Settings):
+    """What goes into the raw corpus, besides the raw_dir it reads; the launchpad of `raw_corpus`."""
 
-    raw_dir: Path
-    include_stdlib: bool = True
-    stdlib_parts: tuple[str, ...] = STDLIB_PARTS
-    stdlib_max_documents: int = 0
-    user_globs: tuple[str, ...] = ("**/*.txt", "**/*.md", "**/*.jsonl", "**/*.parquet")
-    jsonl_text_field: str = "text"
-    parquet_text_column: str = "text"
+    model_config = ConfigDict(frozen=True)
+
+    include_stdlib: bool = Field(True, description="Include the embedded default corpus: this Python's standard library.")
+    stdlib_parts: list[str] = Field(list(STDLIB_PARTS), description="Which stdlib parts: 'modules' (source), 'tests' "
+                                    "(its test suite), 'docs' (pydoc topics, .txt docs).")
+    stdlib_max_documents: int = Field(0, description="Keep at most this many stdlib documents, spread evenly (0 = all).")
+    user_globs: list[str] = Field(["**/*.txt", "**/*.md", "**/*.jsonl", "**/*.parquet"],
+                                  description="Glob patterns, relative to raw_dir (data/raw/), selecting the user's corpus files.")
+    jsonl_text_field: str = Field("text", description="Field holding the document text in .jsonl files.")
+    parquet_text_column: str = Field("text", description="Column holding the document text in .parquet files.")
 
 
 @dataclass
@@ -205,9 +223,9 @@ def read_user_file(path: Path, doc_prefix: str, jsonl_text_field: str = "text",
     raise CorpusFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {USER_SUFFIXES}")
 
 
-def iter_user_documents(sources: CorpusSources) -> Iterator[tuple[Path, Iterator[Document]]]:
+def iter_user_documents(sources: CorpusSources, raw_dir: Path) -> Iterator[tuple[Path, Iterator[Document]]]:
     """(file, its documents) for every selected user file under `raw_dir`, sorted by path."""
-    raw_dir = Path(sources.raw_dir)
+    raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         return
     files = sorted({p for g in sources.user_globs for p in raw_dir.glob(g) if p.is_file()})
@@ -223,13 +241,13 @@ def _take_evenly(docs: list[Document], n: int) -> list[Document]:
     return [docs[i * len(docs) // n] for i in range(n)]
 
 
-def collect_documents(sources: CorpusSources) -> tuple[list[Document], CorpusStats]:
+def collect_documents(sources: CorpusSources, raw_dir: Path) -> tuple[list[Document], CorpusStats]:
     docs: list[Document] = []
     stats = CorpusStats()
     if sources.include_stdlib:
         stdlib = list(iter_stdlib_documents(sources.stdlib_parts))
         docs.extend(_take_evenly(stdlib, sources.stdlib_max_documents))
-    for _path, file_docs in iter_user_documents(sources):
+    for _path, file_docs in iter_user_documents(sources, raw_dir):
         stats.files_read += 1
         docs.extend(file_docs)
     for d in docs:
@@ -239,6 +257,11 @@ def collect_documents(sources: CorpusSources) -> tuple[list[Document], CorpusSta
         stats.documents_with_invalid_utf8 += d.invalid_utf8 > 0
         stats.by_source[d.source] += 1
     return docs, stats
+
+
+def corpus_file(artifact_dir: Path) -> Path:
+    """The one Parquet file of raw_corpus and clean_corpus, read and written by the two below."""
+    return Path(artifact_dir) / "corpus.parquet"
 
 
 def write_documents(docs: list[Document], path: Path, row_group_size: int = 1024) -> None:

@@ -1,8 +1,27 @@
 """Deduplicated shards: exact and near-duplicate removal, a leak-free train/validation split, and
 Parquet shards of a target size.
 
-    result = deduplicate(docs, DedupParams())
-    manifest = write_shards(result, out_dir, target_mb=8.0)
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.data.corpus import Document
+    >>> from llm_assets.lib.data.dedup import (DedupParams, deduplicate, read_duplicates,
+    ...                                        read_manifest, read_params, read_split, write_shards)
+    >>> text = " ".join(f"word{i}" for i in range(200))
+    >>> texts = {"a": text, "b": text, "c": text.replace("word100", "changed"), "d": "other " * 50}
+    >>> docs = [Document(k, "user", k, t, len(t)) for k, t in texts.items()]
+    >>> result = deduplicate(docs, DedupParams(validation_fraction=0.5))
+    >>> [d.doc_id for d in result.kept], result.cluster_size, result.split
+    (['a', 'd'], {'a': 3, 'd': 1}, {'a': 'train', 'd': 'validation'})
+    >>> [(d.doc_id, d.kept_doc_id, d.kind) for d in result.duplicates]
+    [('b', 'a', 'exact'), ('c', 'a', 'near')]
+    >>> out_dir = Path(tempfile.mkdtemp())
+    >>> manifest = write_shards(result, out_dir, target_mb=8.0, params=DedupParams(validation_fraction=0.5))
+    >>> sorted(p.name for p in out_dir.iterdir())
+    ['duplicates.parquet', 'manifest.json', 'train-00000.parquet', 'validation-00000.parquet']
+    >>> read_split(out_dir, "train")["doc_id"].to_pylist(), read_duplicates(out_dir).num_rows
+    (['a'], 2)
+    >>> read_manifest(out_dir)["splits"]["validation"]["documents"], read_params(out_dir).validation_fraction
+    (1, 0.5)
 
 1. Exact duplicates: identical normalized text (sha256); the smallest doc_id is kept.
 2. Near duplicates among the exact-unique documents: MinHash signatures (`minhash.signatures`) fed to
@@ -18,12 +37,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ConfigDict, Field
 
+from llm_assets.lib.common.settings import Settings
 from llm_assets.lib.data.corpus import Document
 from llm_assets.lib.data.minhash import signatures
 from llm_assets.lib.data.near_dup import near_duplicate_clusters
@@ -44,15 +65,21 @@ DUPLICATE_SCHEMA = pa.schema(
         ("jaccard", pa.float64()),  # estimated Jaccard with the kept document (1.0 for exact)
     ]
 )
+MANIFEST, DUPLICATES = "manifest.json", "duplicates.parquet"
 
 
-@dataclass(frozen=True)
-class DedupParams:
-    threshold: float = 0.8
-    num_perm: int = 128
-    shingle_size: int = 5
-    seed: int = 1
-    validation_fraction: float = 0.1
+class DedupParams(Settings):
+    """Near-duplicate detection and the split; the launchpad of `deduped_shards`, kept in the shards'
+    manifest so later batches dedup against them alike."""
+
+    model_config = ConfigDict(frozen=True)
+
+    threshold: float = Field(0.8, description="Estimated Jaccard similarity of word shingles at which two documents "
+                                              "are near duplicates.")
+    num_perm: int = Field(128, description="MinHash signature length (a power of two).")
+    shingle_size: int = Field(5, description="Words per shingle.")
+    seed: int = Field(1, description="Seed of the MinHash hash functions.")
+    validation_fraction: float = Field(0.1, description="Share of duplicate clusters assigned to the validation split.")
 
 
 @dataclass(frozen=True)
@@ -142,7 +169,7 @@ def write_shards(result: DedupResult, out_dir: Path, target_mb: float, params: D
     target = int(target_mb * 1_000_000)
     manifest: dict = {"shards": [], "splits": {}}
     if params is not None:
-        manifest["params"] = asdict(params)
+        manifest["params"] = params.model_dump()
     for split_name in ("train", "validation"):
         docs = [d for d in result.kept if result.split[d.doc_id] == split_name]
         batches: list[list[Document]] = [[]]
@@ -180,21 +207,35 @@ def write_shards(result: DedupResult, out_dir: Path, target_mb: float, params: D
         {name: [getattr(d, name) for d in result.duplicates] for name in DUPLICATE_SCHEMA.names},
         schema=DUPLICATE_SCHEMA,
     )
-    pq.write_table(dup_table, out_dir / "duplicates.parquet", compression="zstd")
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    pq.write_table(dup_table, out_dir / DUPLICATES, compression="zstd")
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def read_manifest(shard_dir: Path) -> dict:
+    """manifest.json: shards, per-split counts and (when recorded) the dedup parameters."""
+    return json.loads((Path(shard_dir) / MANIFEST).read_text())
 
 
 def read_params(shard_dir: Path) -> DedupParams:
     """The parameters the shards were deduplicated with (defaults for shards written before they
     were recorded)."""
-    manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
-    return DedupParams(**manifest.get("params", {}))
+    return DedupParams(**read_manifest(shard_dir).get("params", {}))
+
+
+def read_duplicates(shard_dir: Path) -> pa.Table:
+    """The removed documents (DUPLICATE_SCHEMA): which kept document each duplicates, and how."""
+    return pq.read_table(Path(shard_dir) / DUPLICATES)
+
+
+def shard_files(shard_dir: Path, split: str) -> list[Path]:
+    """The shard files of one split, in order ([] when the split has none)."""
+    return sorted(Path(shard_dir).glob(f"{split}-*.parquet"))
 
 
 def read_split(shard_dir: Path, split: str) -> pa.Table:
     """All shards of one split as one table (the contract later stages read)."""
-    files = sorted(Path(shard_dir).glob(f"{split}-*.parquet"))
+    files = shard_files(shard_dir, split)
     if not files:
         raise FileNotFoundError(f"{shard_dir}: no {split} shards ({split}-*.parquet)")
     return pa.concat_tables(pq.read_table(f) for f in files)

@@ -1,9 +1,37 @@
-"""Incoming batches: files dropped into `data/incoming/`, each cleaned and deduplicated against the
+r"""Incoming batches: files dropped into `data/incoming/`, each cleaned and deduplicated against the
 corpus that already exists, then kept as one batch the post-training datasets read beside the shards.
 
-    ready, pending = scan(incoming_dir, seen, settle_s=10)          # what a sensor may start
-    result = ingest(docs, existing, CleanRules(), DedupParams())     # clean + dedup one batch
-    write_batch(result, out_dir); read_batches(lake_dir, "train")
+    >>> import json, tempfile, time
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.common.atomic import atomic_dir
+    >>> from llm_assets.lib.data.clean import CleanRules
+    >>> from llm_assets.lib.data.dedup import DedupParams
+    >>> from llm_assets.lib.data.ingest import (CorpusIndex, batch_key, ingest, read_batch,
+    ...                                         read_batch_file, read_batches, scan, write_batch)
+    >>> incoming, lake = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    >>> known = "The corpus already holds this sentence about parsing configuration files."
+    >>> rows = [known, "A new document about scheduling jobs on a cluster of machines."]
+    >>> _ = (incoming / "batch.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    >>> _ = (incoming / "copying.jsonl.tmp").write_text("")    # a copy in progress: never a batch
+    >>> ready, settling = scan(incoming, seen={}, settle_s=10)     # just written: still settling
+    >>> ready, [p.name for p in settling]
+    ([], ['batch.jsonl'])
+    >>> (path,), _ = scan(incoming, seen={}, settle_s=10, now=time.time() + 60)
+    >>> key = batch_key(path)                  # file name + content hash: a partition key
+    >>> index = CorpusIndex(DedupParams())
+    >>> index.add(["stdlib/config.py"], [known])              # what the corpus already kept
+    >>> result = ingest(read_batch_file(path, key), index, CleanRules(min_chars=20), DedupParams())
+    >>> [d.text[:14] for d in result.kept], [dup[1:3] for dup in result.duplicates]
+    (['A new document'], [('stdlib/config.py', 'exact')])
+    >>> with atomic_dir(lake / key) as tmp:      # as the incoming_batch asset writes it
+    ...     write_batch(result, tmp, {"file": path.name})
+    >>> info, table = read_batch(lake / key)          # one batch: batch.json + documents
+    >>> info, table.column_names, read_batches(lake).num_rows
+    ({'file': 'batch.jsonl'}, ['doc_id', 'source', 'text', 'split'], 1)
+
+A batch directory holds `documents.parquet` (kept documents with their split),
+`duplicates.parquet` (what was dropped, and why) and `batch.json` (written last: a directory
+without it is no batch); `write_batch` writes it and `read_batch` / `read_batches` read it.
 
 A batch is identified by its file's name and content (`batch_key`): the same file dropped twice is
 one batch, a changed file is a new one. A file counts as ready once it has not changed for
@@ -39,6 +67,7 @@ BATCH_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("te
 DUPLICATE_SCHEMA = pa.schema([("doc_id", pa.string()), ("duplicate_of", pa.string()),
                               ("kind", pa.string()), ("jaccard", pa.float64())])
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+BATCH_INFO, DOCUMENTS, DUPLICATES = "batch.json", "documents.parquet", "duplicates.parquet"
 
 
 def batch_key(path: Path) -> str:
@@ -160,23 +189,40 @@ def write_batch(result: IngestResult, out_dir: Path, info: dict) -> None:
     table = pa.table({"doc_id": [d.doc_id for d in kept], "source": [d.source for d in kept],
                       "text": [d.text for d in kept], "split": [result.split[d.doc_id] for d in kept]},
                      schema=BATCH_SCHEMA)
-    pq.write_table(table, out_dir / "documents.parquet", compression="zstd")
+    pq.write_table(table, documents_file(out_dir), compression="zstd")
     dups = list(zip(*result.duplicates)) if result.duplicates else [[], [], [], []]
     pq.write_table(pa.table(dict(zip(DUPLICATE_SCHEMA.names, dups)), schema=DUPLICATE_SCHEMA),
-                   out_dir / "duplicates.parquet", compression="zstd")
-    (out_dir / "batch.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+                   out_dir / DUPLICATES, compression="zstd")
+    (out_dir / BATCH_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def documents_file(batch_dir: Path) -> Path:
+    """The kept documents of a batch (its content: the partition's data version hashes it)."""
+    return Path(batch_dir) / DOCUMENTS
+
+
+def is_batch(batch_dir: Path) -> bool:
+    """Whether `batch_dir` holds a complete batch (batch.json is written last)."""
+    return (Path(batch_dir) / BATCH_INFO).is_file()
+
+
+def read_batch(batch_dir: Path) -> tuple[dict, pa.Table]:
+    """(batch.json, kept documents) of one complete batch."""
+    if not is_batch(batch_dir):
+        raise FileNotFoundError(f"{batch_dir}: not an ingested batch (no {BATCH_INFO})")
+    return json.loads((Path(batch_dir) / BATCH_INFO).read_text()), pq.read_table(documents_file(batch_dir))
 
 
 def batch_dirs(lake_dir: Path) -> list[Path]:
     """Every complete batch (`<key>/batch.json` is written last, inside an atomic directory whose
     staging name starts with a dot)."""
     root = Path(lake_dir)
-    return sorted(p.parent for p in root.glob("*/batch.json") if not p.parent.name.startswith(".")) if root.is_dir() else []
+    return sorted(p.parent for p in root.glob(f"*/{BATCH_INFO}") if not p.parent.name.startswith(".")) if root.is_dir() else []
 
 
 def read_batches(lake_dir: Path, split: str | None = None, exclude: str | None = None) -> pa.Table:
     """Kept documents of every ingested batch but `exclude` (optionally one split), by batch key."""
-    tables = [pq.read_table(d / "documents.parquet") for d in batch_dirs(lake_dir) if d.name != exclude]
+    tables = [pq.read_table(documents_file(d)) for d in batch_dirs(lake_dir) if d.name != exclude]
     table = pa.concat_tables(tables) if tables else BATCH_SCHEMA.empty_table()
     return table.filter(pc.equal(table["split"], split)) if split else table
 

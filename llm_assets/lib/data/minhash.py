@@ -1,5 +1,13 @@
 """MinHash signatures of documents, vectorized with numpy over many documents at once.
 
+    >>> from llm_assets.lib.data.minhash import estimate_jaccard, reference_signature, shingles, signatures
+    >>> text = " ".join(f"word{i}" for i in range(200))
+    >>> sigs = signatures([text, text.replace("word100", "changed"), ""])    # uint64 (3, 128)
+    >>> len(shingles(text)), estimate_jaccard(sigs[0], sigs[1])   # true Jaccard: 191/201 = 0.950
+    (196, 0.9453125)
+    >>> estimate_jaccard(sigs[2], sigs[2]), bool((reference_signature(text) == sigs[0]).all())
+    (0.0, True)
+
 A document's shingles are its word 5-grams (see `shingles`, the plain-Python reference). The fast
 path, `signatures`, computes one-permutation MinHash (OPH) signatures for a whole list of texts
 without a per-word Python loop:

@@ -1,5 +1,13 @@
 """Near-duplicate clusters from MinHash signatures, with datasketch's `MinHashLSH` for candidates.
 
+    >>> from llm_assets.lib.data.minhash import signatures
+    >>> from llm_assets.lib.data.near_dup import near_duplicate_clusters
+    >>> text = " ".join(f"word{i}" for i in range(200))
+    >>> texts = [text, "a different short text", text.replace("word100", "changed"),
+    ...          text.replace("word10 ", "other "), "", ""]
+    >>> near_duplicate_clusters(signatures(texts), threshold=0.8)    # the two empty texts: no cluster
+    [Cluster(members=(0, 2, 3), jaccard=(1.0, 0.9453125, 0.9296875))]
+
 Steps: rows with identical signatures are collapsed (exact duplicates would otherwise give a
 quadratic number of candidate pairs); the distinct rows go into a `MinHashLSH` tuned for a lower
 threshold than the decision threshold, so that pairs whose estimate is just above the threshold are

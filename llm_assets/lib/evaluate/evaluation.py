@@ -1,7 +1,25 @@
 """Side-by-side evaluation of checkpoints on the same held-out data.
 
-    data = EvalData.load(tokens_dir, sft_validation, preference_validation, tokenizer, settings)
-    row = evaluate_model(model, model_dir, data, settings)   # one dict of figures per model
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from llm_assets.lib.evaluate.evaluation import EvalData, EvalSettings, evaluate_model
+    >>> from llm_assets.lib.posttrain.preferences import PreferencePair
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> from llm_assets.lib.pretrain.model_dir import load_model, save_model
+    >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
+    >>> chats = [[{"role": "user", "content": f"Explain f{i}(x)."}, {"role": "assistant", "content": f"Return x + {i}."}]
+    ...          for i in range(6)]                   # sft_dataset's validation split
+    >>> pairs = [PreferencePair(f"What is {i} + 1?", f"{i + 1}", f"{i + 2}", f"p#L{i}") for i in range(4)]
+    >>> tok = train_tokenizer([m["content"] for chat in chats for m in chat], vocab_size=300)
+    >>> model_dir = Path(tempfile.mkdtemp())
+    >>> save_model(build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok, model_dir)
+    >>> settings = EvalSettings(perplexity_windows=4, generation_prompts=2, max_new_tokens=4)
+    >>> tokens = np.arange(300, dtype=np.uint16) % len(tok)    # tokenized_shards' validation stream
+    >>> data = EvalData.build(tokens, chats, pairs, tok, settings, seq_len=64)   # encoded once, for every model
+    >>> figures, texts = evaluate_model(lambda: load_model(model_dir), model_dir, tok, data, settings)
+    >>> figures.val_perplexity > 1, 0 <= figures.rouge_l <= 1, len(texts), figures.disk_bytes > 0
+    (True, True, 2, True)
 
 Figures per model (all computed here, on the same examples for every model):
 - `val_perplexity`: next-token perplexity on evenly spaced windows of the validation token stream;
@@ -29,25 +47,29 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from pydantic import Field
 
+from llm_assets.lib.common.settings import Settings
 from llm_assets.lib.posttrain.align import encode_pairs, preference_scores
 from llm_assets.lib.posttrain.chat_data import prompt_ids, reply_loss
-from llm_assets.lib.pretrain.model import weights_bytes
+from llm_assets.lib.pretrain.model_dir import weights_bytes
 
 
-@dataclass
-class EvalSettings:
-    seq_len: int = 256  # validation window length (at most the model's context)
-    perplexity_windows: int = 32  # evenly spaced validation windows
-    instruction_examples: int = 200  # held-out chats scored for the instruction loss
-    preference_pairs: int = 200  # held-out preference pairs
-    generation_prompts: int = 16  # held-out chats generated from (ROUGE-L, latency, samples)
-    max_new_tokens: int = 48
-    repetition_penalty: float = 1.3  # greedy decoding of a small model loops on "the the the" without it
-    samples: int = 3  # generations shown in the report
+class EvalSettings(Settings):
+    """How much held-out data every model is scored on; the launchpad of `eval_report`. The window
+    length is no setting: it is the compared models' context (`EvalData.build`'s seq_len)."""
+
+    perplexity_windows: int = Field(32, description="Evenly spaced validation windows scored for perplexity.")
+    instruction_examples: int = Field(200, description="Held-out instruction chats scored for the reply loss.")
+    preference_pairs: int = Field(200, description="Held-out preference pairs scored for accuracy.")
+    generation_prompts: int = Field(16, description="Held-out chats generated from (ROUGE-L, latency, samples).")
+    max_new_tokens: int = Field(48, description="Tokens generated per prompt at most (greedy).")
+    repetition_penalty: float = Field(1.3, description="Greedy decoding's repetition penalty (1 = off); a small "
+                                                       "model loops on \"the the the\" without it.")
+    samples: int = Field(3, description="Generations per model shown in the report.")
 
     def validate(self) -> None:
-        for name, value in vars(self).items():
+        for name, value in self.model_dump().items():
             if value < 1:  # (repetition_penalty: 1 = off; below 1 would reward repeats)
                 raise ValueError(f"{name}: must be at least 1 (got {value})")
 
@@ -62,17 +84,20 @@ class EvalData:
     pad_id: int
 
     @classmethod
-    def build(cls, tokens: np.ndarray, chats: list[list[dict]], preferences: list, tokenizer, s: EvalSettings) -> EvalData:
+    def build(cls, tokens: np.ndarray, chats: list[list[dict]], preferences: list, tokenizer, s: EvalSettings,
+              seq_len: int) -> EvalData:
+        """The held-out data, encoded once for every model; seq_len (tokens per window and example)
+        is the models' context."""
         from llm_assets.lib.posttrain.chat_data import encode_chat
 
-        encoded = [e for e in (encode_chat(tokenizer, c, s.seq_len) for c in chats) if e is not None]
-        pairs, _ = encode_pairs(tokenizer, preferences, s.seq_len)
+        encoded = [e for e in (encode_chat(tokenizer, c, seq_len) for c in chats) if e is not None]
+        pairs, _ = encode_pairs(tokenizer, preferences, seq_len)
         # generation prompts: evenly spread held-out chats whose prompt leaves room to generate
-        usable = [c for c in chats if len(prompt_ids(tokenizer, c[:-1])) + s.max_new_tokens <= s.seq_len]
+        usable = [c for c in chats if len(prompt_ids(tokenizer, c[:-1])) + s.max_new_tokens <= seq_len]
         picked = [usable[i * len(usable) // s.generation_prompts] for i in range(min(s.generation_prompts, len(usable)))]
         if not encoded or not pairs or not picked:
             raise ValueError("no held-out chat or preference pair fits in seq_len tokens")
-        return cls(validation_windows(tokens, s.seq_len, s.perplexity_windows), encoded[: s.instruction_examples], pairs[: s.preference_pairs],
+        return cls(validation_windows(tokens, seq_len, s.perplexity_windows), encoded[: s.instruction_examples], pairs[: s.preference_pairs],
                    [prompt_ids(tokenizer, c[:-1]) for c in picked], [c[-1]["content"] for c in picked],
                    tokenizer.pad_token_id)
 
@@ -160,8 +185,25 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return statistics.fmean(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references))
 
 
+@dataclass(frozen=True)
+class ModelFigures:
+    """One model's row of the comparison, measured as the module docstring says."""
+
+    val_perplexity: float  # next-token perplexity on the validation windows
+    instruction_loss: float  # mean nats per reply token on the held-out chats
+    preference_accuracy: float  # align.py's reference-free rule on the held-out pairs
+    rouge_l: float  # ROUGE-L F1 of greedy generations against the reference replies
+    empty_generations: int  # prompts the model answered with empty text
+    latency_ms_per_token_p50: float  # per prompt: generation time / tokens generated
+    latency_ms_per_token_p95: float
+    tokens_per_second: float  # all generated tokens over all generation time
+    peak_memory_bytes: int  # loading plus generation, above the level before the load
+    parameters: int  # the model's (for a quantized model: what the caller passes, its source's)
+    disk_bytes: int  # the safetensors files
+
+
 def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokenizer, data: EvalData,
-                   s: EvalSettings, parameters: int | None = None) -> tuple[dict, list[str]]:
+                   s: EvalSettings, parameters: int | None = None) -> tuple[ModelFigures, list[str]]:
     """(figures, generated texts) of the model `load()` returns; memory is measured from before the load."""
     with PeakMemory() as memory:  # what serving costs: loading plus generation
         model = load()
@@ -172,18 +214,18 @@ def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokeniz
     loss = reply_loss(model, data.chats, data.pad_id)
     pref = preference_scores(model, data.pairs, data.pad_id)
     latencies_ms = sorted(1000 * t for t in per_token)
-    row = {
-        "val_perplexity": ppl,
-        "instruction_loss": loss,
-        "preference_accuracy": pref["accuracy"],
-        "rouge_l": rouge_l(texts, data.references),
-        "empty_generations": sum(not t for t in texts),
-        "latency_ms_per_token_p50": float(np.percentile(latencies_ms, 50)),
-        "latency_ms_per_token_p95": float(np.percentile(latencies_ms, 95)),
-        "tokens_per_second": n_tokens / gen_seconds,
-        "peak_memory_bytes": memory.peak,
-        "parameters": parameters if parameters is not None else sum(p.numel() for p in model.parameters()),
-        "disk_bytes": weights_bytes(model_dir),
-    }
+    figures = ModelFigures(
+        val_perplexity=ppl,
+        instruction_loss=loss,
+        preference_accuracy=pref.accuracy,
+        rouge_l=rouge_l(texts, data.references),
+        empty_generations=sum(not t for t in texts),
+        latency_ms_per_token_p50=float(np.percentile(latencies_ms, 50)),
+        latency_ms_per_token_p95=float(np.percentile(latencies_ms, 95)),
+        tokens_per_second=n_tokens / gen_seconds,
+        peak_memory_bytes=memory.peak,
+        parameters=parameters if parameters is not None else sum(p.numel() for p in model.parameters()),
+        disk_bytes=weights_bytes(model_dir),
+    )
     del model
-    return row, texts
+    return figures, texts

@@ -1,10 +1,28 @@
-"""Drift of text between a reference (what the model was trained on) and a current window (recent
+r"""Drift of text between a reference (what the model was trained on) and a current window (recent
 serving traffic, or a newly arrived batch), measured with Evidently 0.7.
 
-    frame = describe(texts, tokenizer, model)        # text + one column per descriptor
-    result = detect_drift(reference_frame, current_frame, DriftSettings())
-    result.summary   # {"drift_detected", "drift_share", "drifted_columns", ...}
-    result.snapshot.save_html("report.html")
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.monitor.drift import DriftSettings, describe, detect_drift, read_report, write_report
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
+    >>> trained_on = [f"Explain what `mod.f{i}(x, y={i})` does." for i in range(40)]
+    >>> traffic = [f"{i * 7919} {i * 104729} 0x{i:04x} ∑∫√ {i}" for i in range(40)]   # another domain
+    >>> tok = train_tokenizer(trained_on, vocab_size=300)
+    >>> model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    >>> reference, current = describe(trained_on, tok, model), describe(traffic, tok, model)
+    >>> list(current.columns)             # the text + one column per descriptor
+    ['text', 'length_chars', 'words', 'non_letter_share', 'byte_fallback_rate', 'perplexity']
+    >>> result = detect_drift(reference, current, DriftSettings())
+    >>> result.summary["drift_detected"], "text" in result.summary["drifted_columns"]
+    (True, True)
+    >>> out_dir = Path(tempfile.mkdtemp())
+    >>> write_report(out_dir, result, {**result.summary, "source": "serving"}, current)
+    >>> sorted(p.name for p in out_dir.iterdir())
+    ['current.parquet', 'report.html', 'summary.json']
+    >>> summary, frame = read_report(out_dir)
+    >>> summary["source"], summary["current_rows"], len(frame)
+    ('serving', 40, 40)
 
 Descriptors per text (numbers Evidently compares column by column): length in characters, words,
 the share of characters that are not letters, the byte-fallback rate (share of tokens that are raw
@@ -12,6 +30,10 @@ bytes of the tokenizer's alphabet: text the tokenizer never learned to merge, su
 script or binary junk), and the perplexity under the released model (optional: what the model finds
 surprising). The text itself is compared by Evidently's text drift (a TF-IDF domain classifier; the
 column drifts when it tells the two windows apart with ROC AUC >= `text_threshold`).
+
+A drift_report directory holds `report.html` (Evidently's), `summary.json` (the figures) and
+`current.parquet` (the current window with its descriptors): `write_report` writes it, `read_report`
+reads it back.
 
 Defaults, from calibration on this project's own text (FIELD_NOTES, and the quality tests): numeric
 columns by the two-sample Kolmogorov-Smirnov test (p < 0.05), which accounts for the window's size:
@@ -23,26 +45,34 @@ least half of the columns drift.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
+from llm_assets.lib.common.settings import Settings
 from llm_assets.lib.tokenizer.tokenizer import BYTE_ALPHABET, SPECIAL_TOKENS
 
+REPORT_HTML, SUMMARY, CURRENT = "report.html", "summary.json", "current.parquet"
 DESCRIPTORS = ("length_chars", "words", "non_letter_share", "byte_fallback_rate", "perplexity")
 _WORD = re.compile(r"\w+")
 
 
-@dataclass
-class DriftSettings:
-    num_method: str = "ks"  # two-sample Kolmogorov-Smirnov: drift when p < num_threshold
-    num_threshold: float = 0.05
-    text_method: str = "abs_text_content_drift"  # the TF-IDF classifier at any window size
-    text_threshold: float = 0.7
-    drift_share: float = 0.5  # dataset drift: at least this share of the columns drifted
+class DriftSettings(Settings):
+    """When a column, and when the whole window, counts as drifted (calibration: the module docstring)."""
+
+    num_method: str = Field("ks", description="Evidently's test for the numeric descriptors: ks = two-sample "
+                                              "Kolmogorov-Smirnov, drift when p < num_threshold.")
+    num_threshold: float = Field(0.05, description="Kolmogorov-Smirnov p-value below which a descriptor counts as drifted.")
+    text_method: str = Field("abs_text_content_drift", description="Evidently's method for the text column: "
+                             "abs_text_content_drift = a TF-IDF domain classifier, usable at any window size.")
+    text_threshold: float = Field(0.7, description="ROC AUC of that classifier at which the text column counts as drifted.")
+    drift_share: float = Field(0.5, description="Share of drifted columns at which the window counts as drifted (dataset drift).")
 
 
 @dataclass
@@ -127,3 +157,18 @@ def sample(frame: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
         return frame.reset_index(drop=True)
     idx = np.random.default_rng(seed).choice(len(frame), size=n, replace=False)
     return frame.iloc[np.sort(idx)].reset_index(drop=True)
+
+
+def write_report(out_dir: Path, result: DriftResult, summary: dict, current: pd.DataFrame) -> None:
+    """Evidently's HTML report, `summary` (result.summary plus what the caller adds: source, window)
+    and the current window's frame, into `out_dir` (a staging dir)."""
+    out_dir = Path(out_dir)
+    result.snapshot.save_html(str(out_dir / REPORT_HTML))
+    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+    current.to_parquet(out_dir / CURRENT)
+
+
+def read_report(report_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """(summary, current window frame) of a drift report directory."""
+    report_dir = Path(report_dir)
+    return json.loads((report_dir / SUMMARY).read_text()), pd.read_parquet(report_dir / CURRENT)

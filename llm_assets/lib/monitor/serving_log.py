@@ -1,9 +1,22 @@
 """The serving log: every request the model server answered, as Parquet parts under `data/serving/`.
 
-    log = ServingLog(Path("data/serving"), flush_rows=64, flush_seconds=5.0)
-    log.append({"time": ..., "prompt": ..., "response": ..., ...})   # thread-safe, buffered
-    log.close()                                                       # flushes what is left
-    table = read_log(Path("data/serving"), since=cutoff)              # every part, one table
+    >>> import tempfile
+    >>> from datetime import datetime, timedelta, timezone
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.monitor.serving_log import ServingLog, parts, read_log
+    >>> directory = Path(tempfile.mkdtemp())            # data/serving/ in a project
+    >>> now = datetime.now(timezone.utc)
+    >>> log = ServingLog(directory, flush_rows=2, flush_seconds=5.0)
+    >>> for minutes_ago, prompt in [(90, "old"), (2, "Explain f()."), (1, "What does g do?")]:
+    ...     log.append({"time": now - timedelta(minutes=minutes_ago), "prompt": prompt,
+    ...                 "response": "...", "status": "ok"})      # thread-safe, buffered
+    >>> len(parts(directory))          # two rows made one part; the third waits in memory
+    1
+    >>> log.close()                    # flushes what is left
+    >>> len(parts(directory)), read_log(directory).num_rows
+    (2, 3)
+    >>> read_log(directory, since=now - timedelta(hours=1))["prompt"].to_pylist()
+    ['Explain f().', 'What does g do?']
 
 Rows are buffered in memory and written as a new part file `requests-<utc time>-<pid>-<token>-<n>.parquet`
 when `flush_rows` rows are waiting, when the oldest waiting row is `flush_seconds` old (a
@@ -87,11 +100,16 @@ class ServingLog:
         self.flush()
 
 
+def parts(directory: Path) -> list[Path]:
+    """The complete part files, oldest first (a part being written is a dot-prefixed temp file)."""
+    return sorted(Path(directory).glob(PART_GLOB)) if Path(directory).is_dir() else []
+
+
 def read_log(directory: Path, since=None) -> pa.Table:
     """All parts as one table (empty with the schema when there are none), rows at or after `since`
     (a timezone-aware datetime) when given."""
-    parts = sorted(Path(directory).glob(PART_GLOB)) if Path(directory).is_dir() else []
-    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts]) if parts else SCHEMA.empty_table()
+    files = parts(directory)
+    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in files]) if files else SCHEMA.empty_table()
     if since is not None and table.num_rows:
         import pyarrow.compute as pc
 

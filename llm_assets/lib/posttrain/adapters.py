@@ -1,9 +1,39 @@
-"""Parameter-efficient fine-tuning with PEFT: adapter configs, 4-bit bases, merging, counting.
+r"""Parameter-efficient fine-tuning with PEFT: adapter configs, attaching, merging, counting.
 
-    model = load_model(base_dir, four_bit=settings.method == "qlora")
-    model = attach_adapter(model, settings)          # a PeftModel; only the adapter trains
-    trainable, total = parameter_counts(model)
-    merged = merge_into_fp32(base_dir, adapter_dir)  # plain transformers model, no PEFT needed
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> from llm_assets.lib.posttrain.adapters import AdapterSettings, attach_adapter, merge_into_fp32, parameter_counts
+    >>> from llm_assets.lib.pretrain import model_dir
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
+    >>> tok = train_tokenizer(["def f(x):\n    return x\n"] * 5, vocab_size=300)
+    >>> base_dir, out = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    >>> model_dir.save_model(build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id),
+    ...                      tok, base_dir)                                    # a base_checkpoint
+    >>> settings = AdapterSettings(method="lora", r=4, alpha=8)
+    >>> model = model_dir.load_model(base_dir, four_bit=settings.method == "qlora")
+    >>> model = attach_adapter(model, settings)          # a PeftModel; only the adapter trains
+    >>> parameter_counts(model)                          # (trainable, total)
+    (10240, 134784)
+    >>> with torch.no_grad():                            # stand-in for training: lora_B starts at zero
+    ...     for name, p in model.named_parameters():
+    ...         _ = p.fill_(0.01) if "lora_B" in name else None
+    >>> model.save_pretrained(model_dir.adapter_dir(out))
+    >>> sorted(p.name for p in model_dir.adapter_dir(out).glob("adapter_*"))
+    ['adapter_config.json', 'adapter_model.safetensors']
+    >>> merged = merge_into_fp32(base_dir, model_dir.adapter_dir(out))  # plain model, no PEFT needed
+    >>> base = model_dir.load_model(base_dir)
+    >>> type(merged).__name__, [torch.equal(getattr(merged.model, part).weight, getattr(base.model, part).weight)
+    ...                         for part in ("embed_tokens", "norm")]     # frozen parts: unchanged
+    ('LlamaForCausalLM', [True, True])
+    >>> torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    False
+    >>> parameter_counts(attach_adapter(model_dir.load_model(base_dir), AdapterSettings(method="ia3")))[0]
+    640
+
+Model directories themselves (loading, 4-bit bases, the `adapter/` and `merged/` sub-paths) are
+lib/pretrain/model_dir.py's.
 
 Methods (`AdapterSettings.method`):
 - `lora`:  low-rank updates (rank `r`, scale `alpha / r`, `dropout`) on `target_modules`.
@@ -20,10 +50,12 @@ weights, so they could not give the merged model the rest of the pipeline loads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from pydantic import Field
+
+from llm_assets.lib.common.settings import Settings
+from llm_assets.lib.pretrain import model_dir
 
 METHODS = ("lora", "qlora", "ia3")
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -31,13 +63,16 @@ IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD = ("down_proj",)  # IA3 scales the input of feed-forward layers, the output of others
 
 
-@dataclass
-class AdapterSettings:
-    method: str = "lora"  # lora | qlora | ia3
-    r: int = 16  # LoRA rank
-    alpha: int = 32  # LoRA scale numerator: updates are scaled by alpha / r
-    dropout: float = 0.05  # dropout on the LoRA input path
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR))  # LoRA targets
+class AdapterSettings(Settings):
+    """The PEFT adapter a fine-tuning run trains (its fields sit flat in SftSettings and DpoSettings)."""
+
+    method: str = Field("lora", description="lora | qlora (the same LoRA on the base loaded in 4-bit NF4 by "
+                                            "bitsandbytes) | ia3 (learned rescaling vectors).")
+    r: int = Field(16, description="LoRA rank.")
+    alpha: int = Field(32, description="LoRA scale numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, description="Dropout on the LoRA input path.")
+    target_modules: list[str] = Field(list(LLAMA_LINEAR), description=f"Linear layers LoRA adapts, from {LLAMA_LINEAR} "
+                                                                      "(IA3 always scales k_proj, v_proj, down_proj).")
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -62,62 +97,6 @@ def peft_config(s: AdapterSettings):
                          feedforward_modules=list(IA3_FEEDFORWARD))
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
                       target_modules=list(s.target_modules), bias="none")
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(model_dir: Path, four_bit: bool = False):
-    """A causal LM from a save_pretrained directory (safetensors only), in fp32 or 4-bit NF4."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    model_dir = Path(model_dir)
-    check_safetensors(model_dir)
-    kwargs = {"use_safetensors": True, "dtype": torch.float32}
-    if four_bit:
-        check_4bit_shapes(model_dir)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        kwargs["device_map"] = {"": str(device())}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    return model if four_bit else model.to(device())
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, not safetensors, truncated or corrupt."""
-
-
-def check_safetensors(model_dir: Path, name: str = "model.safetensors") -> Path:
-    """The path of `model_dir/name` after checking it is a complete safetensors file. Weights load
-    from safetensors only (never pickle), and a truncated or corrupt file fails here, naming it,
-    instead of deep inside transformers."""
-    from safetensors import safe_open
-
-    path = Path(model_dir) / name
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (weights are loaded from safetensors only, never from pickle)")
-    try:
-        with safe_open(str(path), framework="pt") as f:  # checks the header against the file size
-            for key in f.keys():
-                f.get_slice(key)
-    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
-        raise CheckpointError(f"{path}: not a complete safetensors file ({e}); re-materialize the asset or "
-                              f"restore an earlier version") from e
-    return path
-
-
-def check_4bit_shapes(model_dir: Path) -> None:
-    """bitsandbytes' CPU 4-bit kernel packs output rows in blocks of 32 and fails deep inside the
-    first forward otherwise: say which dimension is wrong before loading."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    for name in ("hidden_size", "intermediate_size"):
-        value = getattr(config, name, None)
-        if value is not None and value % 32:
-            raise ValueError(f"{model_dir}/config.json: {name}={value} is not a multiple of 32, which "
-                             f"bitsandbytes 4-bit needs; use a model size whose widths are")
 
 
 def keep_4bit_weights_trainable(model) -> None:
@@ -150,6 +129,6 @@ def merge_into_fp32(base_dir: Path, adapter_dir: Path):
     """The base in fp32 with the adapter's update folded into its weights: a plain model."""
     from peft import PeftModel
 
-    check_safetensors(adapter_dir, "adapter_model.safetensors")
-    base = load_model(base_dir, four_bit=False)
+    model_dir.check_safetensors(adapter_dir, "adapter_model.safetensors")
+    base = model_dir.load_model(base_dir, four_bit=False)
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).merge_and_unload()

@@ -1,9 +1,24 @@
-"""Chats as token ids for causal-LM fine-tuning and scoring: the prompt masked, the reply trained.
+r"""Chats as token ids for causal-LM fine-tuning and scoring: the prompt masked, the reply trained.
 
-    ex = encode_chat(tokenizer, [{"role": "user", "content": "Explain f()."},
-                                 {"role": "assistant", "content": "Return 1."}], max_len=256)
-    ex["input_ids"], ex["labels"]       # labels are -100 on every prompt token
-    batch = pad_batch([ex, ...], pad_id)  # input_ids, attention_mask, labels as tensors
+    >>> from llm_assets.lib.posttrain.chat_data import encode_chat, pad_batch, reply_loss
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
+    >>> tok = train_tokenizer(["Explain f(). Return 1."] * 5, vocab_size=300)
+    >>> chat = [{"role": "user", "content": "Explain f()."}, {"role": "assistant", "content": "Return 1."}]
+    >>> ex = encode_chat(tok, chat, max_len=256)
+    >>> tok.decode(ex["input_ids"])
+    '<|eos|><|user|>Explain f().<|end|>\n<|assistant|>Return 1.<|end|>'
+    >>> tok.decode([i for i, label in zip(ex["input_ids"], ex["labels"]) if label != -100])  # what trains
+    'Return 1.<|end|>'
+    >>> encode_chat(tok, chat, max_len=5) is None          # too long: dropped, never cut
+    True
+    >>> short = encode_chat(tok, [chat[0], {"role": "assistant", "content": "1"}], max_len=256)
+    >>> batch = pad_batch([ex, short], tok.pad_token_id)  # input_ids, attention_mask, labels as tensors
+    >>> tuple(batch["input_ids"].shape), batch["attention_mask"].sum(dim=1).tolist()
+    ((2, 13), [13, 10])
+    >>> model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    >>> 4 < reply_loss(model, [ex, short], tok.pad_token_id) < 7   # untrained: about ln(vocab) = 5.6 nats
+    True
 
 A sequence is `<eos> prompt reply <|end|>`: the leading eos is the document boundary the base model
 saw between pretraining documents (the packed stream has no bos), the prompt is the tokenizer's chat

@@ -1,11 +1,28 @@
 """What the fine-tuning stages share around a `transformers.Trainer` (TRL's trainers included):
 resumable work dirs, progress forwarded to a log callable, and the common arguments.
 
-    run = run_identity({"settings": ..., "data": ...}, [base_dir / "model.safetensors"])
-    resume_from = prepare_work_dir(work_dir, run, log)   # None, or the last complete checkpoint
-    args = dict(common_arguments(work_dir, settings_seed, bf16_ok), max_steps=..., ...)
-    trainer.add_callback(ProgressLog(log))
-    trainer.train(resume_from_checkpoint=resume_from)
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from llm_assets.lib.posttrain.chat_data import PadCollator
+    >>> from llm_assets.lib.posttrain.hf_training import common_arguments, fit, prepare_work_dir, run_identity
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> work_dir = Path(tempfile.mkdtemp())
+    >>> examples = [{"input_ids": [1, 5, 6, 7], "labels": [-100, 5, 6, 7]}] * 8
+    >>> run = run_identity({"settings": {"lr": 1e-3}, "examples": examples}, files=[])  # + the base's weights
+    >>> events = []
+    >>> resume_from = prepare_work_dir(work_dir, run, events.append)   # None, or the last complete checkpoint
+    >>> args = TrainingArguments(**common_arguments(work_dir, seed=0, save_steps=2, logging_steps=1),
+    ...                          max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3)
+    >>> trainer = Trainer(model=build_model("tiny", 64, 0, 1, 2), args=args, train_dataset=examples,
+    ...                   data_collator=PadCollator(pad_id=2))
+    >>> trained, seconds, curve = fit(trainer, resume_from, events.append)
+    >>> trained.global_step, [row["step"] for row in curve], [e["event"] for e in events]
+    (2, [1, 2], ['train', 'train', 'train'])
+    >>> prepare_work_dir(work_dir, run, events.append).endswith("trainer/checkpoint-2"), events[-1]["event"]
+    (True, 'resume')
+    >>> prepare_work_dir(work_dir, "another run", events.append), events[-1]["event"]
+    (None, 'start_over')
 
 A killed run resumes from the Trainer's last checkpoint in `work_dir/trainer/` (model or adapter,
 optimizer, scheduler, RNG and data position: the Trainer's own format), but only when the run's
@@ -18,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -113,3 +131,16 @@ class ProgressLog(TrainerCallback):
             row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             self.rows.append(row)
             self.log({"event": "eval" if any(k.startswith("eval_") for k in row) else "train", **row})
+
+
+def fit(trainer, resume_from: str | None, log: Log) -> tuple:
+    """Train with ProgressLog instead of the console printer: (the Trainer's TrainOutput, seconds in
+    `train()`, the log rows that hold a training "loss" or an "eval_loss": the loss curve)."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # ProgressLog reports the same rows
+    trainer.add_callback(ProgressLog(log))
+    start = time.perf_counter()
+    trained = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    return trained, seconds, [r for r in trainer.state.log_history if "loss" in r or "eval_loss" in r]

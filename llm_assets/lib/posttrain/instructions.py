@@ -1,10 +1,29 @@
-"""Instruction pairs for supervised fine-tuning: derived from the corpus's Python sources, or read
+r"""Instruction pairs for supervised fine-tuning: derived from the corpus's Python sources, or read
 from user files.
 
-    pairs = derive_pairs((row["doc_id"], row["text"]) for row in read_split(shards, "train").to_pylist())
-    pairs = read_alpaca(Path("data/sft/alpaca.json"))     # Alpaca JSON list or JSONL
-    chats = read_chat_jsonl(Path("data/sft/chat.jsonl"))  # {"messages": [{role, content}, ...]}
-    messages = to_messages(pairs[0])                      # [user, assistant] for a chat template
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.posttrain.instructions import derive_pairs, read_alpaca, read_chat_jsonl, to_messages
+    >>> source = ("def area(width, height=1):\n    '''Return the area of a rectangle.\n\n    Details.\n    '''\n"
+    ...           "class Box:\n    '''A box that holds things.'''\n    def fill(self, item):\n"
+    ...           "        '''Put an item in the box.'''\ndef _private():\n    '''Not public.'''\n")
+    >>> pairs = derive_pairs([("stdlib/shapes.py", source)])   # (doc_id, text), e.g. rows of read_split
+    >>> [(p.qualname, p.output) for p in pairs]
+    [('area', 'Return the area of a rectangle.'), ('Box', 'A box that holds things.'), ('Box.fill', 'Put an item in the box.')]
+    >>> to_messages(pairs[0])                              # [user, assistant] for a chat template
+    [{'role': 'user', 'content': 'Explain what the Python function `shapes.area(width, height=1)` does.'}, {'role': 'assistant', 'content': 'Return the area of a rectangle.'}]
+    >>> sft = Path(tempfile.mkdtemp())                     # data/sft/ in a project
+    >>> _ = (sft / "alpaca.json").write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]))
+    >>> [(p.instruction, p.output, p.source_doc_id) for p in read_alpaca(sft / "alpaca.json")]  # JSON list or JSONL
+    [('Add 2 and 3.', '5', 'alpaca.json#L1')]
+    >>> chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]
+    >>> _ = (sft / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    >>> read_chat_jsonl(sft / "chat.jsonl") == [chat]      # {"messages": [{role, content}, ...]} per line
+    True
+    >>> _ = (sft / "chat.jsonl").write_text(json.dumps({"messages": chat}) + '\n{"messages": [{"role": "user"}]}\n')
+    >>> read_chat_jsonl(sft / "chat.jsonl")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    llm_assets.lib.data.corpus.CorpusFormatError: .../chat.jsonl:2: message 0: missing field 'content' (keys: ['role'])
 
 Derived pairs: for every public, documented function, method and class of a module, the instruction
 asks what the signature does and the response is the docstring's first paragraph. The caller derives

@@ -1,10 +1,27 @@
-"""The two post-training datasets as Parquet: instruction chats (SFT) and preference pairs (DPO),
+r"""The two post-training datasets as Parquet: instruction chats (SFT) and preference pairs (DPO),
 assembled from the corpus-derived pairs and the user's files.
 
-    chats = read_sft_file(Path("data/sft/alpaca.json"))    # [(messages, source)], Alpaca or chat
-    prefs = read_preference_file(Path("data/preferences/hh.jsonl"))  # TRL or HH-RLHF records
-    write_chats(path, rows); read_chats(path) -> [messages]
-    write_preferences(path, pairs); read_preferences(path) -> [PreferencePair]
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.posttrain.posttrain_data import (chat_row, read_chats, read_preference_file,
+    ...     read_preferences, read_sft_file, split_file, user_prompts, write_chats, write_preferences)
+    >>> user, dataset_dir = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    >>> _ = (user / "alpaca.json").write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]))
+    >>> chats = read_sft_file(user / "alpaca.json")         # [(messages, source)], Alpaca or chat
+    >>> chats
+    [([{'role': 'user', 'content': 'Add 2 and 3.'}, {'role': 'assistant', 'content': '5'}], 'alpaca.json#L1')]
+    >>> write_chats(dataset_dir, "train", [chat_row(messages, source, "user") for messages, source in chats])
+    >>> split_file(dataset_dir, "train").name, user_prompts(read_chats(dataset_dir, "train"))
+    ('train.parquet', ['Add 2 and 3.'])
+    >>> _ = (user / "hh.jsonl").write_text(json.dumps({"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4",
+    ...                                                "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}) + "\n")
+    >>> pairs = read_preference_file(user / "hh.jsonl")     # TRL or HH-RLHF records, told by the keys
+    >>> write_preferences(dataset_dir, "validation", pairs)
+    >>> read_preferences(dataset_dir, "validation")         # the prompt stored as messages
+    [PreferencePair(prompt=[{'role': 'user', 'content': '2+2?'}], chosen='4', rejected='5', source='hh.jsonl#L1', negative='')]
+
+Both datasets are one Parquet file per split, `<dataset_dir>/<split>.parquet` (`split_file`), written
+and read only by the functions above.
 
 User files carry no split, so each record goes to validation when a stable hash of its content falls
 under the validation fraction: the same record lands in the same split on every run and machine,
@@ -98,12 +115,20 @@ def derived_chat_rows(pairs: list[InstructionPair]) -> list[dict]:
                      "incoming" if p.source_doc_id.startswith("incoming/") else "corpus", p.module) for p in pairs]
 
 
-def write_chats(path: Path, rows: list[dict]) -> None:
-    pq.write_table(pa.Table.from_pylist(rows, schema=CHAT_SCHEMA), path)  # into a staging dir (atomic)
+def split_file(dataset_dir: Path, split: str) -> Path:
+    """`<split>.parquet` of sft_dataset or preference_dataset."""
+    return Path(dataset_dir) / f"{split}.parquet"
 
 
-def read_chats(path: Path) -> list[list[dict]]:
-    return pq.read_table(path, columns=["messages"]).column("messages").to_pylist()
+def write_chats(dataset_dir: Path, split: str, rows: list[dict]) -> None:
+    """One split of sft_dataset: rows of `chat_row` (messages, source, origin, module)."""
+    table = pa.Table.from_pylist(rows, schema=CHAT_SCHEMA)
+    pq.write_table(table, split_file(dataset_dir, split))  # into a staging dir (atomic)
+
+
+def read_chats(dataset_dir: Path, split: str) -> list[list[dict]]:
+    """The chats (message lists) of one split of sft_dataset."""
+    return pq.read_table(split_file(dataset_dir, split), columns=["messages"]).column("messages").to_pylist()
 
 
 def user_prompts(chats: list[list[dict]]) -> list[str]:
@@ -111,13 +136,14 @@ def user_prompts(chats: list[list[dict]]) -> list[str]:
     return [next(m["content"] for m in chat if m["role"] == "user") for chat in chats]
 
 
-def write_preferences(path: Path, pairs: list[PreferencePair]) -> None:
-
+def write_preferences(dataset_dir: Path, split: str, pairs: list[PreferencePair]) -> None:
+    """One split of preference_dataset (the prompt stored as messages)."""
     rows = [{"prompt": prompt_messages(p.prompt), "chosen": p.chosen, "rejected": p.rejected,
              "source": p.source, "negative": p.negative} for p in pairs]
-    pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCE_SCHEMA), path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCE_SCHEMA), split_file(dataset_dir, split))
 
 
-def read_preferences(path: Path) -> list[PreferencePair]:
+def read_preferences(dataset_dir: Path, split: str) -> list[PreferencePair]:
+    """The pairs of one split of preference_dataset."""
     return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r["source"], r["negative"])
-            for r in pq.read_table(path).to_pylist()]
+            for r in pq.read_table(split_file(dataset_dir, split)).to_pylist()]

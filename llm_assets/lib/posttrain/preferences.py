@@ -1,10 +1,28 @@
-"""Preference pairs (prompt, chosen, rejected) for preference tuning (DPO and friends): derived from
+r"""Preference pairs (prompt, chosen, rejected) for preference tuning (DPO and friends): derived from
 instruction pairs, or read from user files.
 
-    prefs, skipped = derive_preferences(pairs, seed=0)
-    prefs = read_trl_jsonl(Path("data/prefs/trl.jsonl"))       # TRL: prompt / chosen / rejected
-    prefs = read_hh_rlhf_jsonl(Path("data/prefs/hh.jsonl"))   # Anthropic HH-RLHF dialogues
-    prefs, dropped = drop_identical(prefs)
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.posttrain.instructions import InstructionPair
+    >>> from llm_assets.lib.posttrain.preferences import (derive_preferences, drop_identical, prompt_messages,
+    ...                                                   read_hh_rlhf_jsonl, read_trl_jsonl)
+    >>> pairs = [InstructionPair(f"Explain `json.{name}`.", "", answer, "stdlib/json.py", name, "json")
+    ...          for name, answer in [("loads", "Parse a JSON string."), ("dumps", "Serialize to JSON."),
+    ...                               ("lonely", "Parse a JSON string.")]]
+    >>> prefs, skipped = derive_preferences(pairs, seed=0)   # rejected: another definition's answer
+    >>> [(p.chosen, p.rejected, p.negative) for p in prefs], skipped
+    ([('Parse a JSON string.', 'Serialize to JSON.', 'module'), ('Serialize to JSON.', 'Parse a JSON string.', 'module'), ('Parse a JSON string.', 'Serialize to JSON.', 'module')], 0)
+    >>> prefs_dir = Path(tempfile.mkdtemp())                 # data/preferences/ in a project
+    >>> _ = (prefs_dir / "trl.jsonl").write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    >>> read_trl_jsonl(prefs_dir / "trl.jsonl")               # TRL: prompt / chosen / rejected
+    [PreferencePair(prompt='2+2?', chosen='4', rejected='5', source='trl.jsonl#L1', negative='')]
+    >>> dialogue = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant:"
+    >>> _ = (prefs_dir / "hh.jsonl").write_text(json.dumps({"chosen": dialogue + " 4", "rejected": dialogue + " 4 "}) + "\n")
+    >>> hh = read_hh_rlhf_jsonl(prefs_dir / "hh.jsonl")    # Anthropic HH-RLHF dialogues
+    >>> prompt_messages(hh[0].prompt)                       # as chat turns, ending in the user's
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}, {'role': 'user', 'content': '2+2?'}]
+    >>> drop_identical(hh)                                  # "4" vs "4 ": no preference to learn
+    ([], 1)
 
 Derived pairs: the prompt is an instruction, chosen is its own docstring answer and rejected is the
 docstring of a different definition. Negatives are hard where possible: from the same module

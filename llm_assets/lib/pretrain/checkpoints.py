@@ -1,9 +1,34 @@
 """Resumable training checkpoints: atomic, self-checking, loadable without unpickling code.
 
-    run_id = run_hash(settings_that_matter, meta, tokens_dir, world)
-    save_checkpoint(work_dir, model, optimizer, scheduler, {"step": 120, "run_hash": run_id, ...})
-    step, history, tokens_seen = resume(work_dir, run_id, rank, world, device, model, optimizer,
-                                        scheduler, emit)
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> from llm_assets.lib.pretrain.checkpoints import latest_checkpoint, resume, run_hash, save_checkpoint
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> from llm_assets.lib.tokenizer.packing import write_streams
+    >>> tokens_dir, work_dir = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    >>> meta = write_streams(tokens_dir, {"train": [5, 6, 1], "validation": [7, 1]}, vocab_size=64,
+    ...                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    >>> def training_state():
+    ...     model = build_model("tiny", vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    ...     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ...     return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    >>> model, optimizer, scheduler = training_state()
+    >>> run_id = run_hash({"lr": 1e-3}, meta, tokens_dir, world=1)   # settings that matter + data
+    >>> state = {"step": 120, "run_hash": run_id, "tokens_seen": 7680, "history": [{"step": 120, "train_loss": 3.2}]}
+    >>> save_checkpoint(work_dir, model, optimizer, scheduler, state) == latest_checkpoint(work_dir)
+    True
+    >>> sorted(p.name for p in latest_checkpoint(work_dir).iterdir())
+    ['config.json', 'model.safetensors', 'optimizer.pt', 'state.json']
+    >>> fresh, optimizer, scheduler = training_state()      # what a restarted process builds
+    >>> resume(work_dir, run_id, 0, 1, "cpu", fresh, optimizer, scheduler, emit=lambda e: print(e["event"]))
+    resume
+    (120, [{'step': 120, 'train_loss': 3.2}], 7680)
+    >>> torch.equal(fresh.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    True
+    >>> resume(work_dir, "other settings", 0, 1, "cpu", fresh, optimizer, scheduler, emit=lambda e: print(e["event"]))
+    start_over
+    (0, [], 0)
 
 `work_dir/checkpoint-00000120/` holds the state after 120 steps: `model.safetensors`,
 `config.json`, `optimizer.pt` (optimizer, scheduler and torch RNG state: tensors, numbers and lists
@@ -25,6 +50,7 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 
 from llm_assets.lib.common.atomic import STAGING_PREFIX, atomic_dir
+from llm_assets.lib.tokenizer.packing import split_path
 
 CHECKPOINT_PREFIX = "checkpoint-"  # work_dir/checkpoint-00000120/ = state after 120 steps
 
@@ -36,7 +62,7 @@ def run_hash(settings: dict, meta: dict, tokens_dir: Path, world: int) -> str:
     described = {"settings": settings, "world": world, "meta": meta}
     h.update(json.dumps(described, sort_keys=True).encode())
     for split in ("train", "validation"):
-        with open(tokens_dir / f"{split}.bin", "rb") as f:
+        with open(split_path(tokens_dir, split), "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()

@@ -1,10 +1,19 @@
 """The base model: a small Llama-style decoder built from a config, with one size dial.
 
-    model = build_model("demo", vocab_size=8192, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    n = count_parameters(model)            # == estimate_parameters(MODEL_SIZES["demo"], 8192)
-    training_memory_bytes(n)               # AdamW fp32 footprint, activations excluded
-    training_flops(n, tokens=1_000_000)    # the 6·N·D rule
-    matmul_peak_flops(torch.device("cpu"), torch.float32)  # measured FLOP/s: the MFU denominator
+    >>> import torch
+    >>> from llm_assets.lib.pretrain.model import (MODEL_SIZES, build_model, count_parameters,
+    ...     estimate_parameters, matmul_peak_flops, training_flops, training_memory_bytes)
+    >>> _ = torch.manual_seed(0)                         # a reproducible init
+    >>> model = build_model("tiny", vocab_size=512, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    >>> n = count_parameters(model)
+    >>> n, n == estimate_parameters(MODEL_SIZES["tiny"], 512)
+    (139584, True)
+    >>> training_memory_bytes(n), training_flops(n, tokens=1_000_000)  # AdamW fp32 bytes; 6·N·D FLOPs
+    (2233344, 837504000000.0)
+    >>> model(torch.tensor([[0, 5, 6]])).logits.shape   # (batch, tokens, vocab)
+    torch.Size([1, 3, 512])
+    >>> matmul_peak_flops(torch.device("cpu"), torch.float32, seconds=0.05) > 1e8  # the MFU denominator
+    True
 
 The model is `transformers.LlamaForCausalLM` (RMSNorm, rotary positions, SwiGLU MLP) with tied input
 and output embeddings, so every checkpoint loads with `AutoModelForCausalLM.from_pretrained` and
@@ -111,8 +120,3 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float =
         sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
-
-
-def weights_bytes(model_dir: Path) -> int:
-    """Bytes of the weight files (*.safetensors) in a model directory."""
-    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))

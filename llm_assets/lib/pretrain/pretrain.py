@@ -1,11 +1,35 @@
-"""Pretraining: a Llama-style model from scratch on packed token shards; resumable, DDP-ready.
+r"""Pretraining: a Llama-style model from scratch on packed token shards; resumable, DDP-ready.
 
-    python -m llm_assets.lib.pretrain.pretrain --settings settings.json --tokens DIR --tokenizer DIR \\
+    python -m llm_assets.lib.pretrain.pretrain --settings settings.json --tokens DIR --tokenizer DIR \
         --work DIR --out DIR
     torchrun --standalone --nproc_per_node 2 -m llm_assets.lib.pretrain.pretrain ...   # DDP, gloo on CPU
 
 `--tokens`: train.bin and validation.bin (flat token ids, documents separated by eos) + meta.json;
 `--tokenizer`: a transformers tokenizer dir; `--settings`: JSON of `PretrainSettings` fields.
+The same trainer in-process, on a tiny model for four steps:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.pretrain.pretrain import PretrainSettings, train
+    >>> from llm_assets.lib.tokenizer.packing import write_streams
+    >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
+    >>> root = Path(tempfile.mkdtemp())
+    >>> texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(40)]
+    >>> tok = train_tokenizer(texts, vocab_size=300)
+    >>> _ = tok.save_pretrained(root / "tokenizer")
+    >>> ids = [i for text in texts for i in [*tok.encode(text), tok.eos_token_id]]
+    >>> _ = write_streams(root / "tokens", {"train": ids[:-100], "validation": ids[-100:]}, len(tok),
+    ...                   tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    >>> settings = PretrainSettings(size="tiny", seq_len=32, micro_batch=4, max_steps=4, warmup_steps=1,
+    ...                             eval_every=0, eval_batches=1, checkpoint_every=0, log_every=2)
+    >>> events = []
+    >>> final = train(settings, root / "tokens", root / "tokenizer", root / "work", root / "out", log=events.append)
+    >>> [e["event"] for e in events]
+    ['start', 'train', 'train', 'eval', 'checkpoint', 'done']
+    >>> final.steps, final.tokens_seen, final.val_perplexity > 1
+    (4, 512, True)
+    >>> sorted(p.name for p in (root / "out").iterdir() if not p.name.startswith("tokenizer"))
+    ['chat_template.jinja', 'config.json', 'final_metrics.json', 'generation_config.json', 'loss_curve.png', 'metrics.jsonl', 'model.safetensors', 'training_config.json']
 
 1. Settings and data are checked before anything trains; errors name the field or file.
 2. A batch is random windows of seq_len+1 tokens from the memmap, drawn by a generator seeded with
@@ -32,61 +56,74 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field, ValidationError
 
 from llm_assets.lib.common.atomic import atomic_dir
 from llm_assets.lib.pretrain.checkpoints import resume, run_hash, save_checkpoint
+from llm_assets.lib.pretrain.model_dir import save_model
 from llm_assets.lib.pretrain.model import (MODEL_SIZES, build_model, count_parameters, estimate_parameters,
                                   matmul_peak_flops, training_flops, training_memory_bytes)
 from llm_assets.lib.common.report import loss_curve_png
+from llm_assets.lib.common.settings import Settings
+from llm_assets.lib.tokenizer import packing
+from llm_assets.lib.tokenizer.tokenizer import load_tokenizer
 
 # Fields that change how a run is watched, not what it computes: editing them keeps checkpoints.
 OPERATIONAL_FIELDS = ("log_every", "checkpoint_every", "num_threads")
 
 
-@dataclass
-class PretrainSettings:
-    size: str = "demo"  # model size, a key of model.MODEL_SIZES: tiny | demo | large
-    seq_len: int = 256  # tokens per training window; at most the model's context
-    micro_batch: int = 8  # windows per forward/backward pass, per rank
-    grad_accum: int = 1  # micro-batches summed into one optimizer step
-    max_steps: int = 250  # optimizer steps; tokens/step = world·micro_batch·grad_accum·seq_len
-    lr: float = 2e-3  # peak learning rate, reached at the end of warmup
-    min_lr_ratio: float = 0.1  # the cosine ends at lr × min_lr_ratio on the last step
-    warmup_steps: int = 20  # steps of linear warmup from lr / warmup_steps up to lr
-    weight_decay: float = 0.1  # AdamW decoupled decay on ≥2-D weights (not norms)
-    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
-    eval_every: int = 50  # steps between validation evaluations; 0 = only after the last step
-    eval_batches: int = 4  # validation micro-batches per evaluation (the same windows each time)
-    checkpoint_every: int = 50  # steps between checkpoints in work_dir; 0 = only after the last
-    log_every: int = 10  # steps between progress rows (train loss, lr, tokens/s)
-    seed: int = 1337  # seeds the initialization and every batch
-    precision: str = "auto"  # auto (bf16 autocast on CUDA if supported, else fp32) | fp32 | bf16
-    num_threads: int = 0  # torch CPU threads per process; 0 keeps torch's default
+class PretrainSettings(Settings):
+    """What a pretraining run computes and how it is watched; the launchpad of `base_checkpoint`."""
+
+    size: str = Field("demo", description=f"Model size dial, a key of model.MODEL_SIZES: {' | '.join(MODEL_SIZES)} "
+                                          "(tiny = tests, demo = make demo, large = real use on a GPU).")
+    seq_len: int = Field(256, description="Tokens per training window; at most the model size's context.")
+    micro_batch: int = Field(8, description="Windows per forward/backward pass, per rank (DDP process).")
+    grad_accum: int = Field(1, description="Micro-batches summed into one optimizer step.")
+    max_steps: int = Field(250, description="Optimizer steps. Tokens per step = world size x micro_batch x "
+                                            "grad_accum x seq_len.")
+    lr: float = Field(2e-3, description="Peak AdamW learning rate, reached at the end of warmup, then cosine decay.")
+    min_lr_ratio: float = Field(0.1, description="The cosine ends at lr x min_lr_ratio on the last step.")
+    warmup_steps: int = Field(20, description="Steps of linear warmup from lr / warmup_steps up to lr.")
+    weight_decay: float = Field(0.1, description="AdamW decoupled weight decay on >=2-D weights (not norms).")
+    grad_clip: float = Field(1.0, description="Maximum global gradient L2 norm (0 = no clipping).")
+    eval_every: int = Field(50, description="Steps between validation evaluations (0 = only after the last step).")
+    eval_batches: int = Field(4, description="Validation micro-batches per evaluation (the same windows each time).")
+    checkpoint_every: int = Field(50, description="Steps between resumable checkpoints in the work dir "
+                                                  "(0 = only after the last step).")
+    log_every: int = Field(10, description="Steps between progress rows (train loss, lr, tokens/s).")
+    seed: int = Field(1337, description="Seeds the initialization and every batch, so a resumed run sees the same data.")
+    precision: str = Field("auto", description="auto (bf16 autocast on CUDA when supported, else fp32) | fp32 | bf16.")
+    num_threads: int = Field(0, description="torch CPU threads per process (0 = torch's default).")
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainSettings:
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        """Settings from JSON (the --settings file): types are strict, errors name the field."""
+        unknown = sorted(set(values) - set(cls.model_fields))
         if unknown:
-            raise ValueError(f"{', '.join(unknown)}: unknown setting(s); known: "
-                             f"{[f.name for f in fields(cls)]}")
-        settings = cls(**values)
+            raise ValueError(f"{', '.join(unknown)}: unknown setting(s); known: {list(cls.model_fields)}")
+        try:
+            settings = cls.model_validate(values, strict=True)  # strict: "0.1" is no float, True no int
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ValueError(f"{first['loc'][0]}: {first['msg']} (got {first['input']!r})") from None
         settings.validate()
         return settings
 
     def validate(self) -> None:
         """Raise ValueError naming the first offending field."""
-        kinds = {"int": (int,), "float": (int, float), "str": (str,)}  # annotations are strings
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, kinds[f.type]):
-                raise ValueError(f"{f.name}: expected {f.type}, got {value!r}")
+        kinds = {int: (int,), float: (int, float), str: (str,)}  # also after an assignment
+        for name, f in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds[f.annotation]):
+                raise ValueError(f"{name}: expected {f.annotation.__name__}, got {value!r}")
 
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
@@ -105,34 +142,17 @@ class PretrainSettings:
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
 
 
-def load_tokens(tokens_dir: Path, seq_len: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """(meta, {"train": memmap, "validation": memmap}) after checking each promise of the format."""
-    meta_path = tokens_dir / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"tokens_dir: no meta.json in {tokens_dir}")
-    meta = json.loads(meta_path.read_text())
-    missing = {"dtype", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"} - set(meta)
-    if missing:
-        raise ValueError(f"meta.json: missing {sorted(missing)} in {meta_path}")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"meta.json dtype: must be uint16 or uint32, got {meta['dtype']!r}")
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")  # the format is little-endian on any host
+def load_training_tokens(tokens_dir: Path, seq_len: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, {"train": memmap, "validation": memmap}) read by packing's reader (which checks the
+    files against meta.json), then checked for what training needs: a window fits in every split
+    and every id is inside the vocabulary."""
+    meta = packing.read_meta(tokens_dir)
     splits = {}
     for split in ("train", "validation"):
-        path = tokens_dir / f"{split}.bin"
-        if not path.is_file():
-            raise FileNotFoundError(f"tokens_dir: no {split}.bin in {tokens_dir}")
-        n, rest = divmod(path.stat().st_size, dtype.itemsize)
-        if n == 0 or rest:
-            raise ValueError(f"tokens_dir: {split}.bin is empty or not whole {meta['dtype']} "
-                             f"tokens ({path.stat().st_size} bytes)")
-        if n < seq_len + 1:
-            raise ValueError(f"seq_len: {split}.bin holds {n} tokens, fewer than seq_len + 1 = "
+        tokens = packing.load_tokens(tokens_dir, split)
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"seq_len: {split}.bin holds {len(tokens)} tokens, fewer than seq_len + 1 = "
                              f"{seq_len + 1}; lower seq_len or add {split} data")
-        said = meta.get("splits", {}).get(split, {}).get("tokens")
-        if said is not None and said != n:
-            raise ValueError(f"meta.json splits.{split}.tokens: says {said}, {split}.bin holds {n}")
-        tokens = np.memmap(path, dtype=dtype, mode="r")
         top = int(tokens.max())  # one sequential pass; an out-of-range id would crash mid-run
         if top >= meta["vocab_size"]:
             raise ValueError(f"meta.json vocab_size: {split}.bin holds id {top} >= "
@@ -215,155 +235,231 @@ def evaluate(model, tokens, starts, s: PretrainSettings, device, amp, rank: int,
     return (total[0] / total[1]).item()
 
 
-def write_outputs(out_dir: Path, model, tokenizer, config: dict, history: list[dict], final: dict):
+@dataclass(frozen=True)
+class PretrainMetrics:
+    """What train() returns, rank 0 writes to final_metrics.json and the Pipes worker reports as the
+    asset's metadata, in this order. Every rank fills the loss and throughput figures; the baseline,
+    MFU and the estimates are rank 0's (None on the other ranks)."""
+
+    train_loss: float  # mean training loss (nats/token) of the last progress window
+    val_loss: float  # validation loss (nats/token) of the last evaluation, after the last step
+    val_perplexity: float  # exp(val_loss)
+    tokens_seen: int  # training tokens of the whole run, all ranks, resumed steps included
+    tokens_per_second: float  # this session's training tokens (all ranks) per second of the step loop
+    parameters: int  # of the model trained
+    steps: int  # optimizer steps of the run (max_steps)
+    resumed_from_step: int  # the checkpoint step this session started from; 0 = from scratch
+    unigram_perplexity: float | None = None  # the baseline: add-one unigram model of train, same tokens
+    perplexity_vs_unigram: float | None = None  # val_perplexity / unigram_perplexity
+    matmul_peak_flops: float | None = None  # FLOP/s of a dense matmul measured after training, times world
+    mfu: float | None = None  # 6 · parameters · tokens_per_second / matmul_peak_flops
+    estimated_parameters: int | None = None  # from the shape alone (model.estimate_parameters)
+    memory_bytes: int | None = None  # training memory estimate: fp32 AdamW, 16 bytes per parameter
+    compute_flops: float | None = None  # training compute estimate: 6 · estimated_parameters · tokens_seen
+    wall_seconds: float | None = None  # from the start of train() to just before the outputs are written
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process trains: its rank among `world` DDP processes (1 without torchrun), its
+    device and the autocast dtype (None = plain fp32)."""
+
+    world: int
+    rank: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @classmethod
+    def from_environment(cls, s: PretrainSettings) -> Runtime:
+        """From torchrun's WORLD_SIZE, RANK and LOCAL_RANK; selects the CUDA device and sets the CPU
+        thread count."""
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        cuda = torch.cuda.is_available()
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if s.num_threads:
+            torch.set_num_threads(s.num_threads)
+        return cls(world, rank, device, autocast_dtype(s.precision, device))
+
+    def amp(self):
+        """A fresh autocast context per use; a no-op for fp32."""
+        return torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def distribute(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` wrapped in DDP when there are several processes, else `model` itself."""
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None  # CPU modules take no device ids
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+
+def load_inputs(tokens_dir: Path, tokenizer_dir, seq_len: int):
+    """(meta, {"train", "validation"} token memmaps, tokenizer), the tokenizer checked against the
+    shards' meta.json."""
+    meta, data = load_training_tokens(tokens_dir, seq_len)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if len(tokenizer) > meta["vocab_size"] or tokenizer.eos_token_id != meta["eos_token_id"]:
+        raise ValueError(f"tokenizer_dir: {len(tokenizer)} tokens, eos {tokenizer.eos_token_id}; "
+                         f"meta.json says vocab_size {meta['vocab_size']}, eos {meta['eos_token_id']}")
+    return meta, data, tokenizer
+
+
+def optimizer_step(model, raw, optimizer, scheduler, tokens: np.ndarray, s: PretrainSettings, step: int,
+                   rt: Runtime, window_loss: torch.Tensor) -> float:
+    """One optimizer step over grad_accum micro-batches of this rank; adds the step's loss to
+    `window_loss` in place and returns the lr the step used. `model` may be the DDP wrapper of `raw`."""
+    for micro in range(s.grad_accum):
+        x, y = train_batch(tokens, s, step, rt.rank, micro)  # (micro_batch, seq_len)
+        # Accumulating micro-batches skip DDP's all-reduce; the last one syncs the sum.
+        quiet = rt.world > 1 and micro < s.grad_accum - 1
+        with model.no_sync() if quiet else contextlib.nullcontext():
+            with rt.amp():
+                logits = model(input_ids=x.to(rt.device)).logits  # (B, T, vocab)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(rt.device).flatten())
+            (loss / s.grad_accum).backward()
+        window_loss += loss.detach() / s.grad_accum  # no .item(): no GPU sync per step
+    if s.grad_clip:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
+class ProgressWindow:
+    """The training loss and throughput of the steps since the last progress row."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)  # summed step losses, kept on the device
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def row(self, step: int, lr: float, tokens_seen: int, tokens_per_step: int, world: int) -> dict:
+        """The progress row at `step` (loss averaged over the window's steps and the ranks); starts
+        the next window."""
+        if world > 1:
+            dist.all_reduce(self.loss)
+            self.loss /= world
+        now = time.perf_counter()
+        row = {"step": step, "train_loss": self.loss.item() / self.steps, "lr": lr, "tokens_seen": tokens_seen,
+               "tokens_per_second": tokens_per_step * self.steps / (now - self.t0)}
+        self.loss.zero_()
+        self.steps, self.t0 = 0, now  # eval/checkpoint time lands in the next window
+        return row
+
+
+def run_metrics(history: list[dict], s: PretrainSettings, tokens_seen: int, trained: int, loop_seconds: float,
+                parameters: int, start_step: int) -> PretrainMetrics:
+    """The figures every rank returns: the last losses, the tokens and the throughput."""
+    last_train = next(r for r in reversed(history) if "train_loss" in r)
+    val_loss = next(r["val_loss"] for r in reversed(history) if "val_loss" in r)
+    return PretrainMetrics(
+        train_loss=last_train["train_loss"], val_loss=val_loss, val_perplexity=math.exp(val_loss),
+        tokens_seen=tokens_seen,
+        # a finished run picked up again trains nothing: report its last window's rate
+        tokens_per_second=trained / loop_seconds if trained else last_train["tokens_per_second"],
+        parameters=parameters, steps=s.max_steps, resumed_from_step=start_step)
+
+
+def baseline_and_estimates(final: PretrainMetrics, data: dict[str, np.ndarray], val_starts: np.ndarray,
+                           meta: dict, s: PretrainSettings, rt: Runtime) -> dict:
+    """Rank 0's figures: the unigram baseline, MFU and the seed-formula estimates."""
+    targets = np.concatenate([data["validation"][i + 1 : i + s.seq_len + 1]
+                              for i in val_starts])  # what evaluate() scored
+    unigram = unigram_perplexity(data["train"], targets, meta["vocab_size"])
+    # mfu: 6·N·tokens/s over the FLOP/s of a dense matmul measured now, in the compute dtype, on
+    # rank 0's device, times world: not a datasheet peak; 6·N ignores attention.
+    peak = rt.world * matmul_peak_flops(rt.device, rt.amp_dtype or torch.float32)
+    # Seed-formula estimates: parameters from the shape, AdamW fp32 memory, 6·N·D compute.
+    estimate = estimate_parameters(MODEL_SIZES[s.size], meta["vocab_size"])
+    return {"unigram_perplexity": unigram, "perplexity_vs_unigram": final.val_perplexity / unigram,
+            "matmul_peak_flops": peak, "mfu": 6 * final.parameters * final.tokens_per_second / peak,
+            "estimated_parameters": estimate, "memory_bytes": training_memory_bytes(estimate),
+            "compute_flops": training_flops(estimate, final.tokens_seen)}
+
+
+def write_outputs(out_dir: Path, model, tokenizer, config: dict, history: list[dict], final: PretrainMetrics):
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
-        tokenizer.save_pretrained(tmp)
+        save_model(model, tokenizer, tmp)  # config.json, generation_config.json, model.safetensors
         (tmp / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        (tmp / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        loss_curve_png(history, math.log(final["unigram_perplexity"]), tmp / "loss_curve.png")
+        (tmp / "final_metrics.json").write_text(json.dumps(asdict(final), indent=2))
+        loss_curve_png(history, math.log(final.unigram_perplexity), tmp / "loss_curve.png")
 
 
 def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_dir,
-          log: Callable[[dict], None] | None = None) -> dict:
+          log: Callable[[dict], None] | None = None) -> PretrainMetrics:
     """Pretrain (or resume), write out_dir on rank 0 and return the final metrics. Every rank
     returns the loss and throughput figures; rank 0 adds the baseline, MFU and the estimates."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     t_start = time.perf_counter()
     s = settings
     s.validate()
     tokens_dir, work_dir, out_dir = Path(tokens_dir), Path(work_dir), Path(out_dir)
-    meta, data = load_tokens(tokens_dir, s.seq_len)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if len(tokenizer) > meta["vocab_size"] or tokenizer.eos_token_id != meta["eos_token_id"]:
-        raise ValueError(f"tokenizer_dir: {len(tokenizer)} tokens, eos {tokenizer.eos_token_id}; "
-                         f"meta.json says vocab_size {meta['vocab_size']}, eos {meta['eos_token_id']}")
+    meta, data, tokenizer = load_inputs(tokens_dir, tokenizer_dir, s.seq_len)
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar would clutter the JSON lines
-
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if s.num_threads:
-        torch.set_num_threads(s.num_threads)
-    amp_dtype = autocast_dtype(s.precision, device)
-
-    def amp():  # a fresh autocast context per use; a no-op for fp32
-        return torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
-
+    rt = Runtime.from_environment(s)
     log = log or (lambda event: print(json.dumps(event), flush=True))
-    emit = log if rank == 0 else (lambda event: None)  # one voice: rank 0
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    emit = log if rt.rank == 0 else (lambda event: None)  # one voice: rank 0
+    if rt.world > 1:
+        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
     try:
         torch.manual_seed(s.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-        model = build_model(s.size, meta["vocab_size"], meta["bos_token_id"],
-                            meta["eos_token_id"], meta["pad_token_id"]).to(device)
-        optimizer, scheduler = make_optimizer(model, s)
-        n_params = count_parameters(model)
-        wanted = {k: v for k, v in asdict(s).items() if k not in OPERATIONAL_FIELDS}
-        run_id = run_hash(wanted, meta, tokens_dir, world) if rank == 0 else ""
-        start_step, history, tokens_seen = resume(work_dir, run_id, rank, world, device, model,
+        raw = build_model(s.size, meta["vocab_size"], meta["bos_token_id"],
+                          meta["eos_token_id"], meta["pad_token_id"]).to(rt.device)
+        optimizer, scheduler = make_optimizer(raw, s)
+        n_params = count_parameters(raw)
+        wanted = {k: v for k, v in s.model_dump().items() if k not in OPERATIONAL_FIELDS}
+        run_id = run_hash(wanted, meta, tokens_dir, rt.world) if rt.rank == 0 else ""
+        start_step, history, tokens_seen = resume(work_dir, run_id, rt.rank, rt.world, rt.device, raw,
                                                   optimizer, scheduler, emit)
-        raw = model  # the plain module: checkpoints, evaluation and outputs use it
-        if world > 1:
-            ids = [device.index] if cuda else None  # CPU modules take no device ids
-            model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
+        model = rt.distribute(raw)  # `raw`, the plain module: checkpoints, evaluation and outputs use it
 
-        tokens_per_step = world * s.micro_batch * s.grad_accum * s.seq_len
+        tokens_per_step = rt.world * s.micro_batch * s.grad_accum * s.seq_len
         val_starts = eval_starts(len(data["validation"]), s)
-        emit({"event": "start", "parameters": n_params, "device": str(device), "world_size": world,
-              "autocast": str(amp_dtype), "tokens_per_step": tokens_per_step,
+        emit({"event": "start", "parameters": n_params, "device": str(rt.device), "world_size": rt.world,
+              "autocast": str(rt.amp_dtype), "tokens_per_step": tokens_per_step,
               "from_step": start_step, "max_steps": s.max_steps})
-        window_loss, window_steps = torch.zeros((), device=device), 0
-        loop_t0 = window_t0 = time.perf_counter()
+        window = ProgressWindow(rt.device)
+        loop_t0 = window.t0
         for step in range(start_step, s.max_steps):
-            for micro in range(s.grad_accum):
-                x, y = train_batch(data["train"], s, step, rank, micro)  # (micro_batch, seq_len)
-                # Accumulating micro-batches skip DDP's all-reduce; the last one syncs the sum.
-                quiet = world > 1 and micro < s.grad_accum - 1
-                with model.no_sync() if quiet else contextlib.nullcontext():
-                    with amp():
-                        logits = model(input_ids=x.to(device)).logits  # (B, T, vocab)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
-                    (loss / s.grad_accum).backward()
-                window_loss += loss.detach() / s.grad_accum  # no .item(): no GPU sync per step
-            if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer_step(model, raw, optimizer, scheduler, data["train"], s, step, rt, window.loss)
             done, last = step + 1, step + 1 == s.max_steps
             tokens_seen += tokens_per_step
-            window_steps += 1
-
+            window.steps += 1
             if done % s.log_every == 0 or last:
-                if world > 1:
-                    dist.all_reduce(window_loss)
-                    window_loss /= world
-                now = time.perf_counter()
-                row = {"step": done, "train_loss": window_loss.item() / window_steps, "lr": lr,
-                       "tokens_seen": tokens_seen,
-                       "tokens_per_second": tokens_per_step * window_steps / (now - window_t0)}
-                history.append(row)
-                emit({"event": "train", **row})
-                window_loss.zero_()
-                window_steps, window_t0 = 0, now  # eval/checkpoint time lands in the next window
+                history.append(window.row(done, lr, tokens_seen, tokens_per_step, rt.world))
+                emit({"event": "train", **history[-1]})
             if (s.eval_every and done % s.eval_every == 0) or last:
-                val_loss = evaluate(raw, data["validation"], val_starts, s, device, amp, rank,
-                                    world)
-                row = {"step": done, "tokens_seen": tokens_seen, "val_loss": val_loss,
-                       "val_perplexity": math.exp(val_loss)}
-                history.append(row)
-                emit({"event": "eval", **row})
-            if ((s.checkpoint_every and done % s.checkpoint_every == 0) or last) and rank == 0:
+                val_loss = evaluate(raw, data["validation"], val_starts, s, rt.device, rt.amp, rt.rank, rt.world)
+                history.append({"step": done, "tokens_seen": tokens_seen, "val_loss": val_loss,
+                                "val_perplexity": math.exp(val_loss)})
+                emit({"event": "eval", **history[-1]})
+            if ((s.checkpoint_every and done % s.checkpoint_every == 0) or last) and rt.rank == 0:
                 state = {"step": done, "tokens_seen": tokens_seen, "run_hash": run_id,
-                         "settings": asdict(s), "world_size": world, "history": history}
+                         "settings": s.model_dump(), "world_size": rt.world, "history": history}
                 path = save_checkpoint(work_dir, raw, optimizer, scheduler, state)
                 emit({"event": "checkpoint", "step": done, "path": str(path)})
         loop_seconds = time.perf_counter() - loop_t0
         trained = (s.max_steps - start_step) * tokens_per_step  # in this session, all ranks
 
-        last_train = next(r for r in reversed(history) if "train_loss" in r)
-        val_loss = next(r["val_loss"] for r in reversed(history) if "val_loss" in r)
-        final = {"train_loss": last_train["train_loss"], "val_loss": val_loss,
-                 "val_perplexity": math.exp(val_loss), "tokens_seen": tokens_seen,
-                 # a finished run picked up again trains nothing: report its last window's rate
-                 "tokens_per_second": trained / loop_seconds if trained
-                 else last_train["tokens_per_second"],
-                 "parameters": n_params, "steps": s.max_steps, "resumed_from_step": start_step}
-        if rank == 0:
-            targets = np.concatenate([data["validation"][i + 1 : i + s.seq_len + 1]
-                                      for i in val_starts])  # what evaluate() scored
-            final["unigram_perplexity"] = unigram_perplexity(data["train"], targets,
-                                                             meta["vocab_size"])
-            final["perplexity_vs_unigram"] = final["val_perplexity"] / final["unigram_perplexity"]
-            # mfu: 6·N·tokens/s over the FLOP/s of a dense matmul measured now, in the compute
-            # dtype, on rank 0's device, times world: not a datasheet peak; 6·N ignores attention.
-            peak = world * matmul_peak_flops(device, amp_dtype or torch.float32)
-            final["matmul_peak_flops"] = peak
-            final["mfu"] = 6 * n_params * final["tokens_per_second"] / peak
-            # Seed-formula estimates: parameters from the shape, AdamW fp32 memory, 6·N·D compute.
-            estimate = estimate_parameters(MODEL_SIZES[s.size], meta["vocab_size"])
-            final["estimated_parameters"] = estimate
-            final["memory_bytes"] = training_memory_bytes(estimate)
-            final["compute_flops"] = training_flops(estimate, tokens_seen)
-            final["wall_seconds"] = time.perf_counter() - t_start
-            config = {"settings": asdict(s), "model_config": raw.config.to_dict(),
-                      "data_meta": meta, "world_size": world, "device": str(device),
-                      "autocast": str(amp_dtype), "run_hash": run_id}
+        final = run_metrics(history, s, tokens_seen, trained, loop_seconds, n_params, start_step)
+        if rt.rank == 0:
+            final = replace(final, **baseline_and_estimates(final, data, val_starts, meta, s, rt))
+            final = replace(final, wall_seconds=time.perf_counter() - t_start)
+            config = {"settings": s.model_dump(), "model_config": raw.config.to_dict(),
+                      "data_meta": meta, "world_size": rt.world, "device": str(rt.device),
+                      "autocast": str(rt.amp_dtype), "run_hash": run_id}
             write_outputs(out_dir, raw, tokenizer, config, history, final)
-            emit({"event": "done", **final})
-        if world > 1:
+            emit({"event": "done", **asdict(final)})
+        if rt.world > 1:
             dist.barrier()  # no rank exits (tearing the group down) before rank 0 has written
         return final
     finally:
-        if world > 1:
+        if rt.world > 1:
             dist.destroy_process_group()
 
 

@@ -1,7 +1,24 @@
-"""Post-training quantization with bitsandbytes through `transformers` (both methods run on CPU).
+r"""Post-training quantization with bitsandbytes through `transformers` (both methods run on CPU).
 
-    info = quantize(Path("aligned/merged"), Path("out"), method="nf4")
-    model = load_quantized(Path("out"))      # reloads quantized, no config needed, generates
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import bitsandbytes as bnb
+    >>> import torch
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> from llm_assets.lib.pretrain.model_dir import save_model, weights_bytes
+    >>> from llm_assets.lib.release.quantize import load_for_inference, load_quantized, quantize
+    >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
+    >>> tok = train_tokenizer(["def f(x):\n    return x\n"] * 5, vocab_size=300)
+    >>> merged, out = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())   # out: the caller's staging dir
+    >>> save_model(build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok, merged)
+    >>> _ = quantize(merged, out, method="nf4")
+    >>> round(weights_bytes(out) / weights_bytes(merged), 2)    # the tied embedding stays fp32
+    0.31
+    >>> model = load_quantized(out)      # quantized again from its own config.json
+    >>> sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())   # 7 projections x 2 blocks
+    14
+    >>> load_for_inference(out)(torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, len(tok))
+    True
 
 Methods:
 - `nf4`:  4-bit NormalFloat weights (QLoRA's format) with double quantization of the scales,
@@ -21,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from llm_assets.lib.posttrain import adapters
+from llm_assets.lib.pretrain.model_dir import check_4bit_shapes, check_safetensors, device, load_model, save_model
 
 METHODS = ("nf4", "int8")
 
@@ -55,13 +72,12 @@ def quantize(model_dir: Path, out_dir: Path, method: str):
     model_dir = Path(model_dir)
     config = quantization_config(method)
     if method == "nf4":
-        adapters.check_4bit_shapes(model_dir)
-    adapters.check_safetensors(model_dir)
+        check_4bit_shapes(model_dir)
+    check_safetensors(model_dir)
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DROP_CAST_NOTICE)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, use_safetensors=True,
-                                                 dtype=torch.float32, device_map={"": str(adapters.device())})
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+                                                 dtype=torch.float32, device_map={"": str(device())})
+    save_model(model, AutoTokenizer.from_pretrained(model_dir), out_dir)
     return model
 
 
@@ -69,10 +85,10 @@ def load_quantized(model_dir: Path):
     """A saved quantized model, quantized again on load from its own config.json."""
     from transformers import AutoModelForCausalLM
 
-    adapters.check_safetensors(model_dir)
+    check_safetensors(model_dir)
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DROP_CAST_NOTICE)
     return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
-                                                device_map={"": str(adapters.device())})
+                                                device_map={"": str(device())})
 
 
 def load_for_inference(model_dir: Path):
@@ -81,4 +97,4 @@ def load_for_inference(model_dir: Path):
     from transformers import AutoConfig
 
     quantized = getattr(AutoConfig.from_pretrained(model_dir), "quantization_config", None) is not None
-    return (load_quantized(model_dir) if quantized else adapters.load_model(model_dir)).eval()
+    return (load_quantized(model_dir) if quantized else load_model(model_dir)).eval()

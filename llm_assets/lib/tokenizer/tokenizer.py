@@ -1,8 +1,22 @@
-"""A byte-level BPE tokenizer trained on the corpus, saved in the `transformers` format.
+r"""A byte-level BPE tokenizer trained on the corpus, saved in the `transformers` format.
 
-    tok = train_tokenizer(texts, vocab_size=8192)
-    tok.save_pretrained(out_dir)            # tokenizer.json, tokenizer_config.json, chat_template.jinja
-    tok = load_tokenizer(out_dir)           # transformers.AutoTokenizer, local files only
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.tokenizer.tokenizer import (bytes_per_token, load_tokenizer,
+    ...                                                 roundtrip_failures, token_pieces, train_tokenizer)
+    >>> texts = ["def add(a, b):\n    return a + b\n", "def wrap(text, width=70):\n    return text\n"] * 20
+    >>> tok = train_tokenizer(texts, vocab_size=300)
+    >>> out_dir = Path(tempfile.mkdtemp())
+    >>> _ = tok.save_pretrained(out_dir)
+    >>> sorted(p.name for p in out_dir.iterdir())
+    ['chat_template.jinja', 'tokenizer.json', 'tokenizer_config.json']
+    >>> tok = load_tokenizer(out_dir)           # transformers.AutoTokenizer, local files only
+    >>> token_pieces(tok, "def wrap(text):"), bytes_per_token(tok, texts) > 2
+    (['def', ' wrap', '(', 'text', '):'], True)
+    >>> roundtrip_failures(tok, ["", "café 東京 😀", "<|eos|> is text here"])
+    []
+    >>> tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    '<|user|>hi<|end|>\n<|assistant|>'
 
 Hugging Face `tokenizers` BPE over GPT-2's byte-level pre-tokenizer, with no normalizer: text is
 split by GPT-2's regex, mapped byte for byte to 256 printable symbols (the initial alphabet, so any
@@ -10,7 +24,7 @@ byte string is representable and nothing is ever unknown), and merges are learne
 `decode(encode(x)) == x` for every string; `roundtrip_failures` checks it.
 
 Ids 0..6 are the special tokens below, 7..262 the byte alphabet, then the merges. The chat template
-renders each message as `<|role|>{content}<|end|>\\n` and the generation prompt ends in the special
+renders each message as `<|role|>{content}<|end|>\n` and the generation prompt ends in the special
 token `<|assistant|>`. A special token is always a token boundary, so the prompt's ids are a prefix
 of prompt + response ids for every response (a prompt ending in a newline would not guarantee
 that: GPT-2's regex glues the newline to a response that starts with whitespace).
