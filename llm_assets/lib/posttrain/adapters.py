@@ -54,7 +54,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from llm_assets.lib.common.settings import Settings
+from llm_assets.lib.common.settings import Settings, settings_of
 from llm_assets.lib.pretrain import model_dir
 
 METHODS = ("lora", "qlora", "ia3")
@@ -73,6 +73,11 @@ class AdapterSettings(Settings):
     dropout: float = Field(0.05, description="Dropout on the LoRA input path.")
     target_modules: list[str] = Field(list(LLAMA_LINEAR), description=f"Linear layers LoRA adapts, from {LLAMA_LINEAR} "
                                                                       "(IA3 always scales k_proj, v_proj, down_proj).")
+
+    @property
+    def adapter(self) -> AdapterSettings:
+        """The adapter fields alone (of a workflow's settings that extend these), as peft_config takes them."""
+        return settings_of(self, AdapterSettings)
 
     def validate(self) -> None:
         if self.method not in METHODS:

@@ -52,7 +52,6 @@ from pydantic import Field
 
 from llm_assets.lib.posttrain import adapters, hf_training
 from llm_assets.lib.common.atomic import atomic_dir
-from llm_assets.lib.common.settings import settings_of
 from llm_assets.lib.posttrain.chat_data import encode_prompt_reply, reply_logprobs
 from llm_assets.lib.posttrain.preferences import PreferencePair, prompt_messages
 from llm_assets.lib.posttrain.sft import save_merged
@@ -77,11 +76,6 @@ class DpoSettings(adapters.AdapterSettings):
     save_every: int = Field(40, description="Steps between resumable Trainer checkpoints.")
     log_every: int = Field(10, description="Steps between the Trainer's training-loss log rows.")
     seed: int = Field(0, description="Seeds the adapter's initialization and the data order.")
-
-    @property
-    def adapter(self) -> adapters.AdapterSettings:
-        """The adapter fields alone, as peft_config takes them."""
-        return settings_of(self, adapters.AdapterSettings)
 
     def validate(self) -> None:
         self.adapter.validate()

@@ -48,7 +48,6 @@ from pydantic import Field
 from llm_assets.lib.posttrain import adapters, hf_training
 from llm_assets.lib.pretrain.model_dir import adapter_dir, load_model, merged_dir, save_model, weights_file
 from llm_assets.lib.common.atomic import atomic_dir
-from llm_assets.lib.common.settings import settings_of
 from llm_assets.lib.posttrain.chat_data import PadCollator, encode_chat, end_token_id, reply_loss
 
 
@@ -68,11 +67,6 @@ class SftSettings(adapters.AdapterSettings):
     save_every: int = Field(40, description="Steps between resumable Trainer checkpoints.")
     log_every: int = Field(10, description="Steps between the Trainer's training-loss log rows.")
     seed: int = Field(0, description="Seeds the adapter's initialization and the data order.")
-
-    @property
-    def adapter(self) -> adapters.AdapterSettings:
-        """The adapter fields alone, as peft_config and attach_adapter take them."""
-        return settings_of(self, adapters.AdapterSettings)
 
     def validate(self) -> None:
         self.adapter.validate()
