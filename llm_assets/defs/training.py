@@ -12,7 +12,8 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib.pretrain.pretrain import PretrainMetrics, PretrainSettings, load_training_tokens
+from llm_assets.lib.pretrain.pretrain import PretrainSettings, load_training_tokens
+from llm_assets.lib.pretrain.run_metrics import PretrainMetrics
 from llm_assets.lib.common.report import markdown_table, png_markdown
 from llm_assets.lib.common.settings import settings_of
 

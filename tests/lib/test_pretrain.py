@@ -22,8 +22,8 @@ import torch
 
 from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model, count_parameters, estimate_parameters
 from llm_assets.lib.pretrain.checkpoints import latest_checkpoint
-from llm_assets.lib.pretrain.pretrain import (PretrainMetrics, PretrainSettings, eval_starts, lr_factor,
-                                     train, train_batch)
+from llm_assets.lib.pretrain.pretrain import PretrainSettings, eval_starts, lr_factor, train, train_batch
+from llm_assets.lib.pretrain.run_metrics import PretrainMetrics
 from llm_assets.lib.tokenizer.packing import write_streams
 
 REPO = Path(__file__).resolve().parents[2]
