@@ -9,17 +9,19 @@ from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.evaluate import evaluation
-from llm_assets.lib.posttrain import posttrain_data
+from llm_assets.lib.posttrain import posttrain_data, reward
 from llm_assets.lib.pretrain.model_dir import context_length, merged_dir
 from llm_assets.lib.release import quantize
 from llm_assets.lib.tokenizer import packing
 from llm_assets.lib.common.report import figure_markdown, markdown_table
 from llm_assets.lib.common.settings import settings_of
 
-PREFERENCE_GATE = "aligned_preference_not_below_lora"
+ALIGNMENT_GATE = "aligned_beats_lora"
 GENERATION_GATE = "generation_non_empty"
+LOOP_GATE = "replies_do_not_loop"
 COLUMNS = [("val_perplexity", "val ppl"), ("instruction_loss", "instr. loss"), ("preference_accuracy", "pref. acc"),
-           ("rouge_l", "ROUGE-L"), ("latency_ms_per_token_p50", "ms/token p50"), ("latency_ms_per_token_p95", "ms/token p95"),
+           ("rouge_l", "ROUGE-L"), ("rouge_l_plain_greedy", "ROUGE-L, plain greedy"), ("reward_mean", "reward"),
+           ("max_token_run", "longest token run"), ("latency_ms_per_token_p50", "ms/token p50"), ("latency_ms_per_token_p95", "ms/token p95"),
            ("tokens_per_second", "tokens/s"), ("peak_memory_bytes", "peak memory (B)"), ("parameters", "parameters"),
            ("disk_bytes", "disk (B)")]
 
@@ -27,8 +29,9 @@ COLUMNS = [("val_perplexity", "val ppl"), ("instruction_loss", "instr. loss"), (
 class EvalReportConfig(dg.Config, evaluation.EvalSettings):
     """The evaluation settings of lib/evaluate/evaluation.py plus eval_report's release gates."""
 
-    preference_tolerance: float = Field(0.0, ge=0, description="Gate: the aligned model's preference accuracy may trail the LoRA model's by at most this much.")
+    min_win_rate: float = Field(0.5, ge=0, le=1, description="Gate: share of held-out prompts on which the reward model prefers the aligned model's reply to the LoRA model's (ties count half); the aligned model's ROUGE-L must also not be below the LoRA model's.")
     max_empty_generations: int = Field(0, ge=0, description="Gate: prompts for which the quantized model may generate empty text.")
+    max_token_run: int = Field(3, ge=1, description="Gate: the longest run of one repeated token allowed in a generation of the aligned or quantized model.")
 
 
 def _plot(rows: dict[str, evaluation.ModelFigures]) -> str:
@@ -48,20 +51,24 @@ def _plot(rows: dict[str, evaluation.ModelFigures]) -> str:
 @dg.asset(
     group_name="evaluation",
     kinds={"pytorch", "dvc"},
-    deps=["base_checkpoint", "lora_checkpoint", "aligned_checkpoint", "quantized_model",
+    deps=["base_checkpoint", "lora_checkpoint", "aligned_checkpoint", "quantized_model", "reward_model",
           "sft_dataset", "preference_dataset", "tokenized_shards"],
     check_specs=[
-        dg.AssetCheckSpec(PREFERENCE_GATE, asset="eval_report", blocking=True,
-                          description="The aligned model's held-out preference accuracy is not below the LoRA model's."),
+        dg.AssetCheckSpec(ALIGNMENT_GATE, asset="eval_report", blocking=True,
+                          description="Judged by the reward model, the aligned model's greedy replies win on at least min_win_rate of held-out prompts against the LoRA model's, and their ROUGE-L is not below the LoRA model's."),
+        dg.AssetCheckSpec(LOOP_GATE, asset="eval_report", blocking=True,
+                          description="No generation of the aligned or quantized model repeats one token more than max_token_run times in a row."),
         dg.AssetCheckSpec(GENERATION_GATE, asset="eval_report", blocking=True,
                           description="The quantized model (the release candidate) generates non-empty text for every prompt."),
     ],
 )
 def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Base, LoRA, aligned and quantized models on the same held-out data: validation perplexity,
-    instruction loss, preference accuracy, ROUGE-L of generations, latency per token (p50/p95),
-    tokens/s, peak memory, parameters and size on disk. `report.json` (figures, samples, gates) and
-    `report.md` (the same, readable)."""
+    instruction loss, preference accuracy, ROUGE-L of generations (with each model's shipped
+    generation config and plain greedy), the reward model's score of them and the aligned model's
+    win rate over the LoRA model, repetition, latency per token (p50/p95), tokens/s, peak memory,
+    parameters and size on disk; the issue's quality bars beside them. `report.json` (figures,
+    samples, gates, bars) and `report.md` (the same, readable)."""
     from transformers import AutoTokenizer
 
     settings = settings_of(config, evaluation.EvalSettings)
@@ -75,24 +82,21 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
         posttrain_data.read_preferences(lake.artifact_dir("preference_dataset"), "validation"), tokenizer, settings, seq_len)
     models = {"base": lake.artifact_dir("base_checkpoint"), "lora": merged_dir(lake.artifact_dir("lora_checkpoint")),
               "aligned": aligned, "quantized": lake.artifact_dir("quantized_model")}
+    judge = reward.load_reward_model(lake.artifact_dir("reward_model"))
     rows, texts = {}, {}
     for name, path in models.items():
         rows[name], texts[name] = evaluation.evaluate_model(
-            lambda p=path: quantize.load_for_inference(p), path, tokenizer, data, settings, parameters=rows["aligned"].parameters if name == "quantized" else None)
+            lambda p=path: quantize.load_for_inference(p), path, tokenizer, data, settings,
+            parameters=rows["aligned"].parameters if name == "quantized" else None, judge=judge)
         context.log.info(f"{name}: {json.dumps(asdict(rows[name]))}")
-
-    gates = [
-        {"name": PREFERENCE_GATE, "passed": rows["aligned"].preference_accuracy >= rows["lora"].preference_accuracy - config.preference_tolerance,
-         "threshold": rows["lora"].preference_accuracy - config.preference_tolerance,
-         "observed": rows["aligned"].preference_accuracy, "rule": "aligned accuracy >= LoRA accuracy - tolerance"},
-        {"name": GENERATION_GATE, "passed": rows["quantized"].empty_generations <= config.max_empty_generations,
-         "threshold": config.max_empty_generations, "observed": rows["quantized"].empty_generations,
-         "rule": "empty generations of the quantized model <= max_empty_generations"},
-    ]
+    win = reward.win_rate(*judge, data.prompt_chats, texts["aligned"], texts["lora"])
+    gates = _gates(rows, win, config)
+    bars = _quality_bars(lake, rows, win, config)
     samples = [{"prompt": tokenizer.decode(data.prompts[i], skip_special_tokens=True), "reference": data.references[i],
                 **{name: texts[name][i] for name in models}} for i in range(min(settings.samples, len(data.prompts)))]
     table = markdown_table(["model", *[label for _, label in COLUMNS]],
                            [(name, *[getattr(row, key) for key, _ in COLUMNS]) for name, row in rows.items()])
+    bars_md = markdown_table(["quality bar", "observed", "bar", "met"], [(b["bar"], b["observed"], b["rule"], b["met"]) for b in bars])
     sample_md = "\n\n".join(
         f"**{s['prompt'].strip()[:200]}**\n\n" + markdown_table(["model", "text"], [("reference", s["reference"][:300]),
                                                                                    *[(n, s[n][:300]) for n in models]])
@@ -100,19 +104,23 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
     out = lake.artifact_dir("eval_report")
     with lake.write("eval_report") as tmp:
         report = {"models": {n: str(p) for n, p in models.items()}, "settings": {"seq_len": seq_len, **settings.model_dump()},
-                  "figures": {name: asdict(row) for name, row in rows.items()},
-                  "gates": gates, "samples": samples}
+                  "figures": {name: asdict(row) for name, row in rows.items()}, "aligned_win_rate_over_lora": win,
+                  "gates": gates, "quality_bars": bars, "samples": samples}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "report.md").write_text(f"# Evaluation report\n\n{table}\n\n## Gates\n\n" + markdown_table(
-            ["gate", "passed", "threshold", "observed", "rule"], [tuple(g.values()) for g in gates])
-            + f"\n\n## Samples\n\n{sample_md}\n")
+        (tmp / "report.md").write_text(
+            f"# Evaluation report\n\n{table}\n\nAligned over LoRA, judged by the reward model: {win:.1%}\n\n"
+            "## Gates\n\n" + markdown_table(["gate", "passed", "threshold", "observed", "rule"], [tuple(g.values()) for g in gates])
+            + f"\n\n## Quality bars\n\n{bars_md}\n\n## Samples\n\n{sample_md}\n")
     version = lake.record("eval_report")
     flat = {f"{name}_{key}": value for name, row in rows.items() for key, value in asdict(row).items()}
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),
             **flat,  # numbers: the UI charts each across materializations
+            "aligned_win_rate_over_lora": win,
+            "quality_bars_met": sum(b["met"] for b in bars),
             "comparison": dg.MetadataValue.md(table),
+            "quality_bars": dg.MetadataValue.md(bars_md),
             "plot": dg.MetadataValue.md(_plot(rows)),
             "samples": dg.MetadataValue.md(sample_md),
             "report": dg.MetadataValue.path(str(out / "report.md")),
@@ -121,3 +129,39 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
         check_results=[dg.AssetCheckResult(check_name=g["name"], passed=g["passed"], metadata={
             "threshold": g["threshold"], "observed": g["observed"], "rule": g["rule"]}) for g in gates],
     )
+
+
+def _gates(rows: dict[str, evaluation.ModelFigures], win: float, config: EvalReportConfig) -> list[dict]:
+    """The release gates: what alignment is for (preferred replies, no loss of overlap with the
+    references), non-empty and non-looping generations of the candidate."""
+    aligned, lora = rows["aligned"], rows["lora"]
+    loop = max(rows["aligned"].max_token_run, rows["quantized"].max_token_run)
+    return [
+        {"name": ALIGNMENT_GATE, "passed": win >= config.min_win_rate and aligned.rouge_l >= lora.rouge_l,
+         "threshold": f"win rate {config.min_win_rate:.2f}; ROUGE-L {lora.rouge_l:.4f}",
+         "observed": f"win rate {win:.3f}; ROUGE-L {aligned.rouge_l:.4f}",
+         "rule": "reward-model win rate of aligned over LoRA >= min_win_rate and aligned ROUGE-L >= LoRA ROUGE-L"},
+        {"name": GENERATION_GATE, "passed": rows["quantized"].empty_generations <= config.max_empty_generations,
+         "threshold": config.max_empty_generations, "observed": rows["quantized"].empty_generations,
+         "rule": "empty generations of the quantized model <= max_empty_generations"},
+        {"name": LOOP_GATE, "passed": loop <= config.max_token_run, "threshold": config.max_token_run, "observed": loop,
+         "rule": "longest run of one token in an aligned or quantized generation <= max_token_run"},
+    ]
+
+
+def _quality_bars(lake: LakeResource, rows: dict[str, evaluation.ModelFigures], win: float,
+                  config: EvalReportConfig) -> list[dict]:
+    """The demo's quality bars (issue "The model earns its release"), each observed on held-out data."""
+    base = json.loads((lake.artifact_dir("base_checkpoint") / "final_metrics.json").read_text())
+    aligned_run = json.loads((merged_dir(lake.artifact_dir("aligned_checkpoint")).parent / "metrics.json").read_text())
+    ratio = rows["aligned"].rouge_l / max(rows["lora"].rouge_l, 1e-9)
+    loop = max(rows["aligned"].max_token_run, rows["quantized"].max_token_run)
+    bars = [("base perplexity / unigram", base["perplexity_vs_unigram"], "<= 0.15", base["perplexity_vs_unigram"] <= 0.15),
+            ("LoRA held-out reply loss vs base", rows["lora"].instruction_loss, f"< {rows['base'].instruction_loss:.4f}",
+             rows["lora"].instruction_loss < rows["base"].instruction_loss),
+            (f"aligned held-out accuracy ({aligned_run['method_accuracy_source']})", aligned_run["method_accuracy"], ">= 0.70",
+             aligned_run["method_accuracy"] >= 0.70),
+            ("aligned ROUGE-L / LoRA ROUGE-L", ratio, ">= 1.1", ratio >= 1.1),
+            ("reward-model win rate, aligned over LoRA", win, ">= 0.55", win >= 0.55),
+            ("longest token run (aligned, quantized)", loop, "<= 3", loop <= 3)]
+    return [{"bar": b, "observed": o, "rule": r, "met": bool(m)} for b, o, r, m in bars]

@@ -1,9 +1,11 @@
 """Group `training`, post-training: lora_checkpoint (instruction tuning with a PEFT adapter) and
-aligned_checkpoint (DPO with the LoRA model as the frozen reference).
+aligned_checkpoint (DPO, or another offline preference objective, on top of the LoRA model).
 
 Both train in the step's own process (the multiprocess executor gives each step one): unlike
 pretraining they need no torchrun. Checkpoints go to `data/lake/.work/<asset>/` so a re-run after a
-crash resumes; the artifact appears only when training and merging have finished.
+crash resumes; the artifact appears only when training and merging have finished. Both keep the
+checkpoint of the lowest held-out loss, not the last one; their metadata say at which step, and
+whether (from which step) held-out loss rose while training loss still fell.
 """
 
 from dataclasses import asdict
@@ -12,23 +14,37 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
-from llm_assets.lib.posttrain import posttrain_data
-from llm_assets.lib.posttrain.align import DpoSettings, train_dpo
+from llm_assets.lib.posttrain import generation, posttrain_data
+from llm_assets.lib.posttrain.align import AlignSettings, train_align
 from llm_assets.lib.common.report import lines_png, markdown_table, png_markdown
 from llm_assets.lib.common.settings import settings_of
 from llm_assets.lib.posttrain.sft import SftSettings, train_sft
 from llm_assets.lib.pretrain.model_dir import adapter_dir, merged_dir
 
 
-class LoraCheckpointConfig(dg.Config, SftSettings):
-    """lora_checkpoint's launchpad: the fine-tuning settings of lib/posttrain/sft.py, as they are."""
+class LoraCheckpointConfig(dg.Config, SftSettings, generation.TuningSettings):
+    """lora_checkpoint's launchpad: the fine-tuning settings of lib/posttrain/sft.py and how the
+    merged model's generation_config.json is chosen (lib/posttrain/generation.py)."""
 
 
-class AlignedCheckpointConfig(dg.Config, DpoSettings):
-    """aligned_checkpoint's launchpad: the DPO settings of lib/posttrain/align.py plus the quality bar."""
+class AlignedCheckpointConfig(dg.Config, AlignSettings, generation.TuningSettings):
+    """aligned_checkpoint's launchpad: the alignment settings of lib/posttrain/align.py, the
+    generation-config choice, and the quality bar."""
 
-    min_accuracy: float = Field(0.70, description="Quality bar: the aligned model's held-out preference accuracy.")
-    min_gain_over_lora: float = Field(0.10, description="Quality bar: accuracy points the aligned model gains over the LoRA model.")
+    min_accuracy: float = Field(0.70, description="Quality bar: the objective's own held-out accuracy (method_accuracy: "
+                                                  "DPO's reward accuracy, ...) of the aligned model.")
+
+
+def _tune(model_dir, chats: list[list[dict]], config) -> dict:
+    """Choose and write model_dir's generation_config.json on held-out chats; its metadata."""
+    chosen, rows = generation.tune_model_dir(model_dir, chats, settings_of(config, generation.TuningSettings))
+    table = markdown_table(["repetition penalty", "no-repeat n-gram", "held-out ROUGE-L", "replies with a word 3x",
+                            "mean reply chars"], [(r["repetition_penalty"], r["no_repeat_ngram_size"], r["rouge_l"],
+                                                   r["repeats_share"], r["mean_reply_chars"]) for r in rows])
+    return {"generation_repetition_penalty": float(chosen.repetition_penalty),
+            "generation_no_repeat_ngram_size": int(chosen.no_repeat_ngram_size),
+            "generation_tuning_rouge_l": max(r["rouge_l"] for r in rows),
+            "generation_config": dg.MetadataValue.md("generation_config.json chosen by held-out ROUGE-L (greedy):\n\n" + table)}
 
 
 def _log(context: dg.AssetExecutionContext):
@@ -37,13 +53,27 @@ def _log(context: dg.AssetExecutionContext):
     return lambda event: context.log.info(json.dumps(event))
 
 
-def _curve(history: list[dict], key: str, eval_key: str, title: str, ylabel: str, hlines=None) -> str:
-    train = [r for r in history if key in r]
-    held = [r for r in history if eval_key in r]
-    png = lines_png({"train": ([r["step"] for r in train], [r[key] for r in train]),
-                     "held out": ([r["step"] for r in held], [r[eval_key] for r in held])},
+def _curve(history: list[dict], best_step: int, title: str, ylabel: str, hlines=None) -> str:
+    """Training and held-out loss per step, the kept (best) checkpoint marked."""
+    train = [r for r in history if "loss" in r]
+    held = [r for r in history if "eval_loss" in r]
+    best = [r for r in held if r["step"] == best_step]
+    png = lines_png({"train": ([r["step"] for r in train], [r["loss"] for r in train]),
+                     "held out": ([r["step"] for r in held], [r["eval_loss"] for r in held]),
+                     f"best checkpoint (step {best_step})": ([r["step"] for r in best], [r["eval_loss"] for r in best])},
                     title, "optimizer step", ylabel, hlines)
     return png_markdown(png, title)
+
+
+def _selection_rows(m) -> list[tuple]:
+    """Summary-table rows of the schedule and the checkpoint kept (SftMetrics or AlignMetrics)."""
+    overfit = (f"yes, after step {m.overfitting_from_step}" if m.overfitting_from_step >= 0 else "no")
+    return [("steps run / planned", f"{m.steps_run} / {m.planned_steps}" + (" (stopped early)" if m.stopped_early else "")),
+            ("epochs run", f"{m.epochs:.2f}"),
+            ("checkpoint kept: step (lowest held-out loss)", m.best_step),
+            ("held-out loss: kept / last evaluation", f"{m.best_eval_loss:.4f} / {m.last_eval_loss:.4f}"),
+            ("held-out loss rose while training loss fell", overfit),
+            ("training time (s)", m.train_seconds)]
 
 
 @dg.asset(
@@ -66,24 +96,25 @@ def lora_checkpoint(context: dg.AssetExecutionContext, config: LoraCheckpointCon
     with lake.write("lora_checkpoint") as staging:
         result = train_sft(settings, lake.artifact_dir("base_checkpoint"), train, held_out,
                            lake.work_dir("lora_checkpoint"), staging, log=_log(context))
+        tuned = _tune(merged_dir(staging), held_out, config)
     version = lake.record("lora_checkpoint")
     m = result.metrics
     improved = m.eval_reply_loss_after < m.eval_reply_loss_before
     rows = [("method", m.method), ("trainable parameters", m.trainable_parameters),
             ("share of all parameters", f"{m.trainable_share:.2%}"),
             ("held-out response loss, base", m.eval_reply_loss_before),
-            ("held-out response loss, fine-tuned", m.eval_reply_loss_after),
-            ("training examples / epochs", f"{m.train_examples} / {m.epochs:.2f}"),
-            ("training time (s)", m.train_seconds)]
+            ("held-out response loss, fine-tuned (kept checkpoint)", m.eval_reply_loss_after),
+            ("training examples", m.train_examples), *_selection_rows(m)]
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),
             **asdict(m),  # every figure a number or text: the UI charts the numbers across runs
+            **tuned,
             "adapter_path": dg.MetadataValue.path(str(adapter_dir(out))),
             "merged_path": dg.MetadataValue.path(str(merged_dir(out))),
             "summary": dg.MetadataValue.md(markdown_table(["figure", "value"], rows)),
             "loss_curve": dg.MetadataValue.md(_curve(
-                result.history, "loss", "eval_loss", "instruction tuning loss (response tokens)", "loss (nats/token)",
+                result.history, m.best_step, "instruction tuning loss (response tokens)", "loss (nats/token)",
                 {"base, held out": m.eval_reply_loss_before})),
         },
         data_version=dg.DataVersion(version.md5),
@@ -96,47 +127,60 @@ def lora_checkpoint(context: dg.AssetExecutionContext, config: LoraCheckpointCon
 @dg.asset(
     group_name="training",
     kinds={"pytorch", "trl", "dvc"},
-    deps=["preference_dataset", "lora_checkpoint", "base_checkpoint"],
+    deps=["preference_dataset", "lora_checkpoint", "base_checkpoint", "sft_dataset"],
     check_specs=[dg.AssetCheckSpec(
         "aligned_preference_accuracy", asset="aligned_checkpoint",
-        description="Held-out preference accuracy reaches min_accuracy and beats the LoRA model's by min_gain_over_lora.")],
+        description="The objective's own held-out accuracy (method_accuracy: DPO's implicit-reward accuracy, or "
+                    "the reference-free accuracy for ORPO/SimPO) reaches min_accuracy.")],
 )
 def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpointConfig, lake: LakeResource) -> dg.MaterializeResult:
-    """The LoRA model aligned with DPO (TRL's DPOTrainer) on preference pairs, the LoRA model itself
-    as the frozen reference; saved as adapter and merged fp32 model. Metadata compares the held-out
-    preference accuracy of the base, LoRA and aligned models."""
-    settings = settings_of(config, DpoSettings)
+    """The LoRA model aligned on preference pairs with TRL (DPO plus an SFT term by default; IPO,
+    SimPO, ORPO or KTO by `objective`), the LoRA model itself as the frozen reference where the
+    objective has one; saved as adapter and merged fp32 model, from the checkpoint of the lowest
+    held-out loss. Metadata compares the held-out preference accuracy of the base, LoRA and aligned
+    models."""
+    settings = settings_of(config, AlignSettings)
     settings.validate()
     data = lake.artifact_dir("preference_dataset")
     train, held_out = (posttrain_data.read_preferences(data, s) for s in ("train", "validation"))
     out = lake.artifact_dir("aligned_checkpoint")
     with lake.write("aligned_checkpoint") as staging:
-        result = train_dpo(settings, merged_dir(lake.artifact_dir("lora_checkpoint")), train, held_out,
-                           lake.work_dir("aligned_checkpoint"), staging, log=_log(context),
-                           compare={"base": lake.artifact_dir("base_checkpoint")})
+        result = train_align(settings, merged_dir(lake.artifact_dir("lora_checkpoint")), train, held_out,
+                             lake.work_dir("aligned_checkpoint"), staging, log=_log(context),
+                             compare={"base": lake.artifact_dir("base_checkpoint")})
+        tuned = _tune(merged_dir(staging), posttrain_data.read_chats(lake.artifact_dir("sft_dataset"), "validation"),
+                      config)
     version = lake.record("aligned_checkpoint")
     m = result.metrics
-    accuracy, gain = m.preference_accuracy["aligned"], m.accuracy_gain_over_lora
+    gain = m.accuracy_gain_over_lora
     rows = [(name, f"{s.accuracy:.1%}", s.logp_chosen, s.logp_rejected, s.logp_margin)
             for name, s in result.scores.items()]
+    summary = [("objective (beta, SFT weight)", f"{m.objective} ({m.beta:g}, {m.sft_weight:g})"),
+               ("method accuracy, held out", f"{m.method_accuracy:.1%} ({m.method_accuracy_source})"),
+               ("training pairs", m.train_pairs), *_selection_rows(m)]
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),
             **m.as_dict(),  # every figure a number or text
+            **tuned,
             "adapter_path": dg.MetadataValue.path(str(adapter_dir(out))),
             "merged_path": dg.MetadataValue.path(str(merged_dir(out))),
+            "summary": dg.MetadataValue.md(markdown_table(["figure", "value"], summary)),
             "preference_accuracy": dg.MetadataValue.md(
                 f"Held-out pairs: {m.eval_pairs}. Accuracy = share of pairs whose chosen reply the model finds "
-                "more likely than the rejected one.\n\n" + markdown_table(
+                "more likely (per token) than the rejected one.\n\n" + markdown_table(
                     ["model", "accuracy", "mean log p(chosen)", "mean log p(rejected)", "mean margin"], rows)),
-            "loss_curve": dg.MetadataValue.md(_curve(result.history, "loss", "eval_loss", "DPO loss", "loss")),
+            "loss_curve": dg.MetadataValue.md(_curve(result.history, m.best_step, f"{m.objective} loss", "loss")),
         },
         data_version=dg.DataVersion(version.md5),
         check_results=[dg.AssetCheckResult(
             check_name="aligned_preference_accuracy",
-            passed=accuracy >= config.min_accuracy and gain >= config.min_gain_over_lora,
+            passed=m.method_accuracy >= config.min_accuracy,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"threshold_accuracy": config.min_accuracy, "observed_accuracy": accuracy,
-                      "threshold_gain": config.min_gain_over_lora, "observed_gain": gain,
+            metadata={"threshold_accuracy": config.min_accuracy, "observed_accuracy": m.method_accuracy,
+                      "accuracy_source": m.method_accuracy_source,
+                      # reference-free, per token: on on-policy pairs it can move against reply quality
+                      "reference_free_gain_over_lora": gain,
+                      "aligned_preference_accuracy": m.preference_accuracy["aligned"],
                       "lora_accuracy": m.preference_accuracy["lora"]})],
     )

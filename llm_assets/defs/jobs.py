@@ -5,8 +5,8 @@ import dagster as dg
 
 TRAINING_LANE = {"llm_assets/lane": "training"}
 INGEST_ASSETS = ("incoming_batch", "drift_report")
-RETRAIN_ASSETS = ("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint", "quantized_model",
-                  "eval_report", "release")
+RETRAIN_ASSETS = ("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint", "reward_model",
+                  "quantized_model", "eval_report", "release")
 
 data_job = dg.define_asset_job(
     "data_job",
@@ -25,8 +25,10 @@ pretrain_job = dg.define_asset_job(
 posttrain_job = dg.define_asset_job(
     "posttrain_job",
     tags=TRAINING_LANE,
-    selection=dg.AssetSelection.assets("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"),
-    description="Build the instruction and preference datasets, instruction-tune the base (LoRA) and align it (DPO).",
+    selection=dg.AssetSelection.assets("sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint",
+                                       "reward_model"),
+    description="Build the instruction and preference datasets, instruction-tune the base (LoRA), align it (DPO) "
+                "and train the reward model.",
 )
 
 release_job = dg.define_asset_job(

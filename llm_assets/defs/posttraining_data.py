@@ -1,7 +1,9 @@
 """Group `training`, the datasets of post-training: sft_dataset (instruction chats) and
-preference_dataset (prompt / chosen / rejected), from the corpus and the user's files."""
+preference_dataset (prompt / chosen / rejected), from the corpus and the user's files. By default
+preference_dataset's rejected replies are lora_checkpoint's own generations, so it runs after
+lora_checkpoint and before aligned_checkpoint."""
 
-import json
+import time
 from collections import Counter
 
 import dagster as dg
@@ -10,6 +12,9 @@ from pydantic import Field
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.data import dedup, ingest
 from llm_assets.lib.posttrain import instructions, posttrain_data, preferences
+from llm_assets.lib.posttrain.generation import generate_replies, repeats
+from llm_assets.lib.pretrain.model_dir import load_model, merged_dir
+from llm_assets.lib.tokenizer.tokenizer import load_tokenizer
 from llm_assets.lib.common.report import markdown_table
 
 
@@ -21,10 +26,19 @@ class SftDatasetConfig(dg.Config):
 
 
 class PreferenceDatasetConfig(dg.Config):
-    include_corpus: bool = Field(True, description="Derive pairs from the corpus: chosen is a function's own docstring, rejected one of another function, from the same module where possible.")
+    include_corpus: bool = Field(True, description="Build pairs from the corpus: the prompt asks what a documented function or class does, chosen is its docstring.")
+    negatives: str = Field("on_policy", description="Where corpus pairs' rejected reply comes from: on_policy = lora_checkpoint's own greedy reply to the prompt (SPIN-style; DPO learns to leave the model's habits), hard = the docstring of another function, from the same module where possible.")
+    max_train_pairs: int = Field(640, ge=0, description="on_policy: corpus training pairs generated for, spread evenly over the library (0 = all; each costs a generation). Pairs from ingested batches are always all kept. hard uses every pair.")
+    max_validation_pairs: int = Field(200, ge=0, description="on_policy: held-out corpus pairs generated for, spread evenly over the validation modules (0 = all).")
+    max_new_tokens: int = Field(48, ge=1, description="on_policy: tokens generated per rejected reply at most (plain greedy, no repetition penalty: the model's own habits are what DPO must unlearn).")
+    batch_size: int = Field(16, ge=1, description="on_policy: prompts generated together (left-padded; the replies do not depend on it).")
+    precision: str = Field("fp32", description="on_policy: fp32 | bf16 | auto (bf16 autocast where the device computes it natively) while generating. fp32 by default: exact and as fast here (bf16 decoding at batch 16 on the demo-size model measured no gain on this CPU).")
     user_dir: str = Field("data/preferences", description="Directory (relative to the project) of TRL `prompt/chosen/rejected` and HH-RLHF `chosen/rejected` `.jsonl` files.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of user records held out, chosen by a stable hash of each record.")
-    seed: int = Field(0, description="Seeds the choice of negatives.")
+    seed: int = Field(0, description="hard: seeds the choice of negatives.")
+
+
+NEGATIVES = ("on_policy", "hard")
 
 
 def _corpus_pairs(lake: LakeResource, split: str, max_pairs: int = 0) -> list[instructions.InstructionPair]:
@@ -89,18 +103,61 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lak
     )
 
 
-@dg.asset(group_name="training", kinds={"parquet", "dvc"}, deps=["deduped_shards", "incoming_batch"])
+def _on_policy(context: dg.AssetExecutionContext, config: PreferenceDatasetConfig, lake: LakeResource,
+               pairs: dict[str, list[instructions.InstructionPair]]) -> tuple[dict[str, list], dict]:
+    """(preference pairs per split with rejected = lora_checkpoint's greedy reply, generation figures)."""
+    model_dir = merged_dir(lake.artifact_dir("lora_checkpoint"))
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    out, replies, dropped, start = {}, [], 0, time.perf_counter()
+    for split, split_pairs in pairs.items():
+        context.log.info(f"generating {len(split_pairs)} {split} replies with {model_dir}")
+        generated = generate_replies(model, tokenizer, [instructions.to_messages(p)[:-1] for p in split_pairs],
+                                     config.max_new_tokens, config.batch_size, precision=config.precision)
+        out[split], identical = preferences.on_policy_preferences(split_pairs, generated)
+        replies += generated
+        dropped += identical
+    seconds = time.perf_counter() - start
+    figures = {"generated": len(replies), "on_policy_identical": dropped, "generation_seconds": seconds,
+               "rejected_repeats_share": sum(map(repeats, replies)) / max(1, len(replies)),
+               "mean_rejected_chars": sum(len(r.strip()) for r in replies) / max(1, len(replies)),
+               "empty_rejected": sum(not r.strip() for r in replies)}
+    construction = (f"Corpus pairs: chosen = the docstring, rejected = the greedy reply of lora_checkpoint "
+                    f"(merged) to the same prompt (at most {config.max_new_tokens} new tokens, no repetition "
+                    f"penalty, precision {config.precision}); replies equal to the docstring dropped. Train pairs "
+                    f"from train modules, held-out pairs from validation modules only.")
+    return out, {**figures, "construction": construction}
+
+
+def _hard(config: PreferenceDatasetConfig, pairs: dict[str, list[instructions.InstructionPair]]) -> tuple[dict[str, list], dict]:
+    """(preference pairs per split with rejected = another definition's docstring, figures)."""
+    out, skipped = {}, 0
+    for split, split_pairs in pairs.items():
+        out[split], no_negative = preferences.derive_preferences(split_pairs, seed=config.seed)
+        skipped += no_negative
+    construction = ("Corpus pairs: chosen = the docstring, rejected = the docstring of another definition of the "
+                    "same module where possible, else the same package, else any (negatives within each split).")
+    return out, {"skipped_no_negative": skipped, "construction": construction}
+
+
+@dg.asset(group_name="training", kinds={"parquet", "dvc"}, deps=["deduped_shards", "incoming_batch", "lora_checkpoint"])
 def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceDatasetConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Preference pairs for DPO, `train.parquet` and `validation.parquet` (`prompt` as messages,
-    `chosen`, `rejected`, `source`, `negative`). Corpus-derived pairs take their negatives within
-    their own split, so held-out pairs share nothing with training."""
+    `chosen`, `rejected`, `source`, `negative`). Corpus pairs: chosen is a function's docstring,
+    rejected lora_checkpoint's own greedy reply (on_policy, the default) or another function's
+    docstring (hard), built within each split so held-out pairs share nothing with training. User
+    files' pairs are added as labelled."""
+    if config.negatives not in NEGATIVES:
+        raise ValueError(f"negatives: must be one of {NEGATIVES} (got {config.negatives!r})")
     splits: dict[str, list[preferences.PreferencePair]] = {"train": [], "validation": []}
-    skipped = 0
+    figures: dict = {"construction": "No corpus pairs (include_corpus is false)."}
     if config.include_corpus:
+        if config.negatives == "on_policy":
+            caps = {"train": config.max_train_pairs, "validation": config.max_validation_pairs}
+            derived, figures = _on_policy(context, config, lake, {s: _corpus_pairs(lake, s, caps[s]) for s in splits})
+        else:
+            derived, figures = _hard(config, {s: _corpus_pairs(lake, s) for s in splits})
         for split in splits:
-            derived, no_negative = preferences.derive_preferences(_corpus_pairs(lake, split), seed=config.seed)
-            splits[split] += derived
-            skipped += no_negative
+            splits[split] += derived[split]
     files = posttrain_data.user_files(lake.root / config.user_dir)
     for path in files:
         for pair in posttrain_data.read_preference_file(path):  # malformed: file and line named
@@ -121,20 +178,23 @@ def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceData
     version = lake.record("preference_dataset")
 
     tiers = Counter(p.negative or "user file" for pairs in splits.values() for p in pairs)
-    sample = splits["validation"][0]
+    held = splits["validation"]
+    samples = [(preferences.prompt_messages(p.prompt)[-1]["content"][:200], p.chosen[:200], p.rejected[:200],
+                p.negative or p.source)
+               for p in held[:: max(1, len(held) // 3)][:3]]
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),
+            "negatives_from": config.negatives,
+            "construction": dg.MetadataValue.text(figures.pop("construction") + " User files: pairs as labelled."),
+            **figures,  # numbers: the UI charts them across materializations
             "train_pairs": len(splits["train"]),
             "validation_pairs": len(splits["validation"]),
             "dropped_identical": sum(dropped.values()),
-            "skipped_no_negative": skipped,
             "user_files": len(files),
             "incoming_batch_documents": _batch_documents(lake),
             "negatives": dg.MetadataValue.md(markdown_table(["rejected reply taken from", "pairs"], sorted(tiers.items()))),
-            "sample": dg.MetadataValue.md(markdown_table(["field", "text"], [
-                ("prompt", json.dumps(sample.prompt)[:300]), ("chosen", sample.chosen[:300]),
-                ("rejected", sample.rejected[:300]), ("source", sample.source)])),
+            "samples": dg.MetadataValue.md(markdown_table(["prompt", "chosen", "rejected", "negative"], samples)),
         },
         data_version=dg.DataVersion(version.md5),
     )

@@ -94,7 +94,8 @@ def test_ingest_run_reports_drift_and_the_drift_sensor_starts_one_retrain(env):
     assert retrain.tags["llm_assets/drift_report_run_id"] == result.run_id
     assert retrain.tags["llm_assets/drift_source"] == f"incoming_batch:{key}"
     assert set(retrain.run_config["ops"]) <= {"sft_dataset", "preference_dataset", "lora_checkpoint",
-                                              "aligned_checkpoint", "quantized_model", "eval_report", "release"}
+                                              "aligned_checkpoint", "reward_model", "quantized_model", "eval_report",
+                                              "release"}
     assert not tick(drift_sensor, project, instance, first.cursor).run_requests  # nothing new
     # The same report seen again (cursor lost) asks with the same run key: the daemon starts one run.
     assert tick(drift_sensor, project, instance).run_requests[0].run_key == retrain.run_key

@@ -23,7 +23,7 @@ def test_assets_groups_checks_and_jobs():
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("lora_checkpoint")).parent_keys} == {
         "sft_dataset", "base_checkpoint"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("aligned_checkpoint")).parent_keys} == {
-        "preference_dataset", "lora_checkpoint", "base_checkpoint"}
+        "preference_dataset", "lora_checkpoint", "base_checkpoint", "sft_dataset"}
     assert graph.get(dg.AssetKey("serving_log")).is_observable
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("drift_report")).parent_keys} == {
         "serving_log", "sft_dataset", "incoming_batch"}
@@ -33,7 +33,7 @@ def test_assets_groups_checks_and_jobs():
     checks = {c.name for c in graph.asset_check_keys}
     assert {"clean_corpus_keeps_most_documents", "deduped_shards_splits_disjoint", "tokenizer_roundtrip",
             "base_checkpoint_beats_unigram", "lora_improves_reply_loss", "aligned_preference_accuracy",
-            "quantized_perplexity_within_budget", "aligned_preference_not_below_lora", "generation_non_empty",
+            "quantized_perplexity_within_budget", "aligned_beats_lora", "generation_non_empty", "replies_do_not_loop",
             "incoming_batch_adds_documents"} <= checks
     assert "lake" in d.resources
 
@@ -42,11 +42,12 @@ def test_assets_groups_checks_and_jobs():
 JOBS = {
     "data_job": ({"raw_corpus", "clean_corpus", "deduped_shards"}, None),
     "pretrain_job": ({"tokenizer", "tokenized_shards", "base_checkpoint"}, "training"),
-    "posttrain_job": ({"sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint"}, "training"),
+    "posttrain_job": ({"sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint", "reward_model"},
+                      "training"),
     "release_job": ({"quantized_model", "eval_report", "release"}, None),
     "ingest_job": ({"incoming_batch", "drift_report"}, "ingest"),
     # retraining rebuilds everything after the base; the tokenizer and base_checkpoint are a person's call
-    "retrain_job": ({"sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint",
+    "retrain_job": ({"sft_dataset", "preference_dataset", "lora_checkpoint", "aligned_checkpoint", "reward_model",
                      "quantized_model", "eval_report", "release"}, "training"),
     "drift_job": ({"drift_report"}, None),
     "evaluation_job": ({"eval_report"}, None),

@@ -1,5 +1,6 @@
 """sft_dataset, preference_dataset, lora_checkpoint and aligned_checkpoint on the tiny config, with
-user files of every supported format beside the corpus-derived data."""
+user files of every supported format beside the corpus-derived data. preference_dataset generates
+its rejected replies with lora_checkpoint, so it runs after it."""
 
 import json
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import POST, UPSTREAM, lock_md5, materialize, metadata
+from llm_assets.lib.posttrain.generation import generate_replies
+from llm_assets.lib.pretrain.model_dir import load_model
 
 
 def write_user_files(project: Path) -> None:
@@ -67,7 +70,31 @@ def test_datasets_mix_corpus_and_user_files(post):
     assert len(hh) == 8 and hh[0]["chosen"] == "Sure, gladly." and hh[0]["rejected"] == "No."
     assert [m["role"] for m in hh[0]["prompt"]] == ["user", "assistant", "user"]
     assert sum(r["source"].startswith("trl.jsonl") for r in rows) == 12
-    assert "module" in pm["negatives"]
+    assert "on_policy" in pm["negatives"] and pm["negatives_from"] == "on_policy"
+
+
+def test_preference_dataset_rejects_the_lora_models_own_replies(post, tiny_config):
+    project, instance, _ = post
+    pm = metadata(instance, "preference_dataset")
+    settings = tiny_config(["preference_dataset"])["ops"]["preference_dataset"]["config"]
+    splits = {s: pq.read_table(project / f"data/lake/preference_dataset/{s}.parquet").to_pylist()
+              for s in ("train", "validation")}
+    generated = {s: [r for r in rows if r["negative"] == "on_policy"] for s, rows in splits.items()}
+    assert 0 < len(generated["train"]) <= settings["max_train_pairs"]
+    assert 0 < len(generated["validation"]) <= settings["max_validation_pairs"]
+    assert pm["generated"] == len(generated["train"]) + len(generated["validation"]) + pm["on_policy_identical"]
+    assert all(r["source"].startswith("stdlib/") and r["chosen"].strip() != r["rejected"] for rows in generated.values() for r in rows)
+    # held-out prompts come from validation modules only, never from a module generated for in training
+    module = lambda r: r["source"].split("::")[0]
+    assert not {module(r) for r in generated["validation"]} & {module(r) for r in generated["train"]}
+    assert 0 <= pm["rejected_repeats_share"] <= 1 and pm["generation_seconds"] > 0 and pm["mean_rejected_chars"] >= 0
+    assert "lora_checkpoint" in pm["construction"] and "on_policy" in pm["samples"]
+    # rejected is lora_checkpoint's greedy reply to that very prompt (fp32, the default: exact)
+    model_dir = project / "data/lake/lora_checkpoint/merged"
+    model, tok = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    rows = generated["validation"][:3]
+    replies = generate_replies(model, tok, [r["prompt"] for r in rows], settings["max_new_tokens"], batch_size=1)
+    assert replies == [r["rejected"] for r in rows]
 
 
 def test_lora_checkpoint_saves_adapter_and_merged_model(post):
@@ -101,7 +128,22 @@ def test_aligned_checkpoint_reports_preference_figures(post):
     assert "| aligned |" in md["preference_accuracy"]
     assert lock_md5(project, "aligned_checkpoint") == md["dvc_md5"]
     check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "aligned_preference_accuracy")
-    assert check.metadata["observed_accuracy"].value == md["aligned_preference_accuracy"]
+    assert check.metadata["observed_accuracy"].value == md["method_accuracy"]
+
+
+def test_preference_dataset_hard_negatives_and_a_bad_choice(post, tiny_config):
+    project, instance, _ = post
+    cfg = tiny_config(["preference_dataset"])
+    cfg["ops"]["preference_dataset"]["config"]["negatives"] = "hard"
+    assert materialize(project, cfg, ["preference_dataset"], instance).success
+    pm = metadata(instance, "preference_dataset")
+    rows = pq.read_table(project / "data/lake/preference_dataset/train.parquet").to_pylist()
+    assert {r["negative"] for r in rows} <= {"module", "package", "any", ""} and "module" in pm["negatives"]
+    assert pm["negatives_from"] == "hard" and "another definition" in pm["construction"] and "generated" not in pm
+    cfg["ops"]["preference_dataset"]["config"]["negatives"] = "random"
+    failed = materialize(project, cfg, ["preference_dataset"], instance)
+    failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "negatives: must be one of" in failure.step_failure_data.error.cause.message
 
 
 def test_malformed_user_file_fails_with_file_and_line_and_keeps_the_artifact(post, tiny_config):

@@ -1,4 +1,5 @@
-"""DPO mechanics on a tiny model (TRL's DPOTrainer on CPU) and the preference accuracy rule."""
+"""Alignment mechanics on a tiny model (TRL's trainers on CPU: DPO, IPO, SimPO, ORPO, KTO) and the
+preference accuracy rule."""
 
 import json
 
@@ -8,9 +9,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_assets.lib.pretrain.model_dir import load_model
-from llm_assets.lib.posttrain.align import DpoSettings, encode_pairs, preference_scores, prompt_messages, train_dpo
+from llm_assets.lib.posttrain.align import AlignSettings, encode_pairs, preference_scores, prompt_messages, train_align
 from llm_assets.lib.posttrain.preferences import PreferencePair
 
+# Learnable: every chosen reply follows one pattern ("Return x plus i."), every rejected one breaks it.
 PAIRS = [PreferencePair(f"Explain what `mod.f{i}(x)` does.", f"Return x plus {i}.", f"Open the file number {i} for writing.",
                         f"m.py::f{i}") for i in range(24)]
 
@@ -36,22 +38,30 @@ def test_accuracy_compares_mean_log_prob_per_token(tiny_base_dir):
     assert s.logp_margin == pytest.approx(0.0, abs=1e-4)
 
 
-def test_dpo_trains_a_new_adapter_on_the_reference_and_merges(tiny_base_dir, tmp_path):
-    settings = DpoSettings(r=4, alpha=8, dropout=0.0, max_len=128, max_steps=4, batch_size=4,
-                           lr=5e-3, warmup_steps=0, eval_every=2, eval_pairs=8, save_every=2, log_every=1)
+def settings(**kw) -> AlignSettings:
+    base = dict(r=4, alpha=8, dropout=0.0, max_len=128, epochs=1.0, batch_size=4, lr=5e-3, warmup_ratio=0.0,
+                eval_every=2, eval_pairs=8, log_every=1)  # 16 training pairs: 4 steps
+    return AlignSettings(**{**base, **kw})
+
+
+def test_dpo_with_sft_term_trains_a_new_adapter_on_the_reference_and_merges(tiny_base_dir, tmp_path):
     out = tmp_path / "out"
-    result = train_dpo(settings, tiny_base_dir, PAIRS[:16], PAIRS[16:], tmp_path / "work", out,
-                       log=lambda e: None, compare={"base": tiny_base_dir})
+    result = train_align(settings(), tiny_base_dir, PAIRS[:16], PAIRS[16:], tmp_path / "work", out,
+                         log=lambda e: None, compare={"base": tiny_base_dir})
     m = result.metrics
+    assert (m.objective, m.beta, m.sft_weight) == ("dpo", 0.1, 1.0)  # the default: DPO plus the SFT term
     assert set(result.scores) == {"base", "lora", "aligned"}
     # here the "LoRA model" (the reference) is the base itself: the same scores
     assert result.scores["base"] == result.scores["lora"]
-    assert m.train_pairs == 16 and m.eval_pairs == 8
+    assert m.train_pairs == 16 and m.eval_pairs == 8 and m.planned_steps == m.steps_run == 4
     assert m.eval_reward_margin == m.eval_reward_margin  # computed, not NaN
-    assert any("eval_loss" in r for r in result.history)
+    evals = {r["step"]: r for r in result.history if "eval_loss" in r}
+    assert sorted(evals) == [2, 4] and m.best_eval_loss == min(r["eval_loss"] for r in evals.values())
+    assert m.method_accuracy == evals[m.best_step]["eval_rewards/accuracies"]  # of the checkpoint kept
+    assert m.method_accuracy_source == "eval_rewards/accuracies"
     # the flat figures (metrics.json, the asset's metadata) spread the per-model ones
     flat = json.loads((out / "metrics.json").read_text())
-    assert list(flat)[4:10] == ["base_preference_accuracy", "lora_preference_accuracy", "aligned_preference_accuracy",
+    assert list(flat)[6:12] == ["base_preference_accuracy", "lora_preference_accuracy", "aligned_preference_accuracy",
                                 "base_preference_accuracy_summed", "lora_preference_accuracy_summed",
                                 "aligned_preference_accuracy_summed"]
     assert flat["aligned_preference_accuracy"] == result.scores["aligned"].accuracy
@@ -63,10 +73,33 @@ def test_dpo_trains_a_new_adapter_on_the_reference_and_merges(tiny_base_dir, tmp
     assert torch.equal(merged["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])  # frozen
     assert not torch.equal(merged["model.layers.1.mlp.down_proj.weight"], ref["model.layers.1.mlp.down_proj.weight"])
     assert not (tmp_path / "work" / "trainer" / "checkpoint-4" / "ref").exists()  # no copied reference adapter
+    # the SFT term is in the loss: the same run without it logs a lower held-out loss at the first evaluation
+    plain = train_align(settings(sft_weight=0.0, epochs=0.5), tiny_base_dir, PAIRS[:16], PAIRS[16:],
+                        tmp_path / "work-plain", tmp_path / "out-plain", log=lambda e: None)
+    assert plain.history[-1]["eval_loss"] < evals[2]["eval_loss"]
 
 
-def test_dpo_settings_fail_loudly():
-    with pytest.raises(ValueError, match="beta"):
-        DpoSettings(beta=0).validate()
-    with pytest.raises(ValueError, match="qlora"):
-        DpoSettings(method="qlora").validate()
+@pytest.mark.parametrize("objective, source", [
+    ("dpo", "eval_rewards/accuracies"), ("ipo", "eval_rewards/accuracies"), ("simpo", "eval_rewards/accuracies"),
+    ("orpo", "eval_rewards/accuracies"), ("kto", "implicit reward accuracy"),
+])
+def test_every_objective_trains_the_adapter_and_raises_held_out_accuracy(tiny_base_dir, tmp_path, objective, source):
+    out = tmp_path / "out"
+    result = train_align(settings(objective=objective, sft_weight=0.0, epochs=0.5), tiny_base_dir, PAIRS[:16],
+                         PAIRS[16:], tmp_path / "work", out, log=lambda e: None)
+    m = result.metrics
+    assert m.objective == objective and m.steps_run == 2
+    # the adapter trained: lora_B starts at zero, every one of them moved
+    lora_b = [v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 7 and all(v.abs().sum() > 0 for v in lora_b)
+    # the fixture is learnable: the aligned model prefers the chosen replies more often than the LoRA model
+    assert m.preference_accuracy["aligned"] > m.preference_accuracy["lora"]
+    assert 0 <= m.method_accuracy <= 1 and m.method_accuracy_source.startswith(source)
+
+
+def test_align_settings_fail_loudly():
+    for change, field in (({"beta": -0.1}, "beta"), ({"method": "qlora"}, "method"), ({"objective": "ppo"}, "objective"),
+                          ({"sft_weight": -1.0}, "sft_weight"), ({"eval_pairs": -1}, "eval_pairs"), ({"epochs": 0}, "epochs")):
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            AlignSettings(**change).validate()
+    assert AlignSettings(objective="simpo").objective_beta == 2.0 and AlignSettings(beta=0.3).objective_beta == 0.3

@@ -63,10 +63,21 @@ def test_perplexity_of_a_model_that_knows_nothing_is_the_vocabulary_size(tiny_ba
 
 def test_generate_is_greedy_and_reports_time_per_token(tiny_base_dir, data, tok):
     model = load_model(tiny_base_dir)
-    texts, per_token, n = generate(model, tok, data.prompts, max_new_tokens=5)
-    again, _, n_again = generate(model, tok, data.prompts, max_new_tokens=5)
+    texts, per_token, n, ids = generate(model, tok, data.prompts, max_new_tokens=5)
+    again, _, n_again, _ = generate(model, tok, data.prompts, max_new_tokens=5)
     assert texts == again and n == n_again and 0 < n <= 5 * len(data.prompts)
     assert len(per_token) == len(data.prompts) and all(t > 0 for t in per_token)
+    assert [tok.decode(r, skip_special_tokens=True).strip() for r in ids] == texts
+
+
+def test_generate_follows_the_models_generation_config(tiny_base_dir, data, tok):
+    """The shipped generation_config.json decides decoding: a no-repeat rule removes every repeat."""
+    from llm_assets.lib.posttrain.generation import max_token_run
+
+    model = load_model(tiny_base_dir)
+    model.generation_config.no_repeat_ngram_size = 1  # no token twice in one sequence
+    _, _, _, ids = generate(model, tok, data.prompts, max_new_tokens=12)
+    assert all(max_token_run(r) <= 1 for r in ids)
 
 
 def test_rouge_l_is_one_for_the_reference_and_zero_for_nothing_in_common():
@@ -96,6 +107,10 @@ def test_evaluate_model_figures(tiny_base_dir, data, tok):
     assert 0 < figures.instruction_loss < 3 * np.log(len(tok))
     assert figures.preference_accuracy in {0.0, 0.25, 0.5, 0.75, 1.0}  # 4 pairs
     assert 0.0 <= figures.rouge_l <= 1.0 and len(texts) == 3
+    # an untrained model's generation_config has no repetition rule: shipped = plain greedy
+    assert figures.rouge_l_plain_greedy == figures.rouge_l
+    assert figures.max_token_run >= 1 and 0 <= figures.repeating_replies <= 1
+    assert np.isnan(figures.reward_mean)  # no judge given
     assert figures.empty_generations == sum(not t for t in texts)
     assert 0 < figures.latency_ms_per_token_p50 <= figures.latency_ms_per_token_p95
     assert figures.tokens_per_second > 0 and figures.peak_memory_bytes >= 0
@@ -105,7 +120,7 @@ def test_evaluate_model_figures(tiny_base_dir, data, tok):
     assert evaluate_model(load, tiny_base_dir, tok, data, SMALL, parameters=123)[0].parameters == 123
 
 
-@pytest.mark.parametrize("field", ["perplexity_windows", "generation_prompts", "max_new_tokens", "repetition_penalty"])
+@pytest.mark.parametrize("field", ["perplexity_windows", "generation_prompts", "max_new_tokens", "samples"])
 def test_bad_settings_fail_naming_the_field(field):
     with pytest.raises(ValueError, match=f"^{field}: must be at least 1"):
         EvalSettings(**{field: 0}).validate()

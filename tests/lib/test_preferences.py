@@ -3,16 +3,22 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from llm_assets.lib.data.corpus import CorpusFormatError
 from llm_assets.lib.posttrain.instructions import InstructionPair, derive_pairs
+from llm_assets.lib.posttrain.generation import generate_replies
+from llm_assets.lib.posttrain.instructions import to_messages
 from llm_assets.lib.posttrain.preferences import (
     PreferencePair,
     derive_preferences,
     drop_identical,
+    on_policy_preferences,
     read_hh_rlhf_jsonl,
     read_trl_jsonl,
 )
+from llm_assets.lib.pretrain.model import build_model
+from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -70,6 +76,33 @@ def test_negative_tiers_and_skip_when_no_distinct_answer():
 
     same = [_pair("x", "m", "Exactly the same text everywhere."), _pair("y", "n", "Exactly the same text everywhere. ")]
     assert derive_preferences(same) == ([], 2)
+
+
+def test_on_policy_preferences_reject_the_models_reply_and_drop_copies_of_the_reference():
+    pairs = stdlib_pairs("textwrap.py")[:4]
+    replies = [f"  {pairs[0].output}\n", "", "wrap wrap wrap", " Wrap it. "]
+    prefs, dropped = on_policy_preferences(pairs, replies)
+    assert dropped == 1  # the first reply is the reference: no preference to learn
+    assert [p.rejected for p in prefs] == ["", "wrap wrap wrap", "Wrap it."]  # empty: kept
+    for pair, pref in zip(pairs[1:], prefs):
+        assert pref.prompt == pair.instruction and pref.chosen == pair.output
+        assert pref.source == f"stdlib/textwrap.py::{pair.qualname}" and pref.negative == "on_policy"
+    with pytest.raises(ValueError, match="replies: 3 replies for 4"):
+        on_policy_preferences(pairs, replies[:3])
+
+
+def test_on_policy_rejected_is_the_models_own_reply_to_that_prompt():
+    pairs = stdlib_pairs("textwrap.py", "json/decoder.py")[:6]
+    tok = train_tokenizer([p.instruction + " " + p.output for p in pairs] * 3, vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    replies = generate_replies(model, tok, [to_messages(p)[:-1] for p in pairs], max_new_tokens=6, batch_size=4)
+    prefs, dropped = on_policy_preferences(pairs, replies)
+    assert dropped == 0 and len(prefs) == len(pairs)
+    # pair by pair, rejected is what the model answers that very prompt when asked alone
+    for pref in prefs[::2]:
+        alone = generate_replies(model, tok, [[{"role": "user", "content": pref.prompt}]], max_new_tokens=6)
+        assert pref.rejected == alone[0] and pref.rejected != pref.chosen
 
 
 def test_drop_identical_counts():

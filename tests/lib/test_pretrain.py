@@ -116,6 +116,7 @@ def test_batches_are_a_function_of_seed_step_rank_micro():
     ({"seq_len": 129}, "seq_len"),  # tiny context is 128
     ({"size": "huge"}, "size"),
     ({"precision": "fp16"}, "precision"),
+    ({"compile": "yes"}, "compile"),
     ({"micro_batch": 0}, "micro_batch"),
     ({"warmup_steps": 60}, "warmup_steps"),
     ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
@@ -267,3 +268,17 @@ def test_two_rank_ddp_run_writes_a_loadable_model(corpus, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(root / "out")
     ids = AutoTokenizer.from_pretrained(root / "out")("import ", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] > ids.shape[1]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_like_the_eager_one(corpus, tmp_path):
+    """compile: on (what auto picks for a long CPU run) trains the same model as eager, within
+    float noise: torch.compile changes how, not what, the step computes."""
+    short = TINY.model_copy(update={"max_steps": 6, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 0,
+                                    "precision": "fp32"})
+    events: list[dict] = []
+    compiled = run_train(short.model_copy(update={"compile": "on"}), corpus, tmp_path, "compiled", events)
+    eager = run_train(short.model_copy(update={"compile": "off"}), corpus, tmp_path, "eager")
+    assert events[0]["compiled"] is True
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-3)
+    assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-3)

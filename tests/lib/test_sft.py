@@ -18,9 +18,9 @@ CHATS = [[{"role": "user", "content": f"Explain what `mod.f{i}(x, y={i})` does."
 
 
 def settings(method="lora", **kw) -> SftSettings:
-    base = dict(max_len=128, max_steps=4, batch_size=4, lr=5e-3, warmup_steps=0, eval_every=2,
-                eval_examples=8, save_every=2, log_every=1)
-    return SftSettings(method=method, r=4, alpha=8, dropout=0.0, **{**base, **kw})
+    base = dict(r=4, alpha=8, dropout=0.0, max_len=128, epochs=1.0, batch_size=4, lr=5e-3, warmup_ratio=0.0,
+                eval_every=2, eval_examples=8, log_every=1)  # 16 training chats: 4 steps
+    return SftSettings(method=method, **{**base, **kw})
 
 
 def test_lora_trains_adapter_only_and_saves_adapter_and_merged_model(tiny_base_dir, tmp_path):
@@ -116,3 +116,75 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_base_dir, tmp_path):
     result = train_sft(settings(lr=1e-3), tiny_base_dir, CHATS[:16], CHATS[16:], work, out, log=events.append)
     assert result.metrics.resumed_from == ""
     assert any(e["event"] == "start_over" for e in events)
+
+
+# Single tokens of tiny_base_dir's tokenizer: every reply below is one of them plus <|end|>, 2 tokens.
+WORDS = ["None", "def", "heap", "item", "key", "line", "pos", "self", "val", "whi"]
+
+
+def noise_chats(seed: int) -> list[list[dict]]:
+    """40 prompts "Item i?", each answered by a random word: the format and the word list generalize,
+    which word answers which item is noise. The held-out chats (another seed) ask the same 40
+    prompts with other random answers, so memorizing the training answers can only hurt them."""
+    import random
+
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": f"Item {i}?"}, {"role": "assistant", "content": rng.choice(WORDS)}]
+            for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def sharp_base_dir(tiny_base_dir, tmp_path_factory):
+    """tiny_base_dir with its (tied) embeddings scaled x10: the untrained ones (std 0.02) cap the
+    logits near +-1.3, so a LoRA on them can neither fit nor overfit; x10 gives a trained model's
+    range of logits."""
+    from llm_assets.lib.pretrain.model_dir import save_model
+
+    model = load_model(tiny_base_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10)
+    out = tmp_path_factory.mktemp("sharp_base")
+    save_model(model, AutoTokenizer.from_pretrained(tiny_base_dir), out)
+    return out
+
+
+def overfitting(**kw) -> SftSettings:
+    """40 epochs of the 40 noise chats, held-out loss every 10 steps, fp32 so the Trainer's held-out
+    loss and the merged model's are computed alike (the replies' equal length makes the Trainer's
+    per-batch means the per-token mean reply_loss takes)."""
+    return settings(r=16, alpha=32, max_len=64, batch_size=8, lr=3e-3, epochs=40, max_steps=1000, eval_every=10,
+                    eval_examples=0, precision="fp32", **kw)
+
+
+def test_best_checkpoint_is_kept_when_the_schedule_overfits(sharp_base_dir, tmp_path):
+    result = train_sft(overfitting(), sharp_base_dir, noise_chats(0), noise_chats(1), tmp_path / "work",
+                       tmp_path / "out", log=lambda e: None)
+    m = result.metrics
+    evals = [(r["step"], r["eval_loss"]) for r in result.history if "eval_loss" in r]
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    assert m.planned_steps == m.steps_run == 200 and not m.stopped_early and m.epochs == pytest.approx(40)
+    # the schedule really overfits: held-out loss rose well above its minimum while training loss fell
+    assert best_step < evals[-1][0] and max(loss for step, loss in evals if step > best_step) > best_loss + 0.1
+    assert m.overfitting_from_step == best_step
+    # the Trainer kept that checkpoint: merged/ scores what the best evaluation logged
+    assert (m.best_step, m.best_eval_loss, m.last_eval_loss) == (best_step, best_loss, evals[-1][1])
+    assert m.eval_reply_loss_after == pytest.approx(best_loss, abs=1e-3)
+    assert m.eval_reply_loss_after < m.last_eval_loss
+
+
+def test_patience_stops_early_and_still_keeps_the_best(sharp_base_dir, tmp_path):
+    result = train_sft(overfitting(patience=2), sharp_base_dir, noise_chats(0), noise_chats(1), tmp_path / "work",
+                       tmp_path / "out", log=lambda e: None)
+    m = result.metrics
+    evals = [(r["step"], r["eval_loss"]) for r in result.history if "eval_loss" in r]
+    assert m.stopped_early and m.steps_run < m.planned_steps and m.steps_run == evals[-1][0]
+    # stopped at the second evaluation in a row without a new best
+    assert [step for step, _ in evals if step > m.best_step] == [m.best_step + 10, m.best_step + 20]
+    assert m.eval_reply_loss_after == pytest.approx(m.best_eval_loss, abs=1e-3)
+
+
+def test_schedule_settings_fail_loudly():
+    for change, field in (({"epochs": 0}, "epochs"), ({"warmup_ratio": 1.0}, "warmup_ratio"),
+                          ({"patience": -1}, "patience"), ({"precision": "fp16"}, "precision")):
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            settings(**change).validate()

@@ -25,8 +25,12 @@ Figures per model (all computed here, on the same examples for every model):
 - `val_perplexity`: next-token perplexity on evenly spaced windows of the validation token stream;
 - `instruction_loss`: mean loss on the reply tokens of held-out instruction chats (chat_data.py);
 - `preference_accuracy`: the reference-free rule of align.py on held-out preference pairs;
-- `rouge_l`: ROUGE-L F1 (Google's `rouge-score`) of greedy generations against the reference
-  replies of held-out chats;
+- `rouge_l`: ROUGE-L F1 (Google's `rouge-score`) of greedy generations with the model's own
+  generation_config.json (what it ships: stop tokens, repetition penalty or n-gram rule) against the
+  reference replies of held-out chats; `rouge_l_plain_greedy` the same without the shipped rule;
+- `max_token_run`: the longest run of one repeated token in any of those generations;
+  `repeating_replies`: the share of them with a word three times in a row;
+- `reward_mean`: the mean reward-model score of those generations (when a reward model is given);
 - `latency_ms_per_token_p50/p95`: per-prompt generation time divided by the tokens it generated;
   `tokens_per_second`: all generated tokens over all generation time (batch size 1, greedy);
 - `peak_memory_bytes`: what serving costs: the largest rise of this process's resident memory over
@@ -37,6 +41,7 @@ Figures per model (all computed here, on the same examples for every model):
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -50,8 +55,9 @@ import torch
 from pydantic import Field
 
 from llm_assets.lib.common.settings import Settings
+from llm_assets.lib.posttrain import generation, reward
 from llm_assets.lib.posttrain.align import encode_pairs, preference_scores
-from llm_assets.lib.posttrain.chat_data import prompt_ids, reply_loss
+from llm_assets.lib.posttrain.chat_data import end_token_id, prompt_ids, reply_loss
 from llm_assets.lib.pretrain.model_dir import weights_bytes
 
 
@@ -63,14 +69,13 @@ class EvalSettings(Settings):
     instruction_examples: int = Field(200, description="Held-out instruction chats scored for the reply loss.")
     preference_pairs: int = Field(200, description="Held-out preference pairs scored for accuracy.")
     generation_prompts: int = Field(16, description="Held-out chats generated from (ROUGE-L, latency, samples).")
-    max_new_tokens: int = Field(48, description="Tokens generated per prompt at most (greedy).")
-    repetition_penalty: float = Field(1.3, description="Greedy decoding's repetition penalty (1 = off); a small "
-                                                       "model loops on \"the the the\" without it.")
+    max_new_tokens: int = Field(48, description="Tokens generated per prompt at most (greedy, with each model's "
+                                                "generation_config.json).")
     samples: int = Field(3, description="Generations per model shown in the report.")
 
     def validate(self) -> None:
         for name, value in self.model_dump().items():
-            if value < 1:  # (repetition_penalty: 1 = off; below 1 would reward repeats)
+            if value < 1:
                 raise ValueError(f"{name}: must be at least 1 (got {value})")
 
 
@@ -80,6 +85,7 @@ class EvalData:
     chats: list[dict]  # encoded held-out chats (input_ids, labels)
     pairs: list[tuple[dict, dict]]  # encoded held-out preference pairs
     prompts: list[list[int]]  # generation prompts (token ids)
+    prompt_chats: list[list[dict]]  # the same prompts as chat messages (for batched generation and the judge)
     references: list[str]  # their reference replies
     pad_id: int
 
@@ -92,13 +98,15 @@ class EvalData:
 
         encoded = [e for e in (encode_chat(tokenizer, c, seq_len) for c in chats) if e is not None]
         pairs, _ = encode_pairs(tokenizer, preferences, seq_len)
-        # generation prompts: evenly spread held-out chats whose prompt leaves room to generate
-        usable = [c for c in chats if len(prompt_ids(tokenizer, c[:-1])) + s.max_new_tokens <= seq_len]
-        picked = [usable[i * len(usable) // s.generation_prompts] for i in range(min(s.generation_prompts, len(usable)))]
+        # generation prompts: evenly spread held-out chats whose prompt leaves room to generate, from
+        # the half that generation settings were not chosen on
+        picked = generation.held_out_prompts(tokenizer, chats, s.generation_prompts, generation.EVALUATION,
+                                             s.max_new_tokens, seq_len)
         if not encoded or not pairs or not picked:
             raise ValueError("no held-out chat or preference pair fits in seq_len tokens")
         return cls(validation_windows(tokens, seq_len, s.perplexity_windows), encoded[: s.instruction_examples], pairs[: s.preference_pairs],
-                   [prompt_ids(tokenizer, c[:-1]) for c in picked], [c[-1]["content"] for c in picked],
+                   [prompt_ids(tokenizer, c[:-1]) for c in picked], [c[:-1] for c in picked],
+                   [c[-1]["content"] for c in picked],
                    tokenizer.pad_token_id)
 
 
@@ -155,27 +163,31 @@ def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-             repetition_penalty: float = 1.0) -> tuple[list[str], list[float], int]:
-    """(texts, seconds per generated token per prompt, tokens generated): greedy, batch size 1."""
-    from llm_assets.lib.posttrain.chat_data import end_token_id
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
+             ) -> tuple[list[str], list[float], int, list[list[int]]]:
+    """(texts, seconds per generated token per prompt, tokens generated, reply token ids): batch
+    size 1, decoding as the model's generation_config.json says (the model directory's shipped
+    settings), stopping at `<|end|>` or eos."""
+    import copy
 
     model.eval()
     device = next(model.parameters()).device
     stop = [end_token_id(tokenizer), tokenizer.eos_token_id]
-    texts, per_token, generated = [], [], 0
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+    texts, per_token, generated, replies = [], [], 0, []
     for ids in prompts:
         x = torch.tensor([ids], device=device)
         start = time.perf_counter()
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                             repetition_penalty=repetition_penalty, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
         seconds = time.perf_counter() - start
         new = out[0, len(ids):]
         n = len(new)
         generated += n
         per_token.append(seconds / max(1, n))
-        texts.append(tokenizer.decode([t for t in new.tolist() if t not in stop], skip_special_tokens=True).strip())
-    return texts, per_token, generated
+        replies.append([t for t in new.tolist() if t not in stop])
+        texts.append(tokenizer.decode(replies[-1], skip_special_tokens=True).strip())
+    return texts, per_token, generated, replies
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -192,7 +204,11 @@ class ModelFigures:
     val_perplexity: float  # next-token perplexity on the validation windows
     instruction_loss: float  # mean nats per reply token on the held-out chats
     preference_accuracy: float  # align.py's reference-free rule on the held-out pairs
-    rouge_l: float  # ROUGE-L F1 of greedy generations against the reference replies
+    rouge_l: float  # ROUGE-L F1 of greedy generations (shipped generation config) against the references
+    rouge_l_plain_greedy: float  # the same, plain greedy: no repetition penalty or n-gram rule
+    max_token_run: int  # longest run of one repeated token in a generation (shipped config)
+    repeating_replies: float  # share of generations with a word three times in a row
+    reward_mean: float  # mean reward-model score of the generations (NaN without a reward model)
     empty_generations: int  # prompts the model answered with empty text
     latency_ms_per_token_p50: float  # per prompt: generation time / tokens generated
     latency_ms_per_token_p95: float
@@ -203,13 +219,17 @@ class ModelFigures:
 
 
 def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokenizer, data: EvalData,
-                   s: EvalSettings, parameters: int | None = None) -> tuple[ModelFigures, list[str]]:
-    """(figures, generated texts) of the model `load()` returns; memory is measured from before the load."""
+                   s: EvalSettings, parameters: int | None = None, judge: tuple | None = None
+                   ) -> tuple[ModelFigures, list[str]]:
+    """(figures, generated texts) of the model `load()` returns; memory is measured from before the
+    load. `judge`: (reward model, its tokenizer) scoring the generations, or None."""
     with PeakMemory() as memory:  # what serving costs: loading plus generation
         model = load()
         start = time.perf_counter()
-        texts, per_token, n_tokens = generate(model, tokenizer, data.prompts, s.max_new_tokens, s.repetition_penalty)
+        texts, per_token, n_tokens, reply_ids = generate(model, tokenizer, data.prompts, s.max_new_tokens)
         gen_seconds = time.perf_counter() - start
+    plain = generation.generate_replies(model, tokenizer, data.prompt_chats, s.max_new_tokens)
+    rewards = reward.reward_scores(*judge, data.prompt_chats, texts) if judge else [math.nan]
     ppl = perplexity(model, data.windows)
     loss = reply_loss(model, data.chats, data.pad_id)
     pref = preference_scores(model, data.pairs, data.pad_id)
@@ -219,6 +239,10 @@ def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokeniz
         instruction_loss=loss,
         preference_accuracy=pref.accuracy,
         rouge_l=rouge_l(texts, data.references),
+        rouge_l_plain_greedy=rouge_l(plain, data.references),
+        max_token_run=max(generation.max_token_run(ids) for ids in reply_ids),
+        repeating_replies=sum(generation.repeats(t) for t in texts) / len(texts),
+        reward_mean=statistics.fmean(rewards),
         empty_generations=sum(not t for t in texts),
         latency_ms_per_token_p50=float(np.percentile(latencies_ms, 50)),
         latency_ms_per_token_p95=float(np.percentile(latencies_ms, 95)),

@@ -1,9 +1,10 @@
-"""Preference alignment with DPO (TRL's `DPOTrainer`) on top of the instruction-tuned model, and the
-preference accuracy every checkpoint is measured by.
+"""Preference alignment of the instruction-tuned model (DPO by default; IPO, SimPO, ORPO or KTO by
+`objective`, each a TRL trainer: preference_methods.py), and the preference accuracy every
+checkpoint is measured by.
 
     >>> import tempfile
     >>> from pathlib import Path
-    >>> from llm_assets.lib.posttrain.align import DpoSettings, preference_accuracy, train_dpo
+    >>> from llm_assets.lib.posttrain.align import AlignSettings, preference_accuracy, train_align
     >>> from llm_assets.lib.posttrain.preferences import PreferencePair
     >>> from llm_assets.lib.pretrain.model import build_model
     >>> from llm_assets.lib.pretrain.model_dir import load_model, save_model
@@ -16,27 +17,33 @@ preference accuracy every checkpoint is measured by.
     >>> accuracy = preference_accuracy(load_model(root / "lora"), tok, pairs[8:], max_len=64)
     >>> accuracy in (0.0, 0.25, 0.5, 0.75, 1.0)      # the share of the 4 held-out pairs won
     True
-    >>> settings = DpoSettings(r=4, alpha=8, max_len=64, max_steps=2, batch_size=4, lr=1e-2, warmup_steps=0,
-    ...                        eval_every=2, save_every=2, log_every=1)
+    >>> settings = AlignSettings(r=4, alpha=8, max_len=64, epochs=1, batch_size=4, lr=1e-2, warmup_ratio=0,
+    ...                          eval_every=1, log_every=1)   # DPO + SFT term; 8 pairs, 4 a step: 2 steps
     >>> events = []
-    >>> result = train_dpo(settings, root / "lora", pairs[:8], pairs[8:], root / "work", root / "out", log=events.append)
+    >>> result = train_align(settings, root / "lora", pairs[:8], pairs[8:], root / "work", root / "out", log=events.append)
     >>> sorted(result.scores), result.scores["lora"].accuracy == accuracy, [e["event"] for e in events]
-    (['aligned', 'lora'], True, ['start', 'train', 'train', 'eval', 'train', 'done'])
+    (['aligned', 'lora'], True, ['start', 'train', 'eval', 'train', 'eval', 'train', 'done'])
+    >>> m = result.metrics
+    >>> m.objective, m.steps_run, m.best_step in (1, 2), m.method_accuracy_source
+    ('dpo', 2, True, 'eval_rewards/accuracies')
     >>> sorted(p.name for p in (root / "out").iterdir())
     ['adapter', 'log_history.jsonl', 'merged', 'metrics.json', 'preference_scores.json', 'training_config.json']
 
-The policy is the instruction-tuned (merged) model with a fresh LoRA adapter; the frozen reference
-is the same model with the adapter switched off, which TRL does by itself when given `peft_config`
-(no second copy of the weights in memory). The adapter is merged into an fp32 copy at the end, so
-the aligned model is again a plain `AutoModelForCausalLM` directory.
+The policy is the instruction-tuned (merged) model with a fresh LoRA adapter; where the objective
+needs a frozen reference (DPO, IPO, KTO) it is the same model with the adapter switched off, which
+TRL does by itself when given `peft_config` (no second copy of the weights in memory). The schedule
+is hf_training's (epochs capped by max_steps, the checkpoint of the lowest held-out loss of the
+objective kept); the adapter is merged into an fp32 copy at the end, so the aligned model is again a
+plain `AutoModelForCausalLM` directory.
 
 Preference accuracy (the quality bar) is reference-free, so base, LoRA and aligned models are
 measured by the same rule: the share of held-out pairs where the model gives the chosen reply a
 higher mean log-probability per token than the rejected one, both scored as the reply to the same
 chat prompt (`<eos> prompt reply <|end|>`, chat_data.py). Per token, because summed log-likelihoods
 of replies of different lengths mostly compare their lengths (lm-eval-harness's `acc_norm` reasons
-the same way); the summed variant is reported beside it as `accuracy_summed`, and DPO's own reward
-accuracy, which needs the reference, as `eval_rewards_accuracy`.
+the same way); the summed variant is reported beside it as `accuracy_summed`. Each objective's own
+held-out accuracy (DPO's reward accuracy against the reference, ...) is `method_accuracy`, with the
+TRL key it came from in `method_accuracy_source`.
 """
 
 from __future__ import annotations
@@ -50,40 +57,53 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from llm_assets.lib.posttrain import adapters, hf_training
+from llm_assets.lib.posttrain import adapters, hf_training, preference_methods
 from llm_assets.lib.common.atomic import atomic_dir
 from llm_assets.lib.posttrain.chat_data import encode_prompt_reply, reply_logprobs
 from llm_assets.lib.posttrain.preferences import PreferencePair, prompt_messages
 from llm_assets.lib.posttrain.sft import save_merged
 from llm_assets.lib.pretrain.model_dir import adapter_dir, load_model, merged_dir, weights_file
 
+class AlignSettings(hf_training.ScheduleSettings, adapters.AdapterSettings):
+    """Preference alignment: the objective, the fresh adapter's fields and the schedule's (inherited,
+    flat in a run config; qlora is refused: alignment trains on the fp32 model); the launchpad of
+    `aligned_checkpoint`."""
 
-class DpoSettings(adapters.AdapterSettings):
-    """DPO: the fresh adapter's fields (inherited, flat in a run config; qlora is refused: DPO trains
-    on the fp32 model) and the schedule; the launchpad of `aligned_checkpoint`."""
-
-    beta: float = Field(0.1, description="DPO beta: how strongly the policy is held near the reference, "
-                                         "the instruction-tuned model (higher = stay closer).")
-    max_len: int = Field(256, description="Tokens per prompt + reply; pairs with a longer side are dropped and counted.")
-    max_steps: int = Field(80, description="Optimizer steps.")
-    batch_size: int = Field(8, description="Preference pairs per optimizer step (per device).")
-    lr: float = Field(5e-4, description="Peak learning rate, linear warmup then cosine decay (TRL's default 1e-6 "
-                                        "is for billion-parameter models; a small one barely moves).")
-    warmup_steps: int = Field(10, description="Steps of linear warmup.")
-    eval_every: int = Field(40, description="Steps between held-out evaluations.")
-    eval_pairs: int = Field(0, description="Held-out pairs scored (0 = all; 426 on the demo: the accuracy's "
-                                           "standard error is ~2.4 points).")
-    save_every: int = Field(40, description="Steps between resumable Trainer checkpoints.")
-    log_every: int = Field(10, description="Steps between the Trainer's training-loss log rows.")
-    seed: int = Field(0, description="Seeds the adapter's initialization and the data order.")
+    objective: str = Field("dpo", description="dpo | ipo | simpo | orpo | kto: the preference objective, each a "
+                                              "TRL trainer (see lib/posttrain/preference_methods.py).")
+    beta: float = Field(0.0, description="The objective's beta (0 = its usual value: 0.1 for dpo, ipo, kto and orpo, "
+                                         "where it is the odds-ratio weight lambda; 2.0 for simpo). For DPO: how "
+                                         "strongly the policy is held near the reference (higher = stay closer).")
+    sft_weight: float = Field(1.0, description="Weight of an SFT term (the NLL of the chosen reply) beside the "
+                                               "preference loss, which keeps the policy fluent: dpo and ipo (TRL's "
+                                               "loss_type [..., 'sft']), simpo (CPO's cpo_alpha); 0 = none. orpo "
+                                               "has its own (weight 1), kto none.")
+    eval_pairs: int = Field(0, description="Held-out pairs scored (0 = all; 200 on the demo: the accuracy's "
+                                           "standard error is ~3 points).")
+    epochs: float = hf_training.schedule_field("epochs", 3.0)
+    max_steps: int = hf_training.schedule_field("max_steps", 70)
+    eval_every: int = hf_training.schedule_field("eval_every", 35)
+    batch_size: int = hf_training.schedule_field("batch_size", 8)
+    lr: float = hf_training.schedule_field("lr", 5e-4)
 
     def validate(self) -> None:
         self.adapter.validate()
         if self.method == "qlora":
-            raise ValueError("method: qlora is for instruction tuning; DPO trains a LoRA on the fp32 model")
-        if self.beta <= 0:
-            raise ValueError(f"beta: must be positive (got {self.beta})")
+            raise ValueError("method: qlora is for instruction tuning; alignment trains a LoRA on the fp32 model")
+        if self.objective not in preference_methods.OBJECTIVES:
+            raise ValueError(f"objective: must be one of {preference_methods.OBJECTIVES} (got {self.objective!r})")
+        if self.beta < 0:
+            raise ValueError(f"beta: must be positive, or 0 for the objective's usual value (got {self.beta})")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight: must not be negative (got {self.sft_weight})")
+        if self.eval_pairs < 0:
+            raise ValueError(f"eval_pairs: must not be negative (got {self.eval_pairs})")
         hf_training.validate_schedule(self)
+
+    @property
+    def objective_beta(self) -> float:
+        """beta, or the objective's usual value when beta is 0."""
+        return self.beta or preference_methods.USUAL_BETA[self.objective]
 
 
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_len: int) -> tuple[list[tuple[dict, dict]], list[int]]:
@@ -137,33 +157,44 @@ def trl_records(pairs: list[PreferencePair]) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class DpoMetrics:
+class AlignMetrics:
     """The figures of one run: metrics.json, the "done" log event and the asset's metadata, flat and
     in this order (`as_dict`). Preference figures are held-out, per model: those compared ("base"),
     the reference ("lora") and the result ("aligned")."""
 
-    beta: float  # DPO's beta
+    objective: str  # dpo | ipo | simpo | orpo | kto
+    beta: float  # the objective's beta as used (objective_beta)
+    sft_weight: float  # weight of the SFT term where the objective has one
     train_pairs: int  # training pairs whose both replies fit in max_len
     eval_pairs: int  # held-out pairs scored
     dropped_too_long: int  # pairs of both splits left out (a side over max_len, or held out past eval_pairs)
     preference_accuracy: dict[str, float]  # per model: PreferenceScores.accuracy
     preference_accuracy_summed: dict[str, float]  # per model: PreferenceScores.accuracy_summed
     accuracy_gain_over_lora: float  # aligned minus lora accuracy
+    method_accuracy: float  # the objective's own held-out accuracy, at the best evaluation
+    method_accuracy_source: str  # the TRL log key it was read from (or how it was computed)
     aligned_logp_chosen: float  # mean summed log-probability of the chosen replies, aligned model
     aligned_logp_rejected: float
     lora_logp_chosen: float  # the same for the reference
     lora_logp_rejected: float
-    # DPO's own held-out figures (NaN when TRL gave none): implicit rewards beta * (log pi - log pi_ref)
+    # the objective's own held-out figures at the best evaluation (NaN where TRL logs none): implicit
+    # rewards, beta * (log pi - log ref) for dpo, ipo and kto, beta * mean log pi for simpo and orpo
     eval_reward_margin: float  # mean reward of chosen minus rejected
     eval_reward_chosen: float
     eval_reward_rejected: float
-    eval_rewards_accuracy: float  # share of pairs where the chosen reply has the higher reward
-    eval_dpo_loss: float
     train_loss: float  # the Trainer's mean training loss over the steps this session ran
-    steps: int  # optimizer steps of the run (max_steps)
-    train_seconds: float  # time in DPOTrainer.train()
+    planned_steps: int  # min(max_steps, ceil(epochs x train_pairs / batch_size))
+    steps_run: int  # optimizer steps done (fewer than planned when stopped early)
+    epochs: float  # passes over the training pairs actually run (the Trainer's epoch counter)
+    stopped_early: bool  # patience ran out before the planned steps
+    best_step: int  # the evaluation of the lowest held-out loss of the objective: the model kept
+    best_eval_loss: float  # that loss (the preference loss plus the SFT term where there is one)
+    last_eval_loss: float  # at the last evaluation
+    overfitting_from_step: int  # after this step held-out loss rose while training loss fell; -1 = never
+    train_seconds: float  # time in the trainer's train()
+    precision: str  # what the run computed in: bf16 (autocast) or fp32
     resumed_from: str  # the Trainer checkpoint this session resumed from; "" = a fresh start
-    wall_seconds: float  # all of train_dpo, scoring and saving included
+    wall_seconds: float  # all of train_align, scoring and saving included
 
     def as_dict(self) -> dict:
         """The flat figures: a per-model field spreads into `<model>_<field>`
@@ -178,16 +209,16 @@ class DpoMetrics:
 
 
 @dataclass(frozen=True)
-class DpoResult:
-    """What train_dpo returns."""
+class AlignResult:
+    """What train_align returns."""
 
-    metrics: DpoMetrics
+    metrics: AlignMetrics
     scores: dict[str, PreferenceScores]  # held-out figures per model: compared ones, "lora", "aligned"
     history: list[dict]  # the Trainer's log rows with a training "loss" or an "eval_loss" (the loss curve)
 
 
 def encode_splits(tokenizer, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair],
-                  s: DpoSettings) -> tuple[list[tuple[dict, dict]], list[dict], list[dict], int]:
+                  s: AlignSettings) -> tuple[list[tuple[dict, dict]], list[dict], list[dict], int]:
     """(encoded held-out pairs, TRL records of the training and held-out pairs, number of pairs
     left out): pairs with a side over max_len are dropped, the held-out ones cut to eval_pairs."""
     train_enc, train_kept = encode_pairs(tokenizer, train_pairs, s.max_len)
@@ -201,33 +232,50 @@ def encode_splits(tokenizer, train_pairs: list[PreferencePair], eval_pairs: list
             trl_records([eval_pairs[i] for i in eval_kept]), left_out)
 
 
-def make_trainer(model, tokenizer, s: DpoSettings, work_dir: Path, train_records: list[dict],
-                 eval_records: list[dict]):
-    """TRL's DPOTrainer on a fresh LoRA adapter (`peft_config`): the model with the adapter switched
-    off is the frozen reference."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    config = DPOConfig(
-        **hf_training.common_arguments(work_dir, s.seed, s.save_every, s.log_every),
-        beta=s.beta, max_length=s.max_len, max_steps=s.max_steps, learning_rate=s.lr,
-        per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
-        lr_scheduler_type="cosine", warmup_steps=s.warmup_steps, eval_strategy="steps", eval_steps=s.eval_every)
-    return DPOTrainer(model=model, args=config, processing_class=tokenizer,
-                      train_dataset=Dataset.from_list(train_records), eval_dataset=Dataset.from_list(eval_records),
-                      peft_config=adapters.peft_config(s.adapter))
+def kto_implicit_reward_accuracy(policy, reference, encoded: list[tuple[dict, dict]], pad_id: int) -> float:
+    """Share of pairs where log pi - log ref (summed over the reply; KTO's reward up to beta) is
+    higher for the chosen reply than for the rejected one."""
+    rewards = []
+    for side in (0, 1):
+        examples = [pair[side] for pair in encoded]
+        rewards.append([p - r for (p, _), (r, _) in zip(reply_logprobs(policy, examples, pad_id),
+                                                        reply_logprobs(reference, examples, pad_id))])
+    return sum(c > r for c, r in zip(*rewards)) / len(encoded)
 
 
-def final_dpo_eval(trainer, history: list[dict], max_steps: int) -> dict:
-    """DPO's own held-out figures (reward margin, accuracy, log-probs against the reference): the
-    evaluation at the last step when there was one, else one now."""
-    last = next((r for r in reversed(history) if "eval_loss" in r), None)
-    return last if last and last["step"] == max_steps else trainer.evaluate()
+def best_evaluation(history: list[dict], best_step: int) -> dict:
+    """The evaluation row at best_step: the objective's figures of the model that was kept."""
+    return next(r for r in history if "eval_loss" in r and r["step"] == best_step)
 
 
-def train_dpo(settings: DpoSettings, sft_dir: Path, train_pairs: list[PreferencePair],
-              eval_pairs: list[PreferencePair], work_dir: Path, out_dir: Path, log: hf_training.Log = print,
-              compare: dict[str, Path] | None = None) -> DpoResult:
+def align_metrics(s: AlignSettings, scores: dict, counts: tuple[int, int, int], accuracy: tuple[float, str],
+                  best: dict, summary: dict, run: dict) -> AlignMetrics:
+    """AlignMetrics from the scores, (train, held-out, left-out) pair counts, the method accuracy
+    and its source, the best evaluation row, selection_summary and the run's figures (train_loss,
+    planned_steps, epochs, train_seconds, resumed_from, t0)."""
+    return AlignMetrics(
+        objective=s.objective, beta=s.objective_beta, sft_weight=s.sft_weight,
+        train_pairs=counts[0], eval_pairs=counts[1], dropped_too_long=counts[2],
+        preference_accuracy={name: v.accuracy for name, v in scores.items()},
+        preference_accuracy_summed={name: v.accuracy_summed for name, v in scores.items()},
+        accuracy_gain_over_lora=scores["aligned"].accuracy - scores["lora"].accuracy,
+        method_accuracy=accuracy[0], method_accuracy_source=accuracy[1],
+        aligned_logp_chosen=scores["aligned"].logp_chosen, aligned_logp_rejected=scores["aligned"].logp_rejected,
+        lora_logp_chosen=scores["lora"].logp_chosen, lora_logp_rejected=scores["lora"].logp_rejected,
+        eval_reward_margin=best.get("eval_rewards/margins", math.nan),
+        eval_reward_chosen=best.get("eval_rewards/chosen", math.nan),
+        eval_reward_rejected=best.get("eval_rewards/rejected", math.nan),
+        train_loss=run["train_loss"], planned_steps=run["planned_steps"], steps_run=summary["steps_run"],
+        epochs=run["epochs"], stopped_early=summary["stopped_early"], best_step=summary["best_step"],
+        best_eval_loss=summary["best_eval_loss"], last_eval_loss=summary["last_eval_loss"],
+        overfitting_from_step=summary["overfitting_from_step"], train_seconds=run["train_seconds"],
+        precision="bf16" if hf_training.uses_bf16(s.precision) else "fp32",
+        resumed_from=run["resumed_from"], wall_seconds=time.perf_counter() - run["t0"])
+
+
+def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[PreferencePair],
+                eval_pairs: list[PreferencePair], work_dir: Path, out_dir: Path, log: hf_training.Log = print,
+                compare: dict[str, Path] | None = None) -> AlignResult:
     """Align the model in `sft_dir` (a merged, plain model), write out_dir atomically, and return
     the run's figures, the held-out preference scores of the aligned model and of every model in
     `compare` ({"base": dir, ...}), the reference (`sft_dir`) as "lora", and the loss history."""
@@ -235,7 +283,6 @@ def train_dpo(settings: DpoSettings, sft_dir: Path, train_pairs: list[Preference
     from transformers import AutoTokenizer
 
     disable_progress_bars()  # TRL's tokenization bars would flood the run log
-
     t0 = time.perf_counter()
     s = settings
     s.validate()
@@ -248,47 +295,33 @@ def train_dpo(settings: DpoSettings, sft_dir: Path, train_pairs: list[Preference
     torch.manual_seed(s.seed)
     model = load_model(sft_dir)
     scores["lora"] = preference_scores(model, eval_enc, pad_id)
-    log({"event": "start", "train_pairs": len(train_records), "eval_pairs": len(eval_records),
+    log({"event": "start", "objective": s.objective, "train_pairs": len(train_records), "eval_pairs": len(eval_records),
          **{f"{k}_accuracy": v.accuracy for k, v in scores.items()}})
 
-    run = hf_training.run_identity({"settings": s.model_dump(), "train": train_records, "eval": eval_records},
-                                   [weights_file(sft_dir)])
-    resume_from = hf_training.prepare_work_dir(work_dir, run, log)
-    trainer = make_trainer(model, tokenizer, s, work_dir, train_records, eval_records)
+    run_id = hf_training.run_identity({"settings": s.model_dump(), "train": train_records, "eval": eval_records},
+                                      [weights_file(sft_dir)])
+    resume_from = hf_training.prepare_work_dir(work_dir, run_id, log)
+    trainer = preference_methods.build_trainer(s, model, tokenizer, work_dir, train_records, eval_records)
     trained, train_seconds, history = hf_training.fit(trainer, resume_from, log)
-    dpo_eval = final_dpo_eval(trainer, history, s.max_steps)
+    planned = hf_training.planned_steps(s, len(train_records))
+    summary = hf_training.selection_summary(history, planned)
+    best = best_evaluation(history, summary["best_step"])
 
     with atomic_dir(out_dir) as tmp:
-        trainer.model.save_pretrained(adapter_dir(tmp))
+        trainer.model.save_pretrained(adapter_dir(tmp))  # the best checkpoint's adapter (load_best_model_at_end)
         merged = adapters.merge_into_fp32(sft_dir, adapter_dir(tmp))
         scores["aligned"] = preference_scores(merged, eval_enc, pad_id)
         save_merged(merged, tokenizer, merged_dir(tmp))
-        metrics = DpoMetrics(
-            beta=s.beta,
-            train_pairs=len(train_records),
-            eval_pairs=len(eval_records),
-            dropped_too_long=left_out,
-            preference_accuracy={name: v.accuracy for name, v in scores.items()},
-            preference_accuracy_summed={name: v.accuracy_summed for name, v in scores.items()},
-            accuracy_gain_over_lora=scores["aligned"].accuracy - scores["lora"].accuracy,
-            aligned_logp_chosen=scores["aligned"].logp_chosen,
-            aligned_logp_rejected=scores["aligned"].logp_rejected,
-            lora_logp_chosen=scores["lora"].logp_chosen,
-            lora_logp_rejected=scores["lora"].logp_rejected,
-            eval_reward_margin=dpo_eval.get("eval_rewards/margins", math.nan),
-            eval_reward_chosen=dpo_eval.get("eval_rewards/chosen", math.nan),
-            eval_reward_rejected=dpo_eval.get("eval_rewards/rejected", math.nan),
-            eval_rewards_accuracy=dpo_eval.get("eval_rewards/accuracies", math.nan),
-            eval_dpo_loss=dpo_eval.get("eval_loss", math.nan),
-            train_loss=trained.training_loss,
-            steps=s.max_steps,
-            train_seconds=train_seconds,
-            resumed_from=resume_from or "",
-            wall_seconds=time.perf_counter() - t0,
-        )
+        accuracy = ((kto_implicit_reward_accuracy(merged, load_model(sft_dir), eval_enc, pad_id),
+                     preference_methods.KTO_ACCURACY) if s.objective == "kto"
+                    else preference_methods.method_accuracy(s.objective, best))
+        metrics = align_metrics(s, scores, (len(train_records), len(eval_records), left_out), accuracy, best, summary,
+                                {"train_loss": trained.training_loss, "planned_steps": planned,
+                                 "epochs": trainer.state.epoch, "train_seconds": train_seconds,
+                                 "resumed_from": resume_from or "", "t0": t0})
         (tmp / "preference_scores.json").write_text(json.dumps({n: asdict(v) for n, v in scores.items()}, indent=2))
         hf_training.write_run_files(tmp, metrics.as_dict(), {
-            "settings": s.model_dump(), "reference": str(sft_dir), "run_id": run,
+            "settings": s.model_dump(), "reference": str(sft_dir), "run_id": run_id,
             "peft_config": adapters.peft_config(s.adapter).to_dict()}, history)
     log({"event": "done", **metrics.as_dict()})
-    return DpoResult(metrics, scores, history)
+    return AlignResult(metrics, scores, history)

@@ -1,14 +1,19 @@
-r"""Preference pairs (prompt, chosen, rejected) for preference tuning (DPO and friends): derived from
-instruction pairs, or read from user files.
+r"""Preference pairs (prompt, chosen, rejected) for preference tuning (DPO and friends): built from
+instruction pairs and a model's own replies (on-policy), derived from instruction pairs alone (hard
+negatives), or read from user files.
 
     >>> import json, tempfile
     >>> from pathlib import Path
     >>> from llm_assets.lib.posttrain.instructions import InstructionPair
-    >>> from llm_assets.lib.posttrain.preferences import (derive_preferences, drop_identical, prompt_messages,
-    ...                                                   read_hh_rlhf_jsonl, read_trl_jsonl)
+    >>> from llm_assets.lib.posttrain.preferences import (derive_preferences, drop_identical, on_policy_preferences,
+    ...                                                   prompt_messages, read_hh_rlhf_jsonl, read_trl_jsonl)
     >>> pairs = [InstructionPair(f"Explain `json.{name}`.", "", answer, "stdlib/json.py", name, "json")
     ...          for name, answer in [("loads", "Parse a JSON string."), ("dumps", "Serialize to JSON."),
     ...                               ("lonely", "Parse a JSON string.")]]
+    >>> replies = ["Parse the the the", " Serialize to JSON. ", ""]   # the model's greedy replies (generation.py)
+    >>> prefs, dropped = on_policy_preferences(pairs, replies)        # rejected: the model's own reply
+    >>> [(p.chosen, p.rejected, p.negative) for p in prefs], dropped  # dumps: the model already answers it
+    ([('Parse a JSON string.', 'Parse the the the', 'on_policy'), ('Parse a JSON string.', '', 'on_policy')], 1)
     >>> prefs, skipped = derive_preferences(pairs, seed=0)   # rejected: another definition's answer
     >>> [(p.chosen, p.rejected, p.negative) for p in prefs], skipped
     ([('Parse a JSON string.', 'Serialize to JSON.', 'module'), ('Serialize to JSON.', 'Parse a JSON string.', 'module'), ('Parse a JSON string.', 'Serialize to JSON.', 'module')], 0)
@@ -24,11 +29,18 @@ instruction pairs, or read from user files.
     >>> drop_identical(hh)                                  # "4" vs "4 ": no preference to learn
     ([], 1)
 
-Derived pairs: the prompt is an instruction, chosen is its own docstring answer and rejected is the
+On-policy pairs (the default of preference_dataset): the prompt is an instruction, chosen its
+docstring answer, rejected the instruction-tuned model's own greedy reply to the same prompt, as in
+self-play fine-tuning (SPIN). DPO then pushes the model away from what it actually does (loops,
+wrong stops) towards the reference; another function's docstring is a reply the model would rarely
+produce, and on the demo DPO learned nothing from such pairs. A reply equal to the reference (after strip) is no preference and is dropped and
+counted; an empty reply is kept (stopping at once is a habit worth unlearning).
+
+Hard-negative pairs: the prompt is an instruction, chosen is its own docstring answer and rejected is the
 docstring of a different definition. Negatives are hard where possible: from the same module
 (`JSONDecoder.decode` vs `JSONDecoder.raw_decode` read alike), else the same top-level package, else
 anywhere. A pair whose only candidates have the same text as its answer is skipped and counted.
-Derive train and validation preferences from the train and validation instruction pairs separately,
+Build train and validation preferences from the train and validation instruction pairs separately,
 so negatives never cross the split.
 
 Malformed user files raise `CorpusFormatError` naming the file and line.
@@ -43,7 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_assets.lib.data.corpus import CorpusFormatError
-from llm_assets.lib.posttrain.instructions import InstructionPair, iter_jsonl, require_text, validate_messages
+from llm_assets.lib.posttrain.instructions import (InstructionPair, iter_jsonl, require_text, to_messages,
+                                                   validate_messages)
 
 HH_ASSISTANT = "\n\nAssistant:"  # HH-RLHF turn marker; the last one opens the compared reply
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -56,7 +69,9 @@ class PreferencePair:
     chosen: str
     rejected: str
     source: str  # "doc_id::qualname" (derived) or "file#Lline" (user file)
-    negative: str = ""  # derived only: where rejected came from: "module", "package" or "any"
+    # where rejected came from: "on_policy" (the model's reply), "module", "package" or "any" (another
+    # definition's docstring, hard negatives); "" for user files
+    negative: str = ""
 
 
 def _pick(rng: random.Random, candidates: list[int], me: int, answers: list[str]) -> int | None:
@@ -96,6 +111,18 @@ def derive_preferences(pairs: list[InstructionPair], seed: int = 0) -> tuple[lis
             continue
         out.append(PreferencePair(p.instruction, p.output, pairs[j].output, f"{p.source_doc_id}::{p.qualname}", tier))
     return out, skipped
+
+
+def on_policy_preferences(pairs: list[InstructionPair], replies: list[str]) -> tuple[list[PreferencePair], int]:
+    """(pairs with rejected = the model's reply to the same instruction, in the order of `pairs`;
+    the number dropped because the reply equals the reference after strip). `replies[i]` answers
+    `pairs[i]`; empty replies are kept."""
+    if len(replies) != len(pairs):
+        raise ValueError(f"replies: {len(replies)} replies for {len(pairs)} instruction pairs")
+    out = [PreferencePair(to_messages(p)[0]["content"], p.output, reply.strip(), f"{p.source_doc_id}::{p.qualname}",
+                          "on_policy")
+           for p, reply in zip(pairs, replies) if reply.strip() != p.output.strip()]
+    return out, len(pairs) - len(out)
 
 
 def drop_identical(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], int]:

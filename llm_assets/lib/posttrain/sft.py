@@ -12,11 +12,14 @@
     >>> root = Path(tempfile.mkdtemp())
     >>> save_model(build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok,
     ...            root / "base")                                # a (here untrained) base_checkpoint
-    >>> settings = SftSettings(method="lora", r=4, alpha=8, max_len=64, max_steps=4, batch_size=4, lr=1e-2,
-    ...                        warmup_steps=0, eval_every=2, eval_examples=4, save_every=4, log_every=2)
+    >>> settings = SftSettings(method="lora", r=4, alpha=8, max_len=64, epochs=2, batch_size=4, lr=1e-2,
+    ...                        warmup_ratio=0, eval_every=2, eval_examples=4, log_every=2, precision="fp32")
     >>> events = []
     >>> result = train_sft(settings, root / "base", chats[:8], chats[8:], root / "work", root / "out", log=events.append)
-    >>> result.metrics.eval_reply_loss_after < result.metrics.eval_reply_loss_before
+    >>> m = result.metrics                             # 2 epochs of 8 chats, 4 a step: 4 steps
+    >>> m.planned_steps, m.steps_run, m.eval_reply_loss_after < m.eval_reply_loss_before
+    (4, 4, True)
+    >>> abs(m.eval_reply_loss_after - m.best_eval_loss) < 1e-3  # merged/ is the best checkpoint
     True
     >>> [e["event"] for e in events]
     ['start', 'train', 'eval', 'train', 'eval', 'train', 'done']
@@ -25,8 +28,11 @@
 
 Chats are lists of {role, content} messages ending in the assistant reply to learn. They are
 encoded with the base's chat template (see chat_data.py: loss on the reply only) and trained with a
-plain `transformers.Trainer` on the adapter's parameters; the base stays frozen. A killed run
-resumes from its last Trainer checkpoint (hf_training.py).
+plain `transformers.Trainer` on the adapter's parameters; the base stays frozen. The schedule is
+hf_training's: epochs capped by max_steps, a held-out evaluation and checkpoint every eval_every
+steps, and the checkpoint of the lowest held-out reply loss is what `adapter/` and `merged/` hold
+(the metrics say at which step, and from which step on held-out loss rose while training loss still
+fell: overfitting). A killed run resumes from its last Trainer checkpoint.
 
 `out_dir` gets:
 - `adapter/`: the PEFT adapter (adapter_config.json, adapter_model.safetensors);
@@ -51,22 +57,13 @@ from llm_assets.lib.common.atomic import atomic_dir
 from llm_assets.lib.posttrain.chat_data import PadCollator, encode_chat, end_token_id, reply_loss
 
 
-class SftSettings(adapters.AdapterSettings):
-    """Instruction tuning: the adapter's fields (inherited, so a run config stays flat: `r: 8`, not
-    `adapter: {r: 8}`) and the schedule; the launchpad of `lora_checkpoint`."""
+class SftSettings(hf_training.ScheduleSettings, adapters.AdapterSettings):
+    """Instruction tuning: the adapter's fields and the schedule's (inherited, so a run config stays
+    flat: `r: 8`, not `adapter: {r: 8}`) and eval_examples; the launchpad of `lora_checkpoint`."""
 
-    max_len: int = Field(256, description="Tokens per example, prompt and reply; longer examples are dropped and counted.")
-    max_steps: int = Field(160, description="Optimizer steps.")
-    batch_size: int = Field(16, description="Examples per optimizer step (per device).")
-    lr: float = Field(1e-3, description="Peak AdamW learning rate, linear warmup then cosine decay to 0 "
-                                        "(adapters take far higher rates than full fine-tuning).")
-    warmup_steps: int = Field(10, description="Steps of linear warmup.")
-    weight_decay: float = Field(0.0, description="The Trainer's AdamW decoupled weight decay (0 = none).")
-    eval_every: int = Field(40, description="Steps between held-out evaluations (the loss curve's points).")
     eval_examples: int = Field(256, description="Held-out examples scored before, during and after training (0 = all).")
-    save_every: int = Field(40, description="Steps between resumable Trainer checkpoints.")
-    log_every: int = Field(10, description="Steps between the Trainer's training-loss log rows.")
-    seed: int = Field(0, description="Seeds the adapter's initialization and the data order.")
+    max_steps: int = hf_training.schedule_field("max_steps", 320)
+    eval_every: int = hf_training.schedule_field("eval_every", 80)
 
     def validate(self) -> None:
         self.adapter.validate()
@@ -102,15 +99,22 @@ class SftMetrics:
     eval_examples: int  # held-out chats scored (at most eval_examples)
     dropped_too_long: int  # chats of both splits longer than max_len
     eval_reply_loss_before: float  # the base model (fp32, also for QLoRA)
-    eval_reply_loss_after: float  # the merged fine-tuned model
+    eval_reply_loss_after: float  # the merged fine-tuned model: the best checkpoint
     eval_reply_perplexity_before: float  # exp(eval_reply_loss_before)
     eval_reply_perplexity_after: float  # exp(eval_reply_loss_after)
     train_loss: float  # the Trainer's mean training loss over the steps this session ran
-    steps: int  # optimizer steps of the run (max_steps)
-    epochs: float  # passes over the training examples: steps * batch_size / train_examples
+    planned_steps: int  # min(max_steps, ceil(epochs x train_examples / batch_size))
+    steps_run: int  # optimizer steps done (fewer than planned when stopped early)
+    epochs: float  # passes over the training examples actually run (the Trainer's epoch counter)
+    stopped_early: bool  # patience ran out before the planned steps
+    best_step: int  # the evaluation of the lowest held-out loss: the checkpoint adapter/ and merged/ hold
+    best_eval_loss: float  # the Trainer's held-out loss there (bf16 autocast when the run used it)
+    last_eval_loss: float  # at the last evaluation
+    overfitting_from_step: int  # after this step held-out loss rose while training loss fell; -1 = never
     train_seconds: float  # time in Trainer.train()
     examples_per_second: float  # the Trainer's train_samples_per_second (0 when it gave none)
     mean_example_tokens: float  # prompt + reply tokens per training example
+    precision: str  # what the run computed in: bf16 (autocast) or fp32
     resumed_from: str  # the Trainer checkpoint this session resumed from; "" = a fresh start
     wall_seconds: float  # all of train_sft, loading and saving included
 
@@ -139,16 +143,15 @@ def encode_splits(tokenizer, train_chats: list[list[dict]], eval_chats: list[lis
 
 
 def make_trainer(model, s: SftSettings, work_dir: Path, train_ex: list[dict], eval_ex: list[dict], pad_id: int):
-    """A plain `transformers.Trainer` on the adapter: cosine schedule, held-out loss every eval_every."""
+    """A plain `transformers.Trainer` on the adapter with the shared schedule (hf_training), batches
+    drawn from groups of similar length: random batches of the demo's chats are half padding (2.0x
+    the real tokens, 1.04x grouped), so grouping makes a step about twice as cheap."""
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(
-        **hf_training.common_arguments(work_dir, s.seed, s.save_every, s.log_every),
-        max_steps=s.max_steps, per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
-        learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
-        eval_strategy="steps", eval_steps=s.eval_every)
+    args = TrainingArguments(**hf_training.trainer_arguments(s, work_dir, len(train_ex)),
+                             train_sampling_strategy="group_by_length")
     return Trainer(model=model, args=args, train_dataset=train_ex, eval_dataset=eval_ex,
-                   data_collator=PadCollator(pad_id))
+                   data_collator=PadCollator(pad_id), callbacks=hf_training.schedule_callbacks(s))
 
 
 def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict]], eval_chats: list[list[dict]],
@@ -180,11 +183,14 @@ def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict
     trained, train_seconds, history = hf_training.fit(trainer, resume_from, log)
 
     with atomic_dir(out_dir) as tmp:
+        # the Trainer loaded the best checkpoint's adapter into `model` (load_best_model_at_end)
         model.save_pretrained(adapter_dir(tmp))  # adapter_config.json + adapter_model.safetensors
         merged = adapters.merge_into_fp32(base_dir, adapter_dir(tmp))
         loss_after = reply_loss(merged, eval_ex, pad_id)
         save_merged(merged, tokenizer, merged_dir(tmp))
         tokens = sum(len(e["input_ids"]) for e in train_ex)
+        planned = hf_training.planned_steps(s, len(train_ex))
+        summary = hf_training.selection_summary(history, planned)
         metrics = SftMetrics(
             method=s.adapter.method,
             trainable_parameters=trainable,
@@ -198,11 +204,18 @@ def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict
             eval_reply_perplexity_before=math.exp(loss_before),
             eval_reply_perplexity_after=math.exp(loss_after),
             train_loss=trained.training_loss,
-            steps=s.max_steps,
-            epochs=s.max_steps * s.batch_size / len(train_ex),
+            planned_steps=planned,
+            steps_run=summary["steps_run"],
+            epochs=trainer.state.epoch,
+            stopped_early=summary["stopped_early"],
+            best_step=summary["best_step"],
+            best_eval_loss=summary["best_eval_loss"],
+            last_eval_loss=summary["last_eval_loss"],
+            overfitting_from_step=summary["overfitting_from_step"],
             train_seconds=train_seconds,
             examples_per_second=trained.metrics.get("train_samples_per_second", 0.0),
             mean_example_tokens=tokens / len(train_ex),
+            precision="bf16" if hf_training.uses_bf16(s.precision) else "fp32",
             resumed_from=resume_from or "",
             wall_seconds=time.perf_counter() - t0,
         )

@@ -104,19 +104,34 @@ def training_flops(parameters: int, tokens: int) -> float:
     return 6.0 * parameters * tokens
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """FLOP/s of a dense square matmul in `dtype`, measured here and now: the MFU denominator.
-    The best single matmul over `seconds` counts, so a moment of contention does not lower it."""
-    n = 1024 if device.type == "cpu" else 8192  # ~10 ms per matmul on 2 CPU cores, ~1 ms on H100
-    gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
+def matmul_shapes(size: ModelSize, vocab_size: int, tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the model's own training matmuls for `tokens` rows per micro-batch: attention
+    projections, SwiGLU in and out, the tied output head; plus 1024³ and 2048³ squares."""
+    d = size.d_model
+    return [(tokens, d, d), (tokens, d, size.d_ff), (tokens, size.d_ff, d), (tokens, d, vocab_size),
+            (1024, 1024, 1024), (2048, 2048, 2048)]
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5,
+                      shapes: list[tuple[int, int, int]] | None = None) -> float:
+    """FLOP/s of the fastest dense matmul in `dtype` measured here and now: the MFU denominator.
+    For each (m, k, n) shape (default 1024³) the best single matmul within `seconds` counts, and
+    the best shape wins, so neither a moment of contention nor an unlucky shape lowers it. A
+    training loop runs these very matmuls plus other work, so it cannot beat this peak on a quiet
+    machine; callers take the max over measurements before and after training (contention)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up: thread pools, kernel selection
-    sync()
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        a @ b
+    gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
+    peak = 0.0
+    for m, k, n in shapes or [(1024, 1024, 1024)]:
+        a = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(k, n, device=device, dtype=dtype, generator=gen)
+        a @ b  # warm-up: thread pools, kernel selection
         sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        best, t_end = float("inf"), time.perf_counter() + seconds / len(shapes or [0])
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        peak = max(peak, 2 * m * k * n / best)
+    return peak

@@ -66,11 +66,13 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError
 
 from llm_assets.lib.common.atomic import atomic_dir
+from llm_assets.lib.common.precision import PRECISIONS, autocast_dtype, use_compile
 from llm_assets.lib.pretrain.checkpoints import resume, run_hash, save_checkpoint
 from llm_assets.lib.pretrain.model_dir import save_model
 from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model, count_parameters
 from llm_assets.lib.common.report import loss_curve_png
-from llm_assets.lib.pretrain.run_metrics import PretrainMetrics, ProgressWindow, baseline_and_estimates, run_metrics
+from llm_assets.lib.pretrain.run_metrics import (PretrainMetrics, ProgressWindow, baseline_and_estimates, peak_flops,
+                                                  run_metrics)
 from llm_assets.lib.common.settings import Settings
 from llm_assets.lib.tokenizer import packing
 from llm_assets.lib.tokenizer.tokenizer import load_tokenizer
@@ -87,8 +89,8 @@ class PretrainSettings(Settings):
     seq_len: int = Field(256, description="Tokens per training window; at most the model size's context.")
     micro_batch: int = Field(8, description="Windows per forward/backward pass, per rank (DDP process).")
     grad_accum: int = Field(1, description="Micro-batches summed into one optimizer step.")
-    max_steps: int = Field(250, description="Optimizer steps. Tokens per step = world size x micro_batch x "
-                                            "grad_accum x seq_len.")
+    max_steps: int = Field(500, description="Optimizer steps. Tokens per step = world size x micro_batch x "
+                                            "grad_accum x seq_len (the demo: 500 x 2,048 = 1.02 M tokens).")
     lr: float = Field(2e-3, description="Peak AdamW learning rate, reached at the end of warmup, then cosine decay.")
     min_lr_ratio: float = Field(0.1, description="The cosine ends at lr x min_lr_ratio on the last step.")
     warmup_steps: int = Field(20, description="Steps of linear warmup from lr / warmup_steps up to lr.")
@@ -100,7 +102,10 @@ class PretrainSettings(Settings):
                                                   "(0 = only after the last step).")
     log_every: int = Field(10, description="Steps between progress rows (train loss, lr, tokens/s).")
     seed: int = Field(1337, description="Seeds the initialization and every batch, so a resumed run sees the same data.")
-    precision: str = Field("auto", description="auto (bf16 autocast on CUDA when supported, else fp32) | fp32 | bf16.")
+    precision: str = Field("auto", description="auto (bf16 autocast where the device computes bf16 natively: CPUs "
+                                               "with AMX or AVX512-BF16, bf16 GPUs; else fp32) | fp32 | bf16.")
+    compile: str = Field("auto", description="torch.compile the training step: auto (on CUDA; on a CPU for one process "
+                                             "training >= 500k tokens, where its ~1 min compilation pays off) | on | off.")
     num_threads: int = Field(0, description="torch CPU threads per process (0 = torch's default).")
 
     @classmethod
@@ -139,7 +144,8 @@ class PretrainSettings(Settings):
         need(self.lr > 0, "lr", "must be positive")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(0 <= self.warmup_steps < self.max_steps, "warmup_steps", "must be in [0, max_steps)")
-        need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        need(self.compile in ("auto", "on", "off"), "compile", "must be auto, on or off")
 
 
 def load_training_tokens(tokens_dir: Path, seq_len: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -196,17 +202,6 @@ def make_optimizer(model: torch.nn.Module, s: PretrainSettings):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, s))
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = plain fp32). bf16 on CPU only when asked: it is fast only where
-    the CPU has bf16 instructions (AVX512-BF16, AMX) and emulated, slower, elsewhere."""
-    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not bf16_ok:
-        raise ValueError("precision: bf16 requested but this GPU does not support it")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and bf16_ok):
-        return torch.bfloat16
-    return None
-
-
 @torch.no_grad()
 def evaluate(model, tokens, starts, s: PretrainSettings, device, amp, rank: int, world: int):
     """Mean next-token loss (nats) over the windows at `starts`, split across ranks."""
@@ -229,12 +224,13 @@ def evaluate(model, tokens, starts, s: PretrainSettings, device, amp, rank: int,
 @dataclass(frozen=True)
 class Runtime:
     """Where this process trains: its rank among `world` DDP processes (1 without torchrun), its
-    device and the autocast dtype (None = plain fp32)."""
+    device, the autocast dtype (None = plain fp32) and whether the training step is compiled."""
 
     world: int
     rank: int
     device: torch.device
     amp_dtype: torch.dtype | None
+    compiled: bool
 
     @classmethod
     def from_environment(cls, s: PretrainSettings) -> Runtime:
@@ -247,7 +243,8 @@ class Runtime:
             torch.cuda.set_device(device)
         if s.num_threads:
             torch.set_num_threads(s.num_threads)
-        return cls(world, rank, device, autocast_dtype(s.precision, device))
+        return cls(world, rank, device, autocast_dtype(s.precision, device), use_compile(
+            s.compile, device, world, tokens=s.max_steps * world * s.micro_batch * s.grad_accum * s.seq_len))
 
     def amp(self):
         """A fresh autocast context per use; a no-op for fp32."""
@@ -257,8 +254,9 @@ class Runtime:
         """`model` wrapped in DDP when there are several processes, else `model` itself."""
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None  # CPU modules take no device ids
-            return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return model
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # fixed (micro_batch, seq_len) shapes: one compilation serves the whole run
+        return torch.compile(model) if self.compiled else model
 
 
 def load_inputs(tokens_dir: Path, tokenizer_dir, seq_len: int):
@@ -336,8 +334,9 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
         tokens_per_step = rt.world * s.micro_batch * s.grad_accum * s.seq_len
         val_starts = eval_starts(len(data["validation"]), s)
         emit({"event": "start", "parameters": n_params, "device": str(rt.device), "world_size": rt.world,
-              "autocast": str(rt.amp_dtype), "tokens_per_step": tokens_per_step,
+              "autocast": str(rt.amp_dtype), "compiled": rt.compiled, "tokens_per_step": tokens_per_step,
               "from_step": start_step, "max_steps": s.max_steps})
+        peak_before = peak_flops(s, rt, meta["vocab_size"]) if rt.rank == 0 else 0.0
         window = ProgressWindow(rt.device)
         loop_t0 = window.t0
         for step in range(start_step, s.max_steps):
@@ -363,11 +362,12 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
 
         final = run_metrics(history, s, tokens_seen, trained, loop_seconds, n_params, start_step)
         if rt.rank == 0:
-            final = replace(final, **baseline_and_estimates(final, data, val_starts, meta, s, rt))
+            final = replace(final, **baseline_and_estimates(final, data, val_starts, meta, s, rt,
+                                                                  peak_before))
             final = replace(final, wall_seconds=time.perf_counter() - t_start)
             config = {"settings": s.model_dump(), "model_config": raw.config.to_dict(),
                       "data_meta": meta, "world_size": rt.world, "device": str(rt.device),
-                      "autocast": str(rt.amp_dtype), "run_hash": run_id}
+                      "autocast": str(rt.amp_dtype), "compiled": rt.compiled, "run_hash": run_id}
             write_outputs(out_dir, raw, tokenizer, config, history, final)
             emit({"event": "done", **asdict(final)})
         if rt.world > 1:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llm_assets.lib.pretrain.model import (MODEL_SIZES, estimate_parameters, matmul_peak_flops, training_flops,
-                                           training_memory_bytes)
+from llm_assets.lib.pretrain.model import (MODEL_SIZES, estimate_parameters, matmul_peak_flops, matmul_shapes,
+                                           training_flops, training_memory_bytes)
 
 if TYPE_CHECKING:  # annotations only: pretrain.py imports this module
     from llm_assets.lib.pretrain.pretrain import PretrainSettings, Runtime
@@ -51,7 +51,7 @@ class PretrainMetrics:
     resumed_from_step: int  # the checkpoint step this session started from; 0 = from scratch
     unigram_perplexity: float | None = None  # the baseline: add-one unigram model of train, same tokens
     perplexity_vs_unigram: float | None = None  # val_perplexity / unigram_perplexity
-    matmul_peak_flops: float | None = None  # FLOP/s of a dense matmul measured after training, times world
+    matmul_peak_flops: float | None = None  # fastest dense matmul in the compute dtype, before or after training, x world
     mfu: float | None = None  # 6 · parameters · tokens_per_second / matmul_peak_flops
     estimated_parameters: int | None = None  # from the shape alone (model.estimate_parameters)
     memory_bytes: int | None = None  # training memory estimate: fp32 AdamW, 16 bytes per parameter
@@ -94,15 +94,23 @@ def run_metrics(history: list[dict], s: PretrainSettings, tokens_seen: int, trai
         parameters=parameters, steps=s.max_steps, resumed_from_step=start_step)
 
 
+def peak_flops(s: PretrainSettings, rt: Runtime, vocab_size: int) -> float:
+    """This process's matmul peak in the compute dtype over the model's own shapes (model.py)."""
+    shapes = matmul_shapes(MODEL_SIZES[s.size], vocab_size, s.micro_batch * s.seq_len)
+    return matmul_peak_flops(rt.device, rt.amp_dtype or torch.float32, seconds=0.6, shapes=shapes)
+
+
 def baseline_and_estimates(final: PretrainMetrics, data: dict[str, np.ndarray], val_starts: np.ndarray,
-                           meta: dict, s: PretrainSettings, rt: Runtime) -> dict:
-    """Rank 0's figures: the unigram baseline, MFU and the seed-formula estimates."""
+                           meta: dict, s: PretrainSettings, rt: Runtime, peak_before: float) -> dict:
+    """Rank 0's figures: the unigram baseline, MFU and the seed-formula estimates. `peak_before`:
+    peak_flops measured before the loop; the peak is the larger of it and one measured now."""
     targets = np.concatenate([data["validation"][i + 1 : i + s.seq_len + 1]
                               for i in val_starts])  # what evaluate() scored
     unigram = unigram_perplexity(data["train"], targets, meta["vocab_size"])
-    # mfu: 6·N·tokens/s over the FLOP/s of a dense matmul measured now, in the compute dtype, on
-    # rank 0's device, times world: not a datasheet peak; 6·N ignores attention.
-    peak = rt.world * matmul_peak_flops(rt.device, rt.amp_dtype or torch.float32)
+    # mfu: 6·N·tokens/s over the fastest matmul measured here (same dtype as training, the model's
+    # shapes and two squares, before and after the loop), times world: not a datasheet peak, and one
+    # the loop cannot beat: a shared machine only makes MFU read low. 6·N ignores attention.
+    peak = rt.world * max(peak_before, peak_flops(s, rt, meta["vocab_size"]))
     # Seed-formula estimates: parameters from the shape, AdamW fp32 memory, 6·N·D compute.
     estimate = estimate_parameters(MODEL_SIZES[s.size], meta["vocab_size"])
     return {"unigram_perplexity": unigram, "perplexity_vs_unigram": final.val_perplexity / unigram,
