@@ -35,7 +35,7 @@ def e2e_config() -> dict:
     # after a retrain; this many steps at this rate make new data show in the released weights.
     cfg["ops"]["lora_checkpoint"]["config"].update(max_steps=20, lr=5e-3, max_len=192)
     cfg["ops"]["quantized_model"]["config"]["perplexity_budget"] = 1.0
-    cfg["ops"]["eval_report"]["config"].update(min_win_rate=0.0, max_empty_generations=3, max_token_run=1000)
+    cfg["ops"]["eval_report"]["config"].update(min_win_rate=0.0, min_rouge_ratio=0.0, max_empty_generations=3, max_token_run=1000)
     return cfg
 
 

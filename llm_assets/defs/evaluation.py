@@ -30,6 +30,7 @@ class EvalReportConfig(dg.Config, evaluation.EvalSettings):
     """The evaluation settings of lib/evaluate/evaluation.py plus eval_report's release gates."""
 
     min_win_rate: float = Field(0.5, ge=0, le=1, description="Gate: share of held-out prompts on which the reward model prefers the aligned model's reply to the LoRA model's (ties count half); the aligned model's ROUGE-L must also not be below the LoRA model's.")
+    min_rouge_ratio: float = Field(1.0, ge=0, description="Gate: the aligned model's ROUGE-L must be at least this multiple of the LoRA model's.")
     max_empty_generations: int = Field(0, ge=0, description="Gate: prompts for which the quantized model may generate empty text.")
     max_token_run: int = Field(3, ge=1, description="Gate: the longest run of one repeated token allowed in a generation of the aligned or quantized model.")
 
@@ -137,10 +138,11 @@ def _gates(rows: dict[str, evaluation.ModelFigures], win: float, config: EvalRep
     aligned, lora = rows["aligned"], rows["lora"]
     loop = max(rows["aligned"].max_token_run, rows["quantized"].max_token_run)
     return [
-        {"name": ALIGNMENT_GATE, "passed": win >= config.min_win_rate and aligned.rouge_l >= lora.rouge_l,
-         "threshold": f"win rate {config.min_win_rate:.2f}; ROUGE-L {lora.rouge_l:.4f}",
+        {"name": ALIGNMENT_GATE,
+         "passed": win >= config.min_win_rate and aligned.rouge_l >= config.min_rouge_ratio * lora.rouge_l,
+         "threshold": f"win rate {config.min_win_rate:.2f}; ROUGE-L {config.min_rouge_ratio * lora.rouge_l:.4f}",
          "observed": f"win rate {win:.3f}; ROUGE-L {aligned.rouge_l:.4f}",
-         "rule": "reward-model win rate of aligned over LoRA >= min_win_rate and aligned ROUGE-L >= LoRA ROUGE-L"},
+         "rule": "reward-model win rate of aligned over LoRA >= min_win_rate and aligned ROUGE-L >= min_rouge_ratio x LoRA's"},
         {"name": GENERATION_GATE, "passed": rows["quantized"].empty_generations <= config.max_empty_generations,
          "threshold": config.max_empty_generations, "observed": rows["quantized"].empty_generations,
          "rule": "empty generations of the quantized model <= max_empty_generations"},

@@ -12,7 +12,7 @@ from llm_assets.cli import refused_gates
 from llm_assets.lib.release.quantize import load_quantized
 from llm_assets.lib.release.release import current_release, history
 
-RELEASE = ["quantized_model", "eval_report", "release"]
+RELEASE = ["reward_model", "quantized_model", "eval_report", "release"]
 
 
 def config(tiny_config, budget: float, assets=None) -> dict:
@@ -21,7 +21,7 @@ def config(tiny_config, budget: float, assets=None) -> dict:
     # A 30-step tiny model's DPO is noise and it often generates nothing: open those two gates so
     # each test decides the outcome through the perplexity gate alone.
     if "eval_report" in cfg["ops"]:
-        cfg["ops"]["eval_report"]["config"].update(min_win_rate=0.0, max_empty_generations=3, max_token_run=1000)
+        cfg["ops"]["eval_report"]["config"].update(min_win_rate=0.0, min_rouge_ratio=0.0, max_empty_generations=3, max_token_run=1000)
     return cfg
 
 
@@ -72,7 +72,8 @@ def test_a_failed_gate_keeps_the_previous_release(released, tiny_config):
     assert first.success
     before = current_release(project / "data/releases")
     # a budget no quantized model meets: the blocking check fails, eval_report and release are skipped
-    result = materialize(project, config(tiny_config, -0.5, RELEASE), RELEASE, instance)
+    gated = RELEASE[1:]  # reward_model is built already
+    result = materialize(project, config(tiny_config, -0.5, gated), gated, instance)
     assert not result.success
     check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "quantized_perplexity_within_budget")
     assert not check.passed and check.blocking
