@@ -61,12 +61,14 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: PretrainConfig, l
     ratio = m.perplexity_vs_unigram  # validation perplexity / unigram baseline, same tokens
     rows = [("validation perplexity", m.val_perplexity), ("unigram perplexity (baseline)", m.unigram_perplexity),
             ("ratio (bar: <= 0.5)", ratio), ("parameters", m.parameters), ("tokens seen", m.tokens_seen),
-            ("tokens/s", m.tokens_per_second), ("MFU vs measured matmul peak", m.mfu)]
+            ("tokens per parameter", m.tokens_seen / m.parameters),
+            ("tokens/s", m.tokens_per_second), ("MFU vs measured matmul peak (same dtype)", m.mfu)]
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),
             **reported.metadata,
             "processes": config.nproc_per_node,
+            "tokens_per_parameter": m.tokens_seen / m.parameters,  # compute-optimal is ~20 (Chinchilla)
             "summary": dg.MetadataValue.md(markdown_table(["figure", "value"], rows)),
             "loss_curve": dg.MetadataValue.md(png_markdown(curve, "loss curve")),
         },

@@ -28,7 +28,7 @@ def test_base_checkpoint_metadata_and_files(trained):
                  "metrics.jsonl", "loss_curve.png"):
         assert (out / name).is_file(), name
     for key in ("train_loss", "val_loss", "val_perplexity", "unigram_perplexity", "tokens_seen",
-                "tokens_per_second", "mfu", "parameters", "memory_bytes", "compute_flops"):
+                "tokens_per_second", "mfu", "parameters", "memory_bytes", "compute_flops", "tokens_per_parameter"):
         assert md[key].value > 0, key
     assert md["perplexity_vs_unigram"].value == pytest.approx(
         md["val_perplexity"].value / md["unigram_perplexity"].value)
