@@ -71,5 +71,5 @@ def test_without_the_env_var_the_demo_config_when_the_project_has_it(tmp_path, m
     assert for_automation(tmp_path, {"tokenizer"}, {"tokenizer": {"vocab_size": 300}}) == {
         "ops": {"tokenizer": {"config": {"vocab_size": 300}}}}
     assert automation_paths(REPO) == [REPO / DEFAULT_AUTOMATION_CONFIG]
-    demo = for_automation(REPO, {"raw_corpus", "drift_report", "base_checkpoint"})
-    assert set(demo["ops"]) == {"raw_corpus", "drift_report"}  # demo.yaml leaves the base at its defaults
+    demo = for_automation(REPO, {"raw_corpus", "drift_report", "tokenizer"})
+    assert set(demo["ops"]) == {"raw_corpus", "drift_report"}  # demo.yaml leaves the tokenizer at its defaults
