@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from llm_assets.lib.posttrain.chat_data import END_TOKEN, encode_chat, end_token_id, pad_batch
 from llm_assets.lib.posttrain.generation import (GENERATION_CONFIG, candidate_grid, choose_generation_config,
                                                  generate_ids, generate_replies, greedy_config, max_token_run,
-                                                 repeats, write_generation_config)
+                                                 repeats, rouge_l_scores, sample_replies, write_generation_config)
 from llm_assets.lib.pretrain.model import build_model
 from llm_assets.lib.pretrain.model_dir import save_model
 from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
@@ -65,6 +65,24 @@ def test_generation_config_overrides_greedy_and_precision_is_checked():
         generate_replies(model, tok, prompts, 4, precision="fp8")
     with pytest.raises(ValueError, match="batch_size"):
         generate_replies(model, tok, prompts, 4, batch_size=0)
+
+
+def test_sampled_replies_are_seeded_and_vary(trained):
+    model, tok = trained
+    prompts = [chat[:-1] for chat in CHATS[:3]]
+    replies = sample_replies(model, tok, prompts, samples=4, temperature=2.0, max_new_tokens=8, batch_size=5, seed=1)
+    assert [len(r) for r in replies] == [4, 4, 4]
+    assert replies == sample_replies(model, tok, prompts, samples=4, temperature=2.0, max_new_tokens=8, seed=1)
+    assert any(len(set(r)) > 1 for r in replies)  # at temperature 2 a prompt's samples differ
+    with pytest.raises(ValueError, match="must be positive"):
+        sample_replies(model, tok, prompts, samples=2, temperature=0.0, max_new_tokens=8)
+
+
+def test_rouge_l_scores_per_prediction():
+    scores = rouge_l_scores(["Return x plus one.", "nothing alike", ""], ["Return x plus 1.", "Return x.", "Return x."])
+    assert scores[0] == pytest.approx(0.75) and scores[1:] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="1 references for 2"):
+        rouge_l_scores(["a", "b"], ["a"])
 
 
 @pytest.mark.parametrize("ids, run", [([], 0), ([4], 1), ([4, 5, 6], 1), ([4, 4, 5, 5, 5, 4], 3), ([7] * 9, 9)])

@@ -15,10 +15,13 @@ def test_auto_is_bf16_on_a_cpu_with_amx(monkeypatch):
     assert autocast_dtype("auto", CPU) is torch.bfloat16
 
 
-@pytest.mark.parametrize("flags", [{"sse2", "avx2", "avx512f"},  # emulated bf16
-                                   {"sse2", "avx512f", "avx512_bf16"}])  # bf16 dot products, no AMX: measured no faster
-def test_auto_stays_fp32_where_bf16_does_not_pay(monkeypatch, flags):
-    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+def test_auto_is_bf16_on_a_cpu_with_bf16_dot_products(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"sse2", "avx512f", "avx512_bf16"})  # Zen 4, no AMX
+    assert bf16_native(CPU) and autocast_dtype("auto", CPU) is torch.bfloat16
+
+
+def test_auto_stays_fp32_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"sse2", "avx2", "avx512f"})
     assert not bf16_native(CPU)
     assert autocast_dtype("auto", CPU) is None
     assert autocast_dtype("bf16", CPU) is torch.bfloat16  # asked for explicitly: honoured
@@ -28,10 +31,10 @@ def test_auto_stays_fp32_where_bf16_does_not_pay(monkeypatch, flags):
 def test_the_real_probe_reads_this_machines_flags():
     flags = cpu_flags()
     assert "fpu" in flags or not flags  # Linux lists fpu on every x86 CPU; elsewhere no cpuinfo
-    native = "amx_bf16" in flags
+    native = bool({"amx_bf16", "avx512_bf16"} & flags)
     assert bf16_native(CPU) is native
     assert (autocast_dtype("auto", CPU) is torch.bfloat16) is native
-    assert cpu_bf16_flags() == {"amx_bf16"} & flags
+    assert cpu_bf16_flags() == {"amx_bf16", "avx512_bf16"} & flags
 
 
 def test_unknown_settings_are_refused_by_name():
@@ -41,8 +44,6 @@ def test_unknown_settings_are_refused_by_name():
         use_compile("yes", CPU)
 
 
-def test_compile_auto_skips_short_cpu_runs_and_several_cpu_processes():
-    assert use_compile("auto", CPU, world=1, tokens=2_000_000)
-    assert not use_compile("auto", CPU, world=1, tokens=30_000)  # over before compiling pays off
-    assert not use_compile("auto", CPU, world=2, tokens=2_000_000)
-    assert use_compile("on", CPU, world=2) and not use_compile("off", CPU, world=1)
+def test_compile_auto_is_for_cuda_only():
+    assert not use_compile("auto", CPU)  # measured slower than eager on this CPU, and 40-70 s to compile
+    assert use_compile("on", CPU) and not use_compile("off", CPU)

@@ -14,6 +14,7 @@ from llm_assets.lib.posttrain.preferences import (
     derive_preferences,
     drop_identical,
     on_policy_preferences,
+    ranked_preferences,
     read_hh_rlhf_jsonl,
     read_trl_jsonl,
 )
@@ -103,6 +104,23 @@ def test_on_policy_rejected_is_the_models_own_reply_to_that_prompt():
     for pref in prefs[::2]:
         alone = generate_replies(model, tok, [[{"role": "user", "content": pref.prompt}]], max_new_tokens=6)
         assert pref.rejected == alone[0] and pref.rejected != pref.chosen
+
+
+def test_ranked_preferences_take_the_best_reply_over_the_worst_and_drop_prompts_without_a_gap():
+    pairs = stdlib_pairs("textwrap.py")[:3]
+    candidates = [["wrap it", "Wrap text.", "no", " no"], ["a", "b"], ["same", " same "]]
+    scores = [[0.2, 0.6, 0.0, 0.1], [0.31, 0.3], [0.9, 0.1]]
+    prefs, none = ranked_preferences(pairs, candidates, scores, min_gap=0.05)
+    # the second prompt's replies score alike, the third's are the same text: no preference to learn
+    assert none == 2 and [(p.chosen, p.rejected, p.negative) for p in prefs] == [("Wrap text.", "no", "ranked")]
+    assert prefs[0].prompt == pairs[0].instruction and prefs[0].source == f"stdlib/textwrap.py::{pairs[0].qualname}"
+    # several per prompt: worst first, each distinct text once
+    several, _ = ranked_preferences(pairs[:1], candidates[:1], scores[:1], min_gap=0.05, per_prompt=3)
+    assert [p.rejected for p in several] == ["no", "wrap it"]
+    with pytest.raises(ValueError, match="2 score lists for 3 pairs"):
+        ranked_preferences(pairs, candidates, scores[:2], min_gap=0.0)
+    with pytest.raises(ValueError, match="at least 2 replies"):
+        ranked_preferences(pairs[:1], [["only"]], [[0.5]], min_gap=0.0)
 
 
 def test_drop_identical_counts():

@@ -191,10 +191,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return statistics.fmean(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references))
+    return statistics.fmean(generation.rouge_l_scores(predictions, references))
 
 
 @dataclass(frozen=True)

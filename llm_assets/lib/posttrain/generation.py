@@ -130,6 +130,32 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
 
 
+def sample_replies(model, tokenizer, prompts: list[list[dict]], samples: int, temperature: float,
+                   max_new_tokens: int, batch_size: int = 16, seed: int = 0, precision: str = "fp32") -> list[list[str]]:
+    """`samples` replies per prompt drawn at `temperature` (plain ancestral sampling: no top-k or
+    top-p, so the replies are the model's own distribution), stopped and decoded as generate_replies
+    does; out[i] answers prompts[i]. Seeded: the same call returns the same replies."""
+    if samples < 1 or temperature <= 0:
+        raise ValueError(f"samples and temperature: must be positive (got {samples}, {temperature})")
+    config = greedy_config(tokenizer, max_new_tokens)
+    config.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    torch.manual_seed(seed)
+    flat = generate_replies(model, tokenizer, [p for p in prompts for _ in range(samples)], max_new_tokens,
+                            batch_size, config, precision)
+    return [flat[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+
+
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (Google's `rouge-score`, stemmed): the
+    one scorer of generation settings, ranked preference pairs and eval_report."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"references: {len(references)} references for {len(predictions)} predictions")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
 def max_token_run(token_ids: Sequence[int]) -> int:
     """The longest run of one token repeated back to back (0 for no tokens)."""
     best, run = 0, 0
@@ -170,20 +196,17 @@ def choose_generation_config(model, tokenizer, chats: list[list[dict]], max_new_
     greedy_config) decodes every chat's prompt (all turns but the last) and is scored by mean
     ROUGE-L F1 against the chat's last (reference) reply; rows carry the score, the share of
     replies with a word 3x in a row and the mean reply length in characters."""
-    from rouge_score import rouge_scorer
-
     if not chats or not candidates:
         raise ValueError("choose_generation_config: needs at least one chat and one candidate")
     for k, chat in enumerate(chats):
         if len(chat) < 2 or chat[-1]["role"] != "assistant":
             raise ValueError(f"chats[{k}]: must end with the reference assistant reply after a prompt")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     prompts, references = [chat[:-1] for chat in chats], [chat[-1]["content"] for chat in chats]
     rows = []
     for cand in sorted(candidates, key=_simplicity):
         config = greedy_config(tokenizer, max_new_tokens, **cand)
         replies = generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size, config, precision)
-        score = statistics.fmean(scorer.score(ref, r)["rougeL"].fmeasure for r, ref in zip(replies, references))
+        score = statistics.fmean(rouge_l_scores(replies, references))
         rows.append({**cand, "rouge_l": score, "repeats_share": statistics.fmean(map(repeats, replies)),
                      "mean_reply_chars": statistics.fmean(map(len, replies))})
     best_score = max(r["rouge_l"] for r in rows)

@@ -64,6 +64,7 @@ from pydantic import Field
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from llm_assets.lib.common.memory import keep_freed_memory
 from llm_assets.lib.common.precision import PRECISIONS, autocast_dtype
 from llm_assets.lib.common.settings import Settings
 
@@ -268,6 +269,7 @@ def fit(trainer, resume_from: str | None, log: Log) -> tuple:
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog reports the same rows
     trainer.add_callback(ProgressLog(log))
+    keep_freed_memory()  # each step reallocates its activations: reuse them instead of page-faulting
     start = time.perf_counter()
     trained = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start

@@ -29,7 +29,16 @@ negatives), or read from user files.
     >>> drop_identical(hh)                                  # "4" vs "4 ": no preference to learn
     ([], 1)
 
-On-policy pairs (the default of preference_dataset): the prompt is an instruction, chosen its
+Ranked pairs (the default of preference_dataset): both replies are the instruction-tuned model's
+own, to the same prompt (its greedy reply and a few samples), scored against the docstring (ROUGE-L,
+generation.py); chosen is the best, rejected the worst, and prompts whose replies all score alike
+give no pair. The policy is pushed from what it does badly towards what it already does well, on
+text it actually produces: on-policy pairs labelled by agreement with a reference answer, as in
+iterative reasoning preference optimization (Pang et al., 2024) and RSO's ranked samples (Liu et
+al., 2024). The docstring itself is never a reply: its log-probability under a small model is so
+low that DPO mostly learns to push both replies down.
+
+On-policy pairs: the prompt is an instruction, chosen its
 docstring answer, rejected the instruction-tuned model's own greedy reply to the same prompt, as in
 self-play fine-tuning (SPIN). DPO then pushes the model away from what it actually does (loops,
 wrong stops) towards the reference; another function's docstring is a reply the model would rarely
@@ -123,6 +132,30 @@ def on_policy_preferences(pairs: list[InstructionPair], replies: list[str]) -> t
                           "on_policy")
            for p, reply in zip(pairs, replies) if reply.strip() != p.output.strip()]
     return out, len(pairs) - len(out)
+
+
+def ranked_preferences(pairs: list[InstructionPair], candidates: list[list[str]], scores: list[list[float]],
+                       min_gap: float, per_prompt: int = 1) -> tuple[list[PreferencePair], int]:
+    """(pairs between the model's own replies to each instruction, in the order of `pairs`; the
+    number of instructions that gave none). chosen is the best-scored reply, rejected each distinct
+    reply scoring at least `min_gap` lower, worst first, at most `per_prompt` of them.
+    `candidates[i]` are replies to `pairs[i]`, `scores[i]` their scores against its reference."""
+    if not len(pairs) == len(candidates) == len(scores):
+        raise ValueError(f"candidates: {len(candidates)} reply lists and {len(scores)} score lists for {len(pairs)} pairs")
+    out, none = [], 0
+    for p, replies, marks in zip(pairs, candidates, scores):
+        if len(replies) != len(marks) or len(replies) < 2:
+            raise ValueError(f"{p.source_doc_id}::{p.qualname}: needs at least 2 replies, each scored")
+        order = sorted(range(len(replies)), key=lambda i: -marks[i])  # best first; ties keep reply order
+        chosen, rejected = replies[order[0]].strip(), []
+        for i in reversed(order[1:]):  # worst first
+            text = replies[i].strip()
+            if marks[order[0]] - marks[i] >= min_gap and text != chosen and text not in rejected:
+                rejected.append(text)
+        none += not rejected
+        out += [PreferencePair(to_messages(p)[0]["content"], chosen, r, f"{p.source_doc_id}::{p.qualname}", "ranked")
+                for r in rejected[:per_prompt]]
+    return out, none
 
 
 def drop_identical(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], int]:

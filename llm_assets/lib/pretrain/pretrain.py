@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError
 
 from llm_assets.lib.common.atomic import atomic_dir
+from llm_assets.lib.common.memory import keep_freed_memory
 from llm_assets.lib.common.precision import PRECISIONS, autocast_dtype, use_compile
 from llm_assets.lib.pretrain.checkpoints import resume, run_hash, save_checkpoint
 from llm_assets.lib.pretrain.model_dir import save_model
@@ -104,8 +105,8 @@ class PretrainSettings(Settings):
     seed: int = Field(1337, description="Seeds the initialization and every batch, so a resumed run sees the same data.")
     precision: str = Field("auto", description="auto (bf16 autocast where the device computes bf16 natively: CPUs "
                                                "with AMX or AVX512-BF16, bf16 GPUs; else fp32) | fp32 | bf16.")
-    compile: str = Field("auto", description="torch.compile the training step: auto (on CUDA; on a CPU for one process "
-                                             "training >= 500k tokens, where its ~1 min compilation pays off) | on | off.")
+    compile: str = Field("auto", description="torch.compile the training step: auto (on CUDA only: on a CPU it measured "
+                                             "no faster than eager, after ~1 min of compiling) | on | off.")
     num_threads: int = Field(0, description="torch CPU threads per process (0 = torch's default).")
 
     @classmethod
@@ -243,8 +244,8 @@ class Runtime:
             torch.cuda.set_device(device)
         if s.num_threads:
             torch.set_num_threads(s.num_threads)
-        return cls(world, rank, device, autocast_dtype(s.precision, device), use_compile(
-            s.compile, device, world, tokens=s.max_steps * world * s.micro_batch * s.grad_accum * s.seq_len))
+        keep_freed_memory()  # each step reallocates its activations: reuse them instead of page-faulting
+        return cls(world, rank, device, autocast_dtype(s.precision, device), use_compile(s.compile, device))
 
     def amp(self):
         """A fresh autocast context per use; a no-op for fp32."""
