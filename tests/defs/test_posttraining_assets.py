@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import POST, UPSTREAM, lock_md5, materialize, metadata
-from llm_assets.lib.posttrain.generation import generate_replies
+from llm_assets.lib.posttrain.generation import generate_replies, rouge_l_scores
 from llm_assets.lib.pretrain.model_dir import load_model
 
 
@@ -70,13 +70,43 @@ def test_datasets_mix_corpus_and_user_files(post):
     assert len(hh) == 8 and hh[0]["chosen"] == "Sure, gladly." and hh[0]["rejected"] == "No."
     assert [m["role"] for m in hh[0]["prompt"]] == ["user", "assistant", "user"]
     assert sum(r["source"].startswith("trl.jsonl") for r in rows) == 12
-    assert "on_policy" in pm["negatives"] and pm["negatives_from"] == "on_policy"
+    assert "ranked" in pm["negatives"] and pm["negatives_from"] == "ranked"
 
 
-def test_preference_dataset_rejects_the_lora_models_own_replies(post, tiny_config):
+def test_preference_dataset_ranks_the_lora_models_own_replies(post, tiny_config):
     project, instance, _ = post
     pm = metadata(instance, "preference_dataset")
     settings = tiny_config(["preference_dataset"])["ops"]["preference_dataset"]["config"]
+    splits = {s: pq.read_table(project / f"data/lake/preference_dataset/{s}.parquet").to_pylist()
+              for s in ("train", "validation")}
+    ranked = {s: [r for r in rows if r["negative"] == "ranked"] for s, rows in splits.items()}
+    assert 0 < len(ranked["train"]) <= settings["max_train_pairs"]  # pairs_per_prompt 1 by default
+    assert 0 < len(ranked["validation"]) <= settings["max_validation_pairs"]
+    assert pm["generated"] == 5 * (settings["max_train_pairs"] + settings["max_validation_pairs"])  # 1 greedy + 4 samples
+    module = lambda r: r["source"].split("::")[0]
+    assert not {module(r) for r in ranked["validation"]} & {module(r) for r in ranked["train"]}
+    assert "lora_checkpoint" in pm["construction"] and "ROUGE-L" in pm["construction"] and "ranked" in pm["samples"]
+    assert 0 <= pm["greedy_is_best_share"] <= 1 and pm["generation_seconds"] > 0
+    # chosen scores at least as well against the docstring as rejected, and as the greedy reply
+    references = {r["source"]: r["messages"][-1]["content"]
+                  for s in ("train", "validation") for r in pq.read_table(project / f"data/lake/sft_dataset/{s}.parquet").to_pylist()}
+    rows = ranked["validation"][:4]
+    model_dir = project / "data/lake/lora_checkpoint/merged"
+    model, tok = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    greedy = generate_replies(model, tok, [r["prompt"] for r in rows], settings["max_new_tokens"], batch_size=1)
+    for row, reply in zip(rows, greedy):
+        ref = references[row["source"]]
+        chosen, rejected, plain = rouge_l_scores([row["chosen"], row["rejected"], reply], [ref] * 3)
+        assert chosen >= rejected and chosen >= plain and row["chosen"] != row["rejected"]
+
+
+def test_preference_dataset_on_policy_rejects_the_greedy_reply(post, tiny_config):
+    project, instance, _ = post
+    cfg = tiny_config(["preference_dataset"])
+    cfg["ops"]["preference_dataset"]["config"]["negatives"] = "on_policy"
+    assert materialize(project, cfg, ["preference_dataset"], instance).success
+    pm = metadata(instance, "preference_dataset")
+    settings = cfg["ops"]["preference_dataset"]["config"]
     splits = {s: pq.read_table(project / f"data/lake/preference_dataset/{s}.parquet").to_pylist()
               for s in ("train", "validation")}
     generated = {s: [r for r in rows if r["negative"] == "on_policy"] for s, rows in splits.items()}

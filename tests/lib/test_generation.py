@@ -72,7 +72,7 @@ def test_sampled_replies_are_seeded_and_vary(trained):
     prompts = [chat[:-1] for chat in CHATS[:3]]
     replies = sample_replies(model, tok, prompts, samples=4, temperature=2.0, max_new_tokens=8, batch_size=5, seed=1)
     assert [len(r) for r in replies] == [4, 4, 4]
-    assert replies == sample_replies(model, tok, prompts, samples=4, temperature=2.0, max_new_tokens=8, seed=1)
+    assert replies == sample_replies(model, tok, prompts, samples=4, temperature=2.0, max_new_tokens=8, batch_size=5, seed=1)
     assert any(len(set(r)) > 1 for r in replies)  # at temperature 2 a prompt's samples differ
     with pytest.raises(ValueError, match="must be positive"):
         sample_replies(model, tok, prompts, samples=2, temperature=0.0, max_new_tokens=8)

@@ -134,7 +134,7 @@ def sample_replies(model, tokenizer, prompts: list[list[dict]], samples: int, te
                    max_new_tokens: int, batch_size: int = 16, seed: int = 0, precision: str = "fp32") -> list[list[str]]:
     """`samples` replies per prompt drawn at `temperature` (plain ancestral sampling: no top-k or
     top-p, so the replies are the model's own distribution), stopped and decoded as generate_replies
-    does; out[i] answers prompts[i]. Seeded: the same call returns the same replies."""
+    does; out[i] answers prompts[i]. Seeded: the same call (prompts, batch size) returns the same replies."""
     if samples < 1 or temperature <= 0:
         raise ValueError(f"samples and temperature: must be positive (got {samples}, {temperature})")
     config = greedy_config(tokenizer, max_new_tokens)

@@ -64,7 +64,7 @@ from pydantic import Field
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from llm_assets.lib.common.memory import keep_freed_memory
+from llm_assets.lib.common.memory import kept_freed_memory
 from llm_assets.lib.common.precision import PRECISIONS, autocast_dtype
 from llm_assets.lib.common.settings import Settings
 
@@ -269,8 +269,8 @@ def fit(trainer, resume_from: str | None, log: Log) -> tuple:
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog reports the same rows
     trainer.add_callback(ProgressLog(log))
-    keep_freed_memory()  # each step reallocates its activations: reuse them instead of page-faulting
     start = time.perf_counter()
-    trained = trainer.train(resume_from_checkpoint=resume_from)
+    with kept_freed_memory():  # each step reallocates its activations: reuse them, do not page-fault
+        trained = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     return trained, seconds, [r for r in trainer.state.log_history if "loss" in r or "eval_loss" in r]

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError
 
 from llm_assets.lib.common.atomic import atomic_dir
-from llm_assets.lib.common.memory import keep_freed_memory
+from llm_assets.lib.common.memory import kept_freed_memory
 from llm_assets.lib.common.precision import PRECISIONS, autocast_dtype, use_compile
 from llm_assets.lib.pretrain.checkpoints import resume, run_hash, save_checkpoint
 from llm_assets.lib.pretrain.model_dir import save_model
@@ -244,7 +244,6 @@ class Runtime:
             torch.cuda.set_device(device)
         if s.num_threads:
             torch.set_num_threads(s.num_threads)
-        keep_freed_memory()  # each step reallocates its activations: reuse them instead of page-faulting
         return cls(world, rank, device, autocast_dtype(s.precision, device), use_compile(s.compile, device))
 
     def amp(self):
@@ -340,24 +339,25 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
         peak_before = peak_flops(s, rt, meta["vocab_size"]) if rt.rank == 0 else 0.0
         window = ProgressWindow(rt.device)
         loop_t0 = window.t0
-        for step in range(start_step, s.max_steps):
-            lr = optimizer_step(model, raw, optimizer, scheduler, data["train"], s, step, rt, window.loss)
-            done, last = step + 1, step + 1 == s.max_steps
-            tokens_seen += tokens_per_step
-            window.steps += 1
-            if done % s.log_every == 0 or last:
-                history.append(window.row(done, lr, tokens_seen, tokens_per_step, rt.world))
-                emit({"event": "train", **history[-1]})
-            if (s.eval_every and done % s.eval_every == 0) or last:
-                val_loss = evaluate(raw, data["validation"], val_starts, s, rt.device, rt.amp, rt.rank, rt.world)
-                history.append({"step": done, "tokens_seen": tokens_seen, "val_loss": val_loss,
-                                "val_perplexity": math.exp(val_loss)})
-                emit({"event": "eval", **history[-1]})
-            if ((s.checkpoint_every and done % s.checkpoint_every == 0) or last) and rt.rank == 0:
-                state = {"step": done, "tokens_seen": tokens_seen, "run_hash": run_id,
-                         "settings": s.model_dump(), "world_size": rt.world, "history": history}
-                path = save_checkpoint(work_dir, raw, optimizer, scheduler, state)
-                emit({"event": "checkpoint", "step": done, "path": str(path)})
+        with kept_freed_memory():  # each step reallocates its activations: reuse them, do not page-fault
+            for step in range(start_step, s.max_steps):
+                lr = optimizer_step(model, raw, optimizer, scheduler, data["train"], s, step, rt, window.loss)
+                done, last = step + 1, step + 1 == s.max_steps
+                tokens_seen += tokens_per_step
+                window.steps += 1
+                if done % s.log_every == 0 or last:
+                    history.append(window.row(done, lr, tokens_seen, tokens_per_step, rt.world))
+                    emit({"event": "train", **history[-1]})
+                if (s.eval_every and done % s.eval_every == 0) or last:
+                    val_loss = evaluate(raw, data["validation"], val_starts, s, rt.device, rt.amp, rt.rank, rt.world)
+                    history.append({"step": done, "tokens_seen": tokens_seen, "val_loss": val_loss,
+                                    "val_perplexity": math.exp(val_loss)})
+                    emit({"event": "eval", **history[-1]})
+                if ((s.checkpoint_every and done % s.checkpoint_every == 0) or last) and rt.rank == 0:
+                    state = {"step": done, "tokens_seen": tokens_seen, "run_hash": run_id,
+                             "settings": s.model_dump(), "world_size": rt.world, "history": history}
+                    path = save_checkpoint(work_dir, raw, optimizer, scheduler, state)
+                    emit({"event": "checkpoint", "step": done, "path": str(path)})
         loop_seconds = time.perf_counter() - loop_t0
         trained = (s.max_steps - start_step) * tokens_per_step  # in this session, all ranks
 
