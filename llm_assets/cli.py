@@ -273,6 +273,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     ensure_dagster_home(project)
     job = _load_defs().resolve_job_def("ingest_job")
     failed = 0
+    for skipped in ingest.skipped_links(ProjectPaths(project).incoming):
+        print(f"warning: {skipped}")
     with dg.DagsterInstance.get() as instance:
         for path in ingest.candidates(ProjectPaths(project).incoming):
             key = ingest.batch_key(path)

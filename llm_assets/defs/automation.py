@@ -47,6 +47,8 @@ def incoming_data_sensor(context: dg.SensorEvaluationContext, lake: LakeResource
     incoming = lake.paths.incoming
     seen: dict[str, list[int]] = json.loads(context.cursor) if context.cursor else {}
     ready, settling = ingest.scan(incoming, seen, SETTLE_S)
+    for skipped in ingest.skipped_links(incoming):
+        context.log.warning(f"{incoming}/{skipped}")
     requests, new_keys = [], []
     for path in ready:
         before = ingest.stamp(path)

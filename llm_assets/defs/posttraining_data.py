@@ -157,8 +157,8 @@ def _ranked(context: dg.AssetExecutionContext, config: PreferenceDatasetConfig, 
     construction = (f"Corpus pairs: both replies are lora_checkpoint's (merged) own, to the same prompt: its greedy "
                     f"reply and {config.samples} samples at temperature {config.temperature} (at most "
                     f"{config.max_new_tokens} new tokens, no repetition penalty), scored by ROUGE-L F1 against the "
-                    f"docstring; chosen = the best, rejected = each of the {config.pairs_per_prompt} worst that score at "
-                    f"least {config.min_rouge_gap} lower (worst first). Train pairs from train modules, held-out pairs from "
+                    f"docstring; chosen = the best, rejected = the worst ones (at most {config.pairs_per_prompt} per prompt) "
+                    f"that score at least {config.min_rouge_gap} lower. Train pairs from train modules, held-out pairs from "
                     f"validation modules only.")
     n = max(1, len(gaps))
     return out, {"generated": n * (1 + config.samples), "prompts_without_pair": dropped,

@@ -69,6 +69,21 @@ def test_incoming_sensor_first_tick_nothing_new_new_file_and_half_written(env):
     assert not tick(incoming_data_sensor, project, instance, new.cursor).run_requests
 
 
+def test_incoming_sensor_never_reads_a_symlink(env, tmp_path):
+    project, instance = env
+    secret = tmp_path / "passwd.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n" * 50)
+    link = project / "data" / "incoming" / "passwd.txt"
+    link.parent.mkdir(exist_ok=True)
+    before = tick(incoming_data_sensor, project, instance)  # what earlier tests dropped is now seen
+    link.symlink_to(secret)
+    try:
+        result = tick(incoming_data_sensor, project, instance, before.cursor)
+        assert not result.run_requests and "passwd.txt" not in result.cursor
+    finally:
+        link.unlink()
+
+
 def test_ingest_run_reports_drift_and_the_drift_sensor_starts_one_retrain(env):
     project, instance = env
     path = drop(project, "shifted.jsonl", shifted_batch())

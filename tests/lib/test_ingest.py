@@ -42,6 +42,26 @@ def test_scan_waits_for_files_being_written_and_skips_seen_ones(tmp_path):
     assert ingest.scan(tmp_path, {"a.jsonl": ingest.stamp(done)}, settle_s=10) == ([fresh], [])
 
 
+def test_links_in_the_drop_zone_are_never_read_and_are_named(tmp_path):
+    incoming, outside = tmp_path / "incoming", tmp_path / "outside"
+    incoming.mkdir()
+    outside.mkdir()
+    secret = outside / "passwd.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n" * 20)
+    (incoming / "passwd.txt").symlink_to(secret)            # a symlink to a file outside the project
+    (incoming / "gone.jsonl").symlink_to(outside / "nothing")  # a dangling one
+    os.link(secret, incoming / "hard.txt")                  # a second name for the outside file
+    plain = incoming / "batch.jsonl"
+    plain.write_text('{"text": "a plain file"}\n')
+    for path in (plain, incoming / "hard.txt"):
+        aged(path)
+    assert ingest.candidates(incoming) == [plain]
+    assert ingest.scan(incoming, {}, settle_s=10) == ([plain], [])
+    skipped = ingest.skipped_links(incoming)
+    assert [s.split(":")[0] for s in skipped] == ["gone.jsonl", "hard.txt", "passwd.txt"]
+    assert f"a symbolic link (to {secret})" in skipped[2] and "a hard link (2 names" in skipped[1]
+
+
 def test_batch_key_follows_name_and_content(tmp_path):
     a = tmp_path / "new data (v2).jsonl"
     a.write_text('{"text": "x"}\n')

@@ -13,9 +13,9 @@ step (110,000 a second), half of the CPU time in the kernel; inside `kept_freed_
 
 Inside the context, malloc's mmap path and heap trimming are off (`mallopt(M_MMAP_MAX, 0)`,
 `mallopt(M_TRIM_THRESHOLD, 2 GiB)`), so freed blocks stay on the heap and the next step reuses
-them. On exit both go back to glibc's defaults and `malloc_trim(0)` returns the free heap to the
-kernel, so what runs next in the process (an evaluation measuring its memory, say) sees a normal
-allocator. Not thread-safe against a concurrent second training in one process (none runs so).
+them. On exit they go back to glibc's default values (the mmap threshold then stays at its initial
+128 kB instead of sliding) and `malloc_trim(0)` returns the free heap to the kernel, so what runs
+next in the process (an evaluation measuring its memory, say) sees an allocator that returns memory. Not thread-safe against a concurrent second training in one process (none runs so).
 """
 
 from __future__ import annotations

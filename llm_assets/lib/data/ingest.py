@@ -36,14 +36,17 @@ without it is no batch); `write_batch` writes it and `read_batch` / `read_batche
 A batch is identified by its file's name and content (`batch_key`): the same file dropped twice is
 one batch, a changed file is a new one. A file counts as ready once it has not changed for
 `settle_s` seconds, so a copy still in progress is never read half-way; writers that can should
-write `name.tmp` (ignored) and rename.
+write `name.tmp` (ignored) and rename. Only regular files are read: symbolic and hard links are
+skipped and named (`skipped_links`), so nothing outside the project is ingested through them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +79,37 @@ def batch_key(path: Path) -> str:
     return f"{_UNSAFE.sub('_', Path(path).name)[:80]}-{digest}"
 
 
+def _named_like_a_batch(p: Path) -> bool:
+    return not p.name.startswith(".") and p.suffix in USER_SUFFIXES and not p.name.endswith(IGNORED_SUFFIXES)
+
+
+def link_reason(path: Path) -> str:
+    """Why a drop-zone entry is never read ("" for a plain regular file): a symlink can point
+    anywhere (/etc/passwd), and a file with several hard links may be a name for one outside the
+    project; either would be ingested and pushed to the DVC remote."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        return f"a hard link ({st.st_nlink} names for one file)"
+    return ""
+
+
 def candidates(incoming_dir: Path) -> list[Path]:
-    """Corpus files directly in the drop zone, by name; hidden files and temp names are left out."""
+    """Regular files directly in the drop zone, by name; hidden files, temp names and links
+    (`skipped_links`) are left out."""
     if not Path(incoming_dir).is_dir():
         return []
     return sorted(p for p in Path(incoming_dir).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix in USER_SUFFIXES
-                  and not p.name.endswith(IGNORED_SUFFIXES))
+                  if _named_like_a_batch(p) and not link_reason(p) and p.is_file())
+
+
+def skipped_links(incoming_dir: Path) -> list[str]:
+    """'name: reason' for each drop-zone entry named like a batch that is a link (never read)."""
+    if not Path(incoming_dir).is_dir():
+        return []
+    return sorted(f"{p.name}: {reason}, skipped" for p in Path(incoming_dir).iterdir()
+                  if _named_like_a_batch(p) and (reason := link_reason(p)))
 
 
 def stamp(path: Path) -> list[int]:
