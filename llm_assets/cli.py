@@ -89,8 +89,13 @@ def _run_config(paths: list[str], selected_ops: set[str], overrides: dict[str, d
     return merged
 
 
+SELECTION_FORMS = ("Accepted forms: 'raw_corpus', 'key:a or key:b', '+lora_checkpoint' (and one layer up), "
+                   "'lora_checkpoint+' (and one down), 'group:data', 'not group:monitoring'.")
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     import dagster as dg
+    from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError  # not exported
 
     project = project_dir()
     ensure_dagster_home(project)
@@ -98,7 +103,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     graph = defs.resolve_asset_graph()
     # By default everything but monitoring (drift_report needs serving traffic: select it by name)
     # and the incoming batches (partitions: `llm-assets ingest`, or incoming_data_sensor).
-    keys = dg.AssetSelection.from_string(args.select or "not group:monitoring").resolve(graph)
+    try:
+        keys = dg.AssetSelection.from_string(args.select or "not group:monitoring").resolve(graph)
+    except (DagsterInvalidAssetSelectionError, dg.DagsterInvalidSubsetError) as e:
+        print(f"--select {args.select!r}: {str(e).split('. ')[0]}. {SELECTION_FORMS}", file=sys.stderr)
+        return 2
     keys = {k for k in keys if k in graph.materializable_asset_keys}
     partitioned = {k for k in keys if graph.get(k).is_partitioned}
     if partitioned and args.select:

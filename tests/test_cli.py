@@ -51,7 +51,11 @@ def test_materialize_status_and_restore_byte_for_byte(project: Path):
 
 
 def test_unknown_selection_and_failed_run_exit_nonzero(project: Path):
-    assert run(project, "materialize", "--select", "no_such_asset").returncode != 0
+    unknown = run(project, "materialize", "--select", "no_such_asset")
+    assert unknown.returncode == 2 and "no_such_asset" in unknown.stderr and "Traceback" not in unknown.stderr
+    malformed = run(project, "materialize", "--select", "raw_corpus+clean_corpus")
+    assert malformed.returncode == 2 and "Traceback" not in malformed.stderr
+    assert "Invalid selection string" in malformed.stderr and "Accepted forms: 'raw_corpus'" in malformed.stderr
     (project / "data/raw/bad.jsonl").write_text("{not json}\n")
     cfg = project / "user.yaml"
     cfg.write_text(yaml.safe_dump({"ops": {"raw_corpus": {"config": {"include_stdlib": False}}}}))
