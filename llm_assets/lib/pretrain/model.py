@@ -20,7 +20,7 @@ and output embeddings, so every checkpoint loads with `AutoModelForCausalLM.from
 works with `generate`, PEFT, TRL and bitsandbytes downstream. Sizes:
 
 - tiny:  tests only; trains in milliseconds per step.
-- demo:  `make demo` on a 2-core CPU (~3-4 minutes of pretraining; see lib/pretrain.py's defaults).
+- demo:  `make demo` on a 2-core CPU (~5 minutes of pretraining in bf16: configs/demo.yaml).
 - large: GPT-2-small scale for real use on a GPU; never run in tests.
 """
 
