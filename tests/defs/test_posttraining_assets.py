@@ -31,6 +31,26 @@ def write_user_files(project: Path) -> None:
     (prefs / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hh))
 
 
+def read_splits(project: Path, dataset: str) -> dict[str, list[dict]]:
+    return {s: pq.read_table(project / f"data/lake/{dataset}/{s}.parquet").to_pylist() for s in ("train", "validation")}
+
+
+def lora_greedy_replies(project: Path, rows: list[dict], max_new_tokens: int) -> list[str]:
+    """lora_checkpoint's greedy reply to each preference row's prompt, one prompt at a time."""
+    model_dir = project / "data/lake/lora_checkpoint/merged"
+    model, tok = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    return generate_replies(model, tok, [r["prompt"] for r in rows], max_new_tokens, batch_size=1)
+
+
+def rebuild_preferences(post, tiny_config, negatives: str) -> tuple[dict, dict]:
+    """(metadata, settings) of preference_dataset materialized again with `negatives`."""
+    project, instance, _ = post
+    cfg = tiny_config(["preference_dataset"])
+    cfg["ops"]["preference_dataset"]["config"]["negatives"] = negatives
+    assert materialize(project, cfg, ["preference_dataset"], instance).success
+    return metadata(instance, "preference_dataset"), cfg["ops"]["preference_dataset"]["config"]
+
+
 @pytest.fixture(scope="module")
 def post(project_factory, tiny_config):
     project = project_factory("post")
@@ -44,8 +64,7 @@ def test_datasets_mix_corpus_and_user_files(post):
     project, instance, result = post
     assert result.success
     md = metadata(instance, "sft_dataset")
-    train = pq.read_table(project / "data/lake/sft_dataset/train.parquet").to_pylist()
-    held = pq.read_table(project / "data/lake/sft_dataset/validation.parquet").to_pylist()
+    train, held = read_splits(project, "sft_dataset").values()
     assert md["train_examples"] == len(train) and md["validation_examples"] == len(held)
     assert md["user_files"] == 3
     origins = {r["origin"] for r in train + held}
@@ -61,8 +80,7 @@ def test_datasets_mix_corpus_and_user_files(post):
     assert lock_md5(project, "sft_dataset") == md["dvc_md5"]
 
     pm = metadata(instance, "preference_dataset")
-    rows = pq.read_table(project / "data/lake/preference_dataset/train.parquet").to_pylist()
-    rows += pq.read_table(project / "data/lake/preference_dataset/validation.parquet").to_pylist()
+    rows = [r for split in read_splits(project, "preference_dataset").values() for r in split]
     assert pm["dropped_identical"] == 1
     assert pm["train_pairs"] + pm["validation_pairs"] == len(rows)
     assert all(r["chosen"].strip() != r["rejected"].strip() for r in rows)
@@ -77,8 +95,7 @@ def test_preference_dataset_ranks_the_lora_models_own_replies(post, tiny_config)
     project, instance, _ = post
     pm = metadata(instance, "preference_dataset")
     settings = tiny_config(["preference_dataset"])["ops"]["preference_dataset"]["config"]
-    splits = {s: pq.read_table(project / f"data/lake/preference_dataset/{s}.parquet").to_pylist()
-              for s in ("train", "validation")}
+    splits = read_splits(project, "preference_dataset")
     ranked = {s: [r for r in rows if r["negative"] == "ranked"] for s, rows in splits.items()}
     assert 0 < len(ranked["train"]) <= settings["max_train_pairs"]  # pairs_per_prompt 1 by default
     assert 0 < len(ranked["validation"]) <= settings["max_validation_pairs"]
@@ -88,13 +105,10 @@ def test_preference_dataset_ranks_the_lora_models_own_replies(post, tiny_config)
     assert "lora_checkpoint" in pm["construction"] and "ROUGE-L" in pm["construction"] and "ranked" in pm["samples"]
     assert 0 <= pm["greedy_is_best_share"] <= 1 and pm["generation_seconds"] > 0
     # chosen scores at least as well against the docstring as rejected, and as the greedy reply
-    references = {r["source"]: r["messages"][-1]["content"]
-                  for s in ("train", "validation") for r in pq.read_table(project / f"data/lake/sft_dataset/{s}.parquet").to_pylist()}
+    references = {r["source"]: r["messages"][-1]["content"] for rows in read_splits(project, "sft_dataset").values()
+                  for r in rows}
     rows = ranked["validation"][:4]
-    model_dir = project / "data/lake/lora_checkpoint/merged"
-    model, tok = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    greedy = generate_replies(model, tok, [r["prompt"] for r in rows], settings["max_new_tokens"], batch_size=1)
-    for row, reply in zip(rows, greedy):
+    for row, reply in zip(rows, lora_greedy_replies(project, rows, settings["max_new_tokens"])):
         ref = references[row["source"]]
         chosen, rejected, plain = rouge_l_scores([row["chosen"], row["rejected"], reply], [ref] * 3)
         assert chosen >= rejected and chosen >= plain and row["chosen"] != row["rejected"]
@@ -102,13 +116,8 @@ def test_preference_dataset_ranks_the_lora_models_own_replies(post, tiny_config)
 
 def test_preference_dataset_on_policy_rejects_the_greedy_reply(post, tiny_config):
     project, instance, _ = post
-    cfg = tiny_config(["preference_dataset"])
-    cfg["ops"]["preference_dataset"]["config"]["negatives"] = "on_policy"
-    assert materialize(project, cfg, ["preference_dataset"], instance).success
-    pm = metadata(instance, "preference_dataset")
-    settings = cfg["ops"]["preference_dataset"]["config"]
-    splits = {s: pq.read_table(project / f"data/lake/preference_dataset/{s}.parquet").to_pylist()
-              for s in ("train", "validation")}
+    pm, settings = rebuild_preferences(post, tiny_config, "on_policy")
+    splits = read_splits(project, "preference_dataset")
     generated = {s: [r for r in rows if r["negative"] == "on_policy"] for s, rows in splits.items()}
     assert 0 < len(generated["train"]) <= settings["max_train_pairs"]
     assert 0 < len(generated["validation"]) <= settings["max_validation_pairs"]
@@ -120,11 +129,8 @@ def test_preference_dataset_on_policy_rejects_the_greedy_reply(post, tiny_config
     assert 0 <= pm["rejected_repeats_share"] <= 1 and pm["generation_seconds"] > 0 and pm["mean_rejected_chars"] >= 0
     assert "lora_checkpoint" in pm["construction"] and "on_policy" in pm["samples"]
     # rejected is lora_checkpoint's greedy reply to that very prompt (fp32, the default: exact)
-    model_dir = project / "data/lake/lora_checkpoint/merged"
-    model, tok = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
     rows = generated["validation"][:3]
-    replies = generate_replies(model, tok, [r["prompt"] for r in rows], settings["max_new_tokens"], batch_size=1)
-    assert replies == [r["rejected"] for r in rows]
+    assert lora_greedy_replies(project, rows, settings["max_new_tokens"]) == [r["rejected"] for r in rows]
 
 
 def test_lora_checkpoint_saves_adapter_and_merged_model(post):
@@ -163,13 +169,11 @@ def test_aligned_checkpoint_reports_preference_figures(post):
 
 def test_preference_dataset_hard_negatives_and_a_bad_choice(post, tiny_config):
     project, instance, _ = post
-    cfg = tiny_config(["preference_dataset"])
-    cfg["ops"]["preference_dataset"]["config"]["negatives"] = "hard"
-    assert materialize(project, cfg, ["preference_dataset"], instance).success
-    pm = metadata(instance, "preference_dataset")
+    pm, _ = rebuild_preferences(post, tiny_config, "hard")
     rows = pq.read_table(project / "data/lake/preference_dataset/train.parquet").to_pylist()
     assert {r["negative"] for r in rows} <= {"module", "package", "any", ""} and "module" in pm["negatives"]
     assert pm["negatives_from"] == "hard" and "another definition" in pm["construction"] and "generated" not in pm
+    cfg = tiny_config(["preference_dataset"])
     cfg["ops"]["preference_dataset"]["config"]["negatives"] = "random"
     failed = materialize(project, cfg, ["preference_dataset"], instance)
     failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")

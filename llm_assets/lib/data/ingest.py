@@ -79,10 +79,6 @@ def batch_key(path: Path) -> str:
     return f"{_UNSAFE.sub('_', Path(path).name)[:80]}-{digest}"
 
 
-def _named_like_a_batch(p: Path) -> bool:
-    return not p.name.startswith(".") and p.suffix in USER_SUFFIXES and not p.name.endswith(IGNORED_SUFFIXES)
-
-
 def link_reason(path: Path) -> str:
     """Why a drop-zone entry is never read ("" for a plain regular file): a symlink can point
     anywhere (/etc/passwd), and a file with several hard links may be a name for one outside the
@@ -95,21 +91,24 @@ def link_reason(path: Path) -> str:
     return ""
 
 
+def _batch_entries(incoming_dir: Path) -> list[tuple[Path, str]]:
+    """(entry, link_reason) for each drop-zone entry named like a batch, by name; hidden files and
+    temp names are left out."""
+    if not Path(incoming_dir).is_dir():
+        return []
+    return sorted((p, link_reason(p)) for p in Path(incoming_dir).iterdir()
+                  if not p.name.startswith(".") and p.suffix in USER_SUFFIXES and not p.name.endswith(IGNORED_SUFFIXES))
+
+
 def candidates(incoming_dir: Path) -> list[Path]:
     """Regular files directly in the drop zone, by name; hidden files, temp names and links
     (`skipped_links`) are left out."""
-    if not Path(incoming_dir).is_dir():
-        return []
-    return sorted(p for p in Path(incoming_dir).iterdir()
-                  if _named_like_a_batch(p) and not link_reason(p) and p.is_file())
+    return [p for p, reason in _batch_entries(incoming_dir) if not reason and p.is_file()]
 
 
 def skipped_links(incoming_dir: Path) -> list[str]:
     """'name: reason' for each drop-zone entry named like a batch that is a link (never read)."""
-    if not Path(incoming_dir).is_dir():
-        return []
-    return sorted(f"{p.name}: {reason}, skipped" for p in Path(incoming_dir).iterdir()
-                  if _named_like_a_batch(p) and (reason := link_reason(p)))
+    return [f"{p.name}: {reason}, skipped" for p, reason in _batch_entries(incoming_dir) if reason]
 
 
 def stamp(path: Path) -> list[int]:
