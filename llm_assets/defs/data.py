@@ -28,7 +28,9 @@ class DedupConfig(dg.Config, dedup.DedupParams):
 @dg.asset(group_name="data", kinds={"parquet", "dvc"})
 def raw_corpus(context: dg.AssetExecutionContext, config: CorpusConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Documents from the configured sources (default: this Python's standard library, sources,
-    tests and docs; plus .txt/.md/.jsonl/.parquet files under data/raw/) as one Parquet file."""
+    tests and docs; plus .txt/.md/.jsonl/.parquet files under data/raw/) as one Parquet file. A
+    .txt/.md file longer than max_document_chars becomes documents of about split_target_chars,
+    cut at paragraph boundaries (`<file>#chars=<start>-<end>`)."""
     docs, stats = corpus.collect_documents(settings_of(config, corpus.CorpusSources), lake.raw_dir)
     if not docs:
         raise dg.Failure(f"raw_corpus: no documents (stdlib {'on' if config.include_stdlib else 'off'}, "
@@ -44,6 +46,7 @@ def raw_corpus(context: dg.AssetExecutionContext, config: CorpusConfig, lake: La
             "documents": stats.documents,
             "text_bytes": stats.bytes,
             "user_files": stats.files_read,
+            "user_files_split": stats.files_split,
             "invalid_utf8_bytes": stats.invalid_utf8_bytes,
             "documents_with_invalid_utf8": stats.documents_with_invalid_utf8,
             "by_source": dg.MetadataValue.md(markdown_table(["source", "documents"], rows)),
@@ -99,7 +102,9 @@ def clean_corpus(config: CleanConfig, lake: LakeResource) -> dg.MaterializeResul
 )
 def deduped_shards(config: DedupConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Exact and MinHash-LSH near-duplicate removal, then Parquet shards of a target size with a
-    deterministic train/validation split that keeps each duplicate cluster on one side."""
+    deterministic train/validation split that keeps each duplicate cluster on one side. A corpus too
+    small for that split is split by document or, when one document is left, by its paragraphs:
+    `split_grain` and `split_reason` say which and why."""
     docs = corpus.read_documents(corpus.corpus_file(lake.artifact_dir("clean_corpus")))
     params = settings_of(config, dedup.DedupParams)
     result = dedup.deduplicate(docs, params)
@@ -120,6 +125,8 @@ def deduped_shards(config: DedupConfig, lake: LakeResource) -> dg.MaterializeRes
         "near_duplicates": result.near_duplicates,
         "train_documents": manifest["splits"]["train"]["documents"],
         "validation_documents": manifest["splits"]["validation"]["documents"],
+        "split_grain": result.split_grain,
+        "split_reason": result.split_reason or f"{len(result.kept)} documents: the hash rule filled both splits",
         "shards": len(manifest["shards"]),
         "splits": dg.MetadataValue.md(markdown_table(["split", "documents", "text bytes", "shards"], split_rows)),
         "example_clusters": dg.MetadataValue.md(markdown_table(
@@ -145,4 +152,4 @@ def _splits_disjoint(shard_dir: Path) -> dg.AssetCheckResult:
         check_name="deduped_shards_splits_disjoint", passed=passed,
         metadata={"train_documents": len(ids["train"]), "validation_documents": len(ids["validation"]),
                   "documents_in_both_splits": len(overlap), "removed_duplicates_still_present": len(leaked),
-                  "threshold": 0, "shards": len(manifest["shards"])})
+                  "threshold": 0, "shards": len(manifest["shards"]), "split_grain": manifest["split"]["grain"]})

@@ -67,3 +67,30 @@ def test_no_documents_left_fails_clearly(project):
     error = result.get_step_failure_events()[0].event_specific_data.error.to_string()
     assert "no documents left after cleaning (1 in; removed by too_short: 1)" in error
     assert not (project / "data/lake/clean_corpus").exists()
+
+
+def test_a_one_document_corpus_is_split_by_paragraph_and_passes_the_gate(project):
+    """Too few documents for the cluster split: the metadata says which grain was used and why."""
+    paras = [f"Paragraph {i}: " + " ".join(f"notion{(i * 7 + j) % 97}" for j in range(40)) for i in range(12)]
+    (project / "data/raw/notes.txt").write_text("\n\n".join(paras))
+    cfg = {"ops": {"raw_corpus": {"config": {"include_stdlib": False}},
+                   "deduped_shards": {"config": {"validation_fraction": 0.2}}}}
+    result = materialize_assets(ASSETS, project, cfg)
+    assert result.success
+    md = result.asset_materializations_for_node("deduped_shards")[0].metadata
+    assert md["split_grain"].value == "paragraph" and "raw/notes.txt" in md["split_reason"].value
+    assert md["validation_documents"].value >= 1 and md["train_documents"].value >= 8
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "deduped_shards_splits_disjoint")
+    assert check.passed and check.metadata["split_grain"].value == "paragraph"
+    manifest = json.loads((project / "data/lake/deduped_shards/manifest.json").read_text())
+    assert manifest["split"]["grain"] == "paragraph"
+
+
+def test_a_corpus_that_cannot_be_split_fails_saying_how_many_documents_to_add(project):
+    (project / "data/raw/word.txt").write_text("x" * 300)  # passes cleaning, but is one 300-letter word
+    cfg = {"ops": {"raw_corpus": {"config": {"include_stdlib": False}}}}
+    result = materialize_assets(ASSETS, project, cfg)
+    assert not result.success
+    error = result.get_step_failure_events()[0].event_specific_data.error.to_string()
+    assert "needs at least 2 documents" in error and "add at least 1 more document" in error
+    assert not (project / "data/lake/deduped_shards").exists()

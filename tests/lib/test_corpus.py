@@ -113,3 +113,107 @@ def test_write_is_deterministic(tmp_path: Path):
     corpus.write_documents(docs, tmp_path / "a.parquet")
     corpus.write_documents(docs, tmp_path / "b.parquet")
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+def paragraphs(n: int, words: int = 60, seed: int = 0) -> list[str]:
+    """n distinct prose paragraphs of `words` words each, wrapped like a book (short lines)."""
+    import random
+    import textwrap
+
+    rng = random.Random(seed)
+    vocab = "the river town bread light winter door letter garden voice morning clock".split()
+    return [textwrap.fill(f"Paragraph {i}. " + " ".join(rng.choice(vocab) for _ in range(words)) + ".", 70)
+            for i in range(n)]
+
+
+def spans_of(docs: list[corpus.Document]) -> list[tuple[int, int]]:
+    return [tuple(map(int, d.doc_id.rpartition("#chars=")[2].split("-"))) for d in docs]
+
+
+def test_a_long_text_file_becomes_documents_cut_at_paragraphs(tmp_path: Path):
+    paras = paragraphs(120)
+    text = "\n\n".join(paras)
+    (tmp_path / "book.txt").write_text(text)
+    (tmp_path / "short.txt").write_text(paras[0])  # under max_document_chars: one document, as before
+    docs, stats = collect(tmp_path, max_document_chars=10_000, split_target_chars=2_000)
+    pieces = [d for d in docs if d.doc_id.startswith("raw/book.txt#chars=")]
+    assert stats.files_split == 1 and stats.files_read == 2
+    assert [d.doc_id for d in docs if not d.doc_id.startswith("raw/book")] == ["raw/short.txt"]
+    assert len(pieces) >= len(text) // 2_000
+    assert all(len(d.text) <= 2_000 for d in pieces)
+    for d, (start, end) in zip(pieces, spans_of(pieces)):  # the id's span gives the piece back
+        assert text[start:end] == d.text and d.n_bytes == len(d.text.encode())
+    # every paragraph (all shorter than the target) lies whole in exactly one piece
+    assert all(sum(p in d.text for d in pieces) == 1 for p in paras)
+
+
+def test_a_paragraph_longer_than_the_target_is_cut_at_lines_then_inside_a_line(tmp_path: Path):
+    lines = [f"line {i} " + "word " * 30 for i in range(40)]
+    one_line = " ".join(f"token{i}" for i in range(600))
+    text = "\n".join(lines) + "\n\n" + one_line
+    (tmp_path / "dump.txt").write_text(text)
+    docs, _ = collect(tmp_path, max_document_chars=1_000, split_target_chars=500)
+    assert all(len(d.text) <= 500 for d in docs)
+    for d, (start, end) in zip(docs, spans_of(docs)):
+        assert text[start:end] == d.text
+        if end <= len(text) - len(one_line):  # within the lines: whole lines only
+            assert d.text.startswith("line ") and d.text.endswith("word")
+    assert sum(d.text.count("token") for d in docs) == 600  # the one long line, cut between words
+
+
+def test_markdown_is_cut_at_sections_and_short_headings_join_the_next_piece(tmp_path: Path):
+    sections = [f"## Section {i}\n\n" + "\n\n".join(paragraphs(4, seed=i)) for i in range(6)]
+    text = "# Title\n\n" + "\n\n".join(sections)
+    (tmp_path / "guide.md").write_text(text)
+    docs, _ = collect(tmp_path, max_document_chars=2_000, split_target_chars=1_800)
+    # a section (~1,500 characters) fits the target, two do not: one piece per section, the lone
+    # title joined to the first
+    assert [d.text.partition("\n")[0] for d in docs] == ["# Title"] + [f"## Section {i}" for i in range(1, 6)]
+    assert [d.text.count("## Section") for d in docs] == [1] * 6
+
+
+def test_split_pieces_count_their_own_invalid_bytes(tmp_path: Path):
+    text = "\n\n".join(paragraphs(30))
+    raw = text.encode().replace(b"Paragraph 3.", b"Paragraph \xff.").replace(b"Paragraph 25.", b"Par\xfe\xfd 25.")
+    (tmp_path / "mixed.txt").write_bytes(raw)
+    docs, stats = collect(tmp_path, max_document_chars=3_000, split_target_chars=1_000)
+    assert len(docs) > 3 and stats.invalid_utf8_bytes == 3 and stats.documents_with_invalid_utf8 == 2
+    assert [d.invalid_utf8 for d in docs if "\ufffd" in d.text] == [1, 2]
+    assert sum(d.n_bytes for d in docs) <= len(raw)
+
+
+def test_max_document_chars_zero_never_splits(tmp_path: Path):
+    text = "\n\n".join(paragraphs(50))
+    (tmp_path / "book.txt").write_text(text)
+    docs, stats = collect(tmp_path, max_document_chars=0, split_target_chars=100)
+    assert [(d.doc_id, d.text) for d in docs] == [("raw/book.txt", text)] and stats.files_split == 0
+    with pytest.raises(ValueError, match="split_target_chars"):
+        corpus.CorpusSources(split_target_chars=0)
+
+
+def test_incoming_files_are_split_with_the_defaults(tmp_path: Path):
+    """read_user_file (what incoming batches read) splits as raw_corpus does with its defaults."""
+    text = "\n\n".join(paragraphs(400))
+    assert len(text) > corpus.MAX_DOCUMENT_CHARS
+    (tmp_path / "drop.txt").write_text(text)
+    docs = list(corpus.read_user_file(tmp_path / "drop.txt", "incoming/drop"))
+    assert len(docs) > 1 and all(len(d.text) <= corpus.SPLIT_TARGET_CHARS for d in docs)
+    assert docs[0].doc_id.startswith("incoming/drop#chars=0-")
+
+
+def test_split_text_spans_are_ordered_and_trimmed():
+    text = "\n\n  First paragraph here.  \n\n\nSecond one, a little longer than the first.\n\nEnd.\n"
+    spans = corpus.split_text(text, 50)
+    # "End." alone would be shorter than a tenth of the target: it joins the piece before it
+    assert [text[s:e] for s, e in spans] == ["First paragraph here.",
+                                             "Second one, a little longer than the first.\n\nEnd."]
+    assert corpus.split_text("", 50) == []
+
+
+def test_paragraph_spans_are_the_blocks_between_blank_lines():
+    text = "  One.\n  still one.\n \n\nTwo is here.\n\n\n" + "long " * 30 + "\n"
+    spans = corpus.paragraph_spans(text, 60)
+    pieces = [text[s:e] for s, e in spans]
+    assert pieces[:2] == ["One.\n  still one.", "Two is here."]
+    assert len(pieces) > 3 and all(len(p) <= 60 and set(p.split()) == {"long"} for p in pieces[2:])
+    assert corpus.paragraph_spans("\n\n \n", 60) == []

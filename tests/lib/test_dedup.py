@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_assets.lib.data.corpus import Document
-from llm_assets.lib.data.dedup import (DedupParams, deduplicate, read_duplicates, read_manifest, read_params, read_split,
-                                      shard_files, split_of, write_shards)
+from llm_assets.lib.data.corpus import CorpusSources, Document, collect_documents
+from llm_assets.lib.data.dedup import (DedupParams, TooFewDocumentsError, deduplicate, read_duplicates, read_manifest,
+                                      read_params, read_split, shard_files, split_of, write_shards)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -96,3 +96,81 @@ def test_bad_params():
         deduplicate([], DedupParams(threshold=0))
     with pytest.raises(ValueError, match="validation_fraction"):
         deduplicate([], DedupParams(validation_fraction=1.0))
+
+
+def prose(n_paragraphs: int, seed: int) -> str:
+    """Distinct paragraphs of random words (no two are near duplicates), separated by blank lines."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(400)]
+    return "\n\n".join(" ".join(rng.choice(vocab) for _ in range(50)) for _ in range(n_paragraphs))
+
+
+def user_doc(doc_id: str, text: str) -> Document:
+    return Document(doc_id, "user", doc_id, text, len(text.encode()))
+
+
+def test_a_corpus_the_hash_rule_splits_keeps_the_cluster_grain(corpus):
+    """What the stdlib demo gets: the split is exactly the per-cluster hash rule, as before."""
+    result = deduplicate(corpus, DedupParams(validation_fraction=0.5))
+    assert result.split_grain == "cluster" and result.split_reason == ""
+    assert result.split == {d.doc_id: split_of(d.doc_id, 0.5) for d in result.kept}
+
+
+def test_too_few_documents_for_the_hash_rule_split_by_document():
+    ids = ["notes-a", "notes-b", "notes-d"]
+    assert {split_of(i, 0.1) for i in ids} == {"train"}  # the hash rule would leave validation empty
+    docs = [user_doc(i, prose(3, seed)) for seed, i in enumerate(ids)]
+    result = deduplicate(docs + [user_doc("notes-copy", docs[0].text)], DedupParams(validation_fraction=0.1))
+    assert result.split_grain == "document" and "left validation empty with 3 documents" in result.split_reason
+    assert sorted(result.split.values()) == ["train", "train", "validation"]
+    assert "notes-copy" not in result.split and result.cluster_size["notes-a"] == 2  # duplicates stay together
+    again = deduplicate(list(reversed(docs)), DedupParams(validation_fraction=0.1))
+    assert again.split == result.split  # deterministic
+
+
+def test_one_document_is_split_by_paragraph_with_the_tail_held_out(tmp_path):
+    text = prose(30, seed=1)
+    repeated = text.split("\n\n")[3]
+    text += "\n\n" + repeated  # the last paragraph repeats the fourth: it must not leak into validation
+    params = DedupParams(validation_fraction=0.2)
+    result = deduplicate([user_doc("raw/book.txt", text)], params)
+    assert result.split_grain == "paragraph" and "held out for validation" in result.split_reason
+    spans = [tuple(map(int, d.doc_id.removeprefix("raw/book.txt#chars=").split("-"))) for d in result.kept]
+    assert [text[s:e] for s, e in spans] == [d.text for d in result.kept]
+    assert spans == sorted(spans)  # kept in text order
+    sides = [result.split[d.doc_id] for d in result.kept]
+    n_val = sides.count("validation")
+    assert n_val >= 1 and sides == ["train"] * (len(sides) - n_val) + ["validation"] * n_val  # the tail
+    assert 0.1 < sum(len(d.text) for d in result.kept if result.split[d.doc_id] == "validation") / len(text) < 0.35
+    # the repeat is a duplicate paragraph: removed, and its first occurrence kept, in train
+    assert [result.split[d.doc_id] for d in result.kept if d.text == repeated] == ["train"]
+    assert [(d.doc_id, d.kind) for d in result.duplicates] == [(f"raw/book.txt#chars={len(text) - len(repeated)}-"
+                                                                 f"{len(text)}", "exact")]
+    manifest = write_shards(result, tmp_path, target_mb=1.0, params=params)
+    assert manifest["split"] == {"grain": "paragraph", "reason": result.split_reason}
+    assert read_split(tmp_path, "validation").num_rows == n_val
+
+
+def test_a_document_that_cannot_be_cut_says_how_many_documents_to_add():
+    with pytest.raises(TooFewDocumentsError, match="needs at least 2 documents.*add at least 1 more document"):
+        deduplicate([user_doc("raw/one.txt", "same words " * 40)], DedupParams(validation_fraction=0.1))
+    with pytest.raises(TooFewDocumentsError, match="there are none: add at least 2 documents"):
+        deduplicate([], DedupParams(validation_fraction=0.1))
+    # validation_fraction 0 asks for no validation: nothing is forced
+    assert deduplicate([user_doc("a", prose(3, 0))], DedupParams(validation_fraction=0.0)).split == {"a": "train"}
+
+
+def test_dedup_works_across_the_pieces_of_split_files(tmp_path):
+    """Two long files, the second an edited copy of the first: their pieces are near duplicates."""
+    text = prose(60, seed=2)
+    (tmp_path / "book.txt").write_text(text)
+    (tmp_path / "book-2nd-edition.txt").write_text(text.replace("w17 ", "w17x ", 3))
+    docs, stats = collect_documents(CorpusSources(include_stdlib=False, max_document_chars=5_000,
+                                                  split_target_chars=2_000), tmp_path)
+    assert stats.files_split == 2 and len(docs) > 10
+    result = deduplicate(docs, DedupParams(validation_fraction=0.2))
+    kinds = {d.kind for d in result.duplicates}
+    assert len(result.duplicates) == len(docs) // 2 and kinds == {"exact", "near"}
+    # one copy of each piece is kept: the one with the smaller doc_id ("-" sorts before ".")
+    assert all(d.doc_id.startswith("raw/book-2nd-edition.txt#chars=") for d in result.kept)
+    assert set(result.split.values()) == {"train", "validation"} and result.split_grain == "cluster"

@@ -25,6 +25,20 @@ Every document is a `Document(doc_id, source, path, text, n_bytes, invalid_utf8)
 - User files under `raw_dir`: `.txt` and `.md` (one document per file), `.jsonl` (one document per
   line, text in a configurable field) and `.parquet` (one document per row, configurable column).
 
+A `.txt`/`.md` file longer than `max_document_chars` (a book, a dump, a scrape) becomes several
+documents of about `split_target_chars` each (`split_text`): cut at paragraph boundaries (blank
+lines; in Markdown headings first), falling back to lines, sentences and words only inside a
+paragraph longer than the target. Each piece's id names the file and its character span in the
+decoded file, `raw/book.txt#chars=0-7996`, so `text[start:end]` of the file gives the piece back
+(pieces lose only the whitespace between them). Dedup then works across the pieces like across
+any documents.
+
+    >>> _ = (raw / "book.txt").write_text("\n\n".join(f"Paragraph {i} of a long book." for i in range(9)))
+    >>> docs, stats = collect_documents(CorpusSources(include_stdlib=False, max_document_chars=200,
+    ...                                               split_target_chars=100), raw)
+    >>> [d.doc_id for d in docs if d.doc_id.startswith("raw/book")], stats.files_split
+    (['raw/book.txt#chars=0-85', 'raw/book.txt#chars=87-172', 'raw/book.txt#chars=174-259'], 1)
+
 Invalid UTF-8 is never fatal and never silent: each undecodable byte becomes U+FFFD and is counted
 per document (`invalid_utf8`); the cleaning stage drops documents where that share is high.
 Malformed structure (bad JSON, a missing or non-string text field, a missing column) raises
@@ -45,12 +59,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ConfigDict, Field
+from semantic_text_splitter import MarkdownSplitter, TextSplitter
 
 from llm_assets.lib.common.settings import Settings
 
 USER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", ".md")  # one document per file, split when long
+# Defaults of the two CorpusSources fields below, also read_user_file's (incoming batches use them).
+MAX_DOCUMENT_CHARS = 100_000
+SPLIT_TARGET_CHARS = 8_000
 STDLIB_PARTS = ("modules", "tests", "docs")
 _SURROGATE = re.compile("[\udc80-\udcff]")
+_BLANK_LINES = re.compile(r"\n\s*\n")  # a paragraph break, with any whitespace in and after it
 
 SCHEMA = pa.schema(
     [
@@ -91,6 +111,11 @@ class CorpusSources(Settings):
                                   description="Glob patterns, relative to raw_dir (data/raw/), selecting the user's corpus files.")
     jsonl_text_field: str = Field("text", description="Field holding the document text in .jsonl files.")
     parquet_text_column: str = Field("text", description="Column holding the document text in .parquet files.")
+    max_document_chars: int = Field(MAX_DOCUMENT_CHARS, ge=0, description="A .txt/.md file longer than this many "
+                                    "characters is split into several documents (0 = never split).")
+    split_target_chars: int = Field(SPLIT_TARGET_CHARS, gt=0, description="Size, in characters, of the documents a "
+                                    "long .txt/.md file is split into: cut at paragraph boundaries, and inside a "
+                                    "paragraph only when it is longer than this.")
 
 
 @dataclass
@@ -101,15 +126,64 @@ class CorpusStats:
     documents_with_invalid_utf8: int = 0
     by_source: Counter = field(default_factory=Counter)
     files_read: int = 0
+    files_split: int = 0  # .txt/.md files longer than max_document_chars, read as several documents
 
 
 def decode_counting(raw: bytes, encoding: str = "utf-8") -> tuple[str, int]:
     """Decode, replacing each undecodable byte with U+FFFD; returns (text, bytes replaced)."""
-    text = raw.decode(encoding, errors="surrogateescape")
-    n_bad = len(_SURROGATE.findall(text))
-    if n_bad:
-        text = _SURROGATE.sub("\ufffd", text)
-    return text, n_bad
+    return _replace_escaped(raw.decode(encoding, errors="surrogateescape"))
+
+
+def _replace_escaped(escaped: str) -> tuple[str, int]:
+    """(text with each surrogate-escaped byte as U+FFFD, bytes replaced); one character for one, so
+    offsets into `escaped` are offsets into the text."""
+    n_bad = len(_SURROGATE.findall(escaped))
+    return (_SURROGATE.sub("\ufffd", escaped) if n_bad else escaped), n_bad
+
+
+def split_text(text: str, target_chars: int, markdown: bool = False) -> list[tuple[int, int]]:
+    """(start, end) character spans of pieces of `text` of at most about `target_chars`, cut at the
+    coarsest boundary that fits: blank lines (Markdown: headings first), then lines, sentences,
+    words. Spans are trimmed of surrounding whitespace, in order, and never overlap."""
+    splitter = (MarkdownSplitter if markdown else TextSplitter)(target_chars)
+    spans = [(start, start + len(piece)) for start, piece in splitter.chunk_indices(text)]
+    return _merge_short(spans, max(1, target_chars // 10))
+
+
+def paragraph_spans(text: str, max_chars: int) -> list[tuple[int, int]]:
+    """(start, end) of each paragraph of `text` (the blocks between blank lines, trimmed), in order;
+    a paragraph longer than `max_chars` is cut further by `split_text`."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for sep in [*_BLANK_LINES.finditer(text), None]:
+        end = sep.start() if sep else len(text)
+        block = text[pos:end]
+        start, stop = pos + len(block) - len(block.lstrip()), pos + len(block.rstrip())
+        if stop - start > max_chars:
+            spans += [(start + a, start + b) for a, b in split_text(text[start:stop], max_chars)]
+        elif stop > start:
+            spans.append((start, stop))
+        pos = sep.end() if sep else end
+    return spans
+
+
+def _merge_short(spans: list[tuple[int, int]], min_chars: int) -> list[tuple[int, int]]:
+    """Join pieces shorter than `min_chars` to the piece after them (the last one to the piece
+    before): a heading or a short paragraph before a long one comes out alone, and cleaning would
+    drop it as too short. A joined piece is at most min_chars longer than the target."""
+    merged: list[tuple[int, int]] = []
+    start = None  # start of short pieces waiting for the next one
+    for s, e in spans:
+        s = s if start is None else start
+        start = s if e - s < min_chars else None
+        if start is None:
+            merged.append((s, e))
+    if start is not None:  # short pieces at the end
+        if merged:
+            merged[-1] = (merged[-1][0], spans[-1][1])
+        else:
+            merged.append((start, spans[-1][1]))
+    return merged
 
 
 def _read_python_source(path: Path) -> tuple[str, int]:
@@ -208,14 +282,30 @@ def _read_parquet(path: Path, doc_prefix: str, column: str) -> Iterator[Document
         yield Document(f"{doc_prefix}#R{row}", "user", str(path), text, len(text.encode()), 0)
 
 
+def _read_text_file(path: Path, doc_prefix: str, max_chars: int, target_chars: int) -> list[Document]:
+    """One document, or several `<doc_prefix>#chars=<start>-<end>` when longer than `max_chars`
+    (0 = never split). Each piece counts its own raw bytes and replaced bytes."""
+    raw = path.read_bytes()
+    escaped = raw.decode("utf-8", errors="surrogateescape")
+    text, bad = _replace_escaped(escaped)
+    if not max_chars or len(text) <= max_chars:
+        return [Document(doc_prefix, "user", str(path), text, len(raw), bad)]
+    pieces = []
+    for start, end in split_text(text, target_chars, markdown=path.suffix == ".md"):
+        piece_raw = escaped[start:end]
+        pieces.append(Document(f"{doc_prefix}#chars={start}-{end}", "user", str(path), text[start:end],
+                               len(piece_raw.encode("utf-8", "surrogateescape")), _replace_escaped(piece_raw)[1]))
+    return pieces
+
+
 def read_user_file(path: Path, doc_prefix: str, jsonl_text_field: str = "text",
-                   parquet_text_column: str = "text") -> Iterator[Document]:
+                   parquet_text_column: str = "text", max_document_chars: int = MAX_DOCUMENT_CHARS,
+                   split_target_chars: int = SPLIT_TARGET_CHARS) -> Iterator[Document]:
     """The documents of one user file; doc ids start with `doc_prefix` (e.g. `raw/<relative path>`).
-    A .txt/.md file is one document; .jsonl and .parquet hold one per line / row."""
-    if path.suffix in (".txt", ".md"):
-        raw = path.read_bytes()
-        text, bad = decode_counting(raw)
-        return iter([Document(doc_prefix, "user", str(path), text, len(raw), bad)])
+    A .txt/.md file is one document (several when longer than `max_document_chars`); .jsonl and
+    .parquet hold one per line / row."""
+    if path.suffix in TEXT_SUFFIXES:
+        return iter(_read_text_file(path, doc_prefix, max_document_chars, split_target_chars))
     if path.suffix == ".jsonl":
         return _read_jsonl(path, doc_prefix, jsonl_text_field)
     if path.suffix == ".parquet":
@@ -231,7 +321,8 @@ def iter_user_documents(sources: CorpusSources, raw_dir: Path) -> Iterator[tuple
     files = sorted({p for g in sources.user_globs for p in raw_dir.glob(g) if p.is_file()})
     for path in files:
         rel = path.relative_to(raw_dir).as_posix()
-        yield path, read_user_file(path, f"raw/{rel}", sources.jsonl_text_field, sources.parquet_text_column)
+        yield path, read_user_file(path, f"raw/{rel}", sources.jsonl_text_field, sources.parquet_text_column,
+                                   sources.max_document_chars, sources.split_target_chars)
 
 
 def _take_evenly(docs: list[Document], n: int) -> list[Document]:
@@ -247,8 +338,10 @@ def collect_documents(sources: CorpusSources, raw_dir: Path) -> tuple[list[Docum
     if sources.include_stdlib:
         stdlib = list(iter_stdlib_documents(sources.stdlib_parts))
         docs.extend(_take_evenly(stdlib, sources.stdlib_max_documents))
-    for _path, file_docs in iter_user_documents(sources, raw_dir):
+    for path, file_docs in iter_user_documents(sources, raw_dir):
+        file_docs = list(file_docs)
         stats.files_read += 1
+        stats.files_split += path.suffix in TEXT_SUFFIXES and len(file_docs) > 1
         docs.extend(file_docs)
     for d in docs:
         stats.documents += 1

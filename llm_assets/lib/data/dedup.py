@@ -1,4 +1,4 @@
-"""Deduplicated shards: exact and near-duplicate removal, a leak-free train/validation split, and
+r"""Deduplicated shards: exact and near-duplicate removal, a leak-free train/validation split, and
 Parquet shards of a target size.
 
     >>> import tempfile
@@ -31,13 +31,33 @@ Parquet shards of a target size.
 3. Split: a document goes to validation when a hash of its cluster id (the kept doc_id) falls under
    the validation fraction. Only one member per cluster survives, and the decision depends on the
    cluster, not on the member, so duplicates can never straddle train and validation.
+
+The split never leaves a side empty when `validation_fraction` > 0; it goes to a finer grain when
+the corpus is too small for the hash rule, and says which (`split_grain`) and why (`split_reason`):
+  cluster     the rule above (any corpus of a few dozen documents or more);
+  document    the hash rule left a side empty: the round(fraction x n) kept documents (at least 1,
+              at most n - 1) with the lowest hashes go to validation. Each still stands for its
+              whole cluster, so duplicates stay together;
+  paragraph   one document is left: its paragraphs become the documents, `<doc_id>#chars=<start>-<end>`
+              (one longer than validation_fraction of the text is cut further at lines, sentences,
+              words), deduplicated like documents so a repeated paragraph stays on one side; the
+              shortest tail of them holding validation_fraction of the text goes to validation (a
+              held-out end, as nanoGPT holds out the end of Shakespeare).
+A document that cannot be cut into two distinct paragraphs or pieces raises `TooFewDocumentsError`,
+which says how many documents to add.
+
+    >>> one = " ".join(f"word{i}" for i in range(80)) + "\n\n" + " ".join(f"term{i}" for i in range(80))
+    >>> result = deduplicate([Document("book", "user", "book", one, len(one))], DedupParams(validation_fraction=0.5))
+    >>> result.split_grain, result.split
+    ('paragraph', {'book#chars=0-549': 'train', 'book#chars=551-1100': 'validation'})
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,7 +65,7 @@ import pyarrow.parquet as pq
 from pydantic import ConfigDict, Field
 
 from llm_assets.lib.common.settings import Settings
-from llm_assets.lib.data.corpus import Document
+from llm_assets.lib.data.corpus import Document, paragraph_spans
 from llm_assets.lib.data.minhash import signatures
 from llm_assets.lib.data.near_dup import near_duplicate_clusters
 
@@ -66,6 +86,11 @@ DUPLICATE_SCHEMA = pa.schema(
     ]
 )
 MANIFEST, DUPLICATES = "manifest.json", "duplicates.parquet"
+SPLIT_GRAINS = ("cluster", "document", "paragraph")  # coarsest first; see the module docstring
+
+
+class TooFewDocumentsError(ValueError):
+    """The corpus cannot be split into train and validation; the message says how many documents to add."""
 
 
 class DedupParams(Settings):
@@ -97,6 +122,8 @@ class DedupResult:
     duplicates: list[Duplicate]
     split: dict[str, str]  # kept doc_id -> "train" | "validation"
     documents_in: int
+    split_grain: str = "cluster"  # one of SPLIT_GRAINS
+    split_reason: str = ""  # why a finer grain than "cluster" was needed
 
     @property
     def exact_duplicates(self) -> int:
@@ -111,10 +138,15 @@ class DedupResult:
         return len(self.duplicates) / self.documents_in if self.documents_in else 0.0
 
 
+def _bucket(cluster_id: str) -> float:
+    """A uniform number in [0, 1) from the id: deterministic across machines and Python runs (no
+    `hash()` randomization)."""
+    return int.from_bytes(hashlib.sha256(cluster_id.encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(cluster_id: str, validation_fraction: float) -> str:
-    """Deterministic across machines and Python runs (no `hash()` randomization)."""
-    bucket = int.from_bytes(hashlib.sha256(cluster_id.encode()).digest()[:8], "big") / 2**64
-    return "validation" if bucket < validation_fraction else "train"
+    """The cluster-grain rule (incoming batches use it too)."""
+    return "validation" if _bucket(cluster_id) < validation_fraction else "train"
 
 
 def deduplicate(docs: list[Document], params: DedupParams) -> DedupResult:
@@ -122,7 +154,16 @@ def deduplicate(docs: list[Document], params: DedupParams) -> DedupResult:
         raise ValueError(f"threshold must be in (0, 1], got {params.threshold}")
     if not 0.0 <= params.validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {params.validation_fraction}")
-    docs = sorted(docs, key=lambda d: d.doc_id)
+    kept, cluster_size, duplicates = _remove_duplicates(docs, params)
+    result = DedupResult(kept, cluster_size, duplicates, {}, len(docs))
+    return _assign_splits(result, params)
+
+
+def _remove_duplicates(docs: list[Document], params: DedupParams,
+                       ordered: bool = False) -> tuple[list[Document], dict[str, int], list[Duplicate]]:
+    """(kept documents, kept doc_id -> cluster size, removed duplicates). Each cluster keeps its first
+    member in doc_id order, or in the given order when `ordered` (the kept ones stay in it)."""
+    docs = docs if ordered else sorted(docs, key=lambda d: d.doc_id)
     duplicates: list[Duplicate] = []
 
     first_by_text: dict[bytes, Document] = {}
@@ -155,9 +196,68 @@ def deduplicate(docs: list[Document], params: DedupParams) -> DedupResult:
         Duplicate(d.doc_id, near_of[d.kept_doc_id], "exact", d.jaccard) if d.kept_doc_id in near_of else d
         for d in duplicates
     ]
-    kept = [d for i, d in enumerate(unique) if i not in removed]
-    split = {d.doc_id: split_of(d.doc_id, params.validation_fraction) for d in kept}
-    return DedupResult(kept, cluster_size, duplicates, split, len(docs))
+    return [d for i, d in enumerate(unique) if i not in removed], cluster_size, duplicates
+
+
+def _assign_splits(result: DedupResult, params: DedupParams) -> DedupResult:
+    """`result` with its split, at the coarsest grain that fills both sides (validation stays empty
+    only when validation_fraction is 0: the user asked for none)."""
+    fraction = params.validation_fraction
+    split = {d.doc_id: split_of(d.doc_id, fraction) for d in result.kept}
+    if fraction == 0 or len(set(split.values())) == 2:
+        return replace(result, split=split)
+    n = len(result.kept)
+    if n >= 2:
+        empty = "validation" if "train" in split.values() else "train"
+        n_val = _validation_count(n, fraction)
+        ranked = sorted(result.kept, key=lambda d: _bucket(d.doc_id))
+        split = {d.doc_id: "validation" if i < n_val else "train" for i, d in enumerate(ranked)}
+        reason = (f"the hash rule left {empty} empty with {n} documents after deduplication at validation_fraction "
+                  f"{fraction}: the {n_val} with the lowest hashes went to validation")
+        return replace(result, split=split, split_grain="document", split_reason=reason)
+    if n == 0:
+        raise TooFewDocumentsError("a train/validation split needs at least 2 documents after deduplication; "
+                                   "there are none: add at least 2 documents")
+    return _split_lone_document(result, params)
+
+
+def _validation_count(n: int, fraction: float) -> int:
+    """round(fraction x n), but at least 1 and at most n - 1: both sides non-empty."""
+    return min(max(round(fraction * n), 1), n - 1)
+
+
+def _split_lone_document(result: DedupResult, params: DedupParams) -> DedupResult:
+    """The paragraph grain: the only document left, as its paragraphs, deduplicated like documents,
+    the end of the text held out."""
+    doc, fraction = result.kept[0], params.validation_fraction
+    sep = "&" if "#" in doc.doc_id else "#"  # a piece of a split file or a JSONL line: one fragment
+    pieces = [replace(doc, doc_id=f"{doc.doc_id}{sep}chars={s}-{e}", text=doc.text[s:e],
+                      n_bytes=len(doc.text[s:e].encode()))
+              for s, e in paragraph_spans(doc.text, max(1, math.ceil(len(doc.text) * fraction)))]
+    # in text order: a repeated paragraph is kept where it first appears
+    kept, cluster_size, duplicates = _remove_duplicates(pieces, params, ordered=True)
+    if len(kept) < 2:
+        raise TooFewDocumentsError(
+            f"a train/validation split needs at least 2 documents after deduplication; there is 1 ({doc.doc_id}, "
+            f"{len(doc.text)} characters), and cut at paragraphs, lines, sentences and words it gives "
+            f"{len(kept)} distinct piece(s): add at least 1 more document")
+    n_val = _tail_count([len(p.text) for p in kept], fraction)
+    split = {p.doc_id: "validation" if i >= len(kept) - n_val else "train" for i, p in enumerate(kept)}
+    reason = (f"one document was left after deduplication ({doc.doc_id}): cut into {len(pieces)} paragraphs "
+              f"or pieces, {len(kept)} distinct, the last {n_val} held out for validation")
+    # documents_in counts the lone document as its pieces, so duplicate_rate stays a share of what was deduplicated
+    return DedupResult(kept, cluster_size, result.duplicates + duplicates, split,
+                       result.documents_in - 1 + len(pieces), "paragraph", reason)
+
+
+def _tail_count(sizes: list[int], fraction: float) -> int:
+    """How many of the last pieces hold `fraction` of the characters (at least 1, at most all but one)."""
+    total, tail = sum(sizes), 0
+    for k, size in enumerate(reversed(sizes[1:]), start=1):
+        tail += size
+        if tail >= fraction * total:
+            return k
+    return len(sizes) - 1
 
 
 def write_shards(result: DedupResult, out_dir: Path, target_mb: float, params: DedupParams | None = None) -> dict:
@@ -167,7 +267,7 @@ def write_shards(result: DedupResult, out_dir: Path, target_mb: float, params: D
     if target_mb <= 0:
         raise ValueError(f"shard target size must be positive, got {target_mb} MB")
     target = int(target_mb * 1_000_000)
-    manifest: dict = {"shards": [], "splits": {}}
+    manifest: dict = {"shards": [], "splits": {}, "split": {"grain": result.split_grain, "reason": result.split_reason}}
     if params is not None:
         manifest["params"] = params.model_dump()
     for split_name in ("train", "validation"):
