@@ -123,7 +123,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
             run_config=run_config, instance=instance, asset_selection=sorted(keys), raise_on_error=False)
-        print_summary(instance, [k for k in graph.toposorted_asset_keys if k in keys], project)
+        print_summary(instance, [k for k in graph.toposorted_asset_keys if k in keys], project, skipped_assets(result))
         print_evaluation(instance, project)
         refused = refused_gates(result)
     if not result.success:
@@ -199,10 +199,20 @@ def _wrap(items: list[str], width: int) -> list[str]:
     return lines or [""]
 
 
-def print_summary(instance, keys, project: Path) -> None:
+def skipped_assets(result) -> dict[str, str]:
+    """Asset name -> why the run left it out, from observations with `skipped` metadata (drift_report
+    on too few rows): the latest materialization's figures are not this run's."""
+    observations = [e.asset_observation_data.asset_observation for e in result.get_asset_observation_events()]
+    return {o.asset_key.to_user_string(): o.metadata["skipped"].value for o in observations if "skipped" in o.metadata}
+
+
+def print_summary(instance, keys, project: Path, skipped: dict[str, str] | None = None) -> None:
     width = max(60, shutil.get_terminal_size((120, 24)).columns - 20)  # right of the asset column
     print(f"\n{'asset':<19} figures")
     for key in keys:
+        if key.to_user_string() in (skipped or {}):
+            print(f"{key.to_user_string():<19} skipped: {skipped[key.to_user_string()]}")
+            continue
         event = instance.get_latest_materialization_event(key)
         if event is None:
             print(f"{key.to_user_string():<17} not materialized")
@@ -271,10 +281,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """What incoming_data_sensor does, without the daemon: each file in data/incoming/ not ingested
-    yet becomes an incoming_batch partition, ingested and drift-reported by ingest_job."""
+    yet (no materialization of its batch: a batch whose run failed is taken again) becomes an
+    incoming_batch partition, ingested and drift-reported by ingest_job."""
     import dagster as dg
 
-    from llm_assets.defs.ingestion import incoming_batches
+    from llm_assets.defs.ingestion import incoming_batches, ingested_batches
     from llm_assets.defs.jobs import INGEST_ASSETS
     from llm_assets.lib.data import ingest
 
@@ -285,16 +296,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for skipped in ingest.skipped_links(ProjectPaths(project).incoming):
         print(f"warning: {skipped}")
     with dg.DagsterInstance.get() as instance:
+        ingested = ingested_batches(instance)
         for path in ingest.candidates(ProjectPaths(project).incoming):
             key = ingest.batch_key(path)
-            if instance.has_dynamic_partition(incoming_batches.name, key) and not args.again:
+            if key in ingested and not args.again:
                 print(f"{path.name}: batch {key} already ingested (--again to redo)")
                 continue
-            instance.add_dynamic_partitions(incoming_batches.name, [key])
+            if not instance.has_dynamic_partition(incoming_batches.name, key):
+                instance.add_dynamic_partitions(incoming_batches.name, [key])
             run_config = _run_config(args.config, set(INGEST_ASSETS), {"drift_report": {"incoming_batch": key}})
             result = job.execute_in_process(run_config=run_config, instance=instance, partition_key=key,
                                             raise_on_error=False, tags={"llm_assets/cause": "llm-assets ingest"})
-            print_summary(instance, [dg.AssetKey(a) for a in INGEST_ASSETS], project)
+            print_summary(instance, [dg.AssetKey(a) for a in INGEST_ASSETS], project, skipped_assets(result))
             failed += not result.success
             print(f"{path.name}: batch {key} {'ingested' if result.success else 'FAILED, run ' + result.run_id}")
     return 1 if failed else 0

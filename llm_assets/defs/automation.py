@@ -2,7 +2,8 @@
 tokenizer and base checkpoint only run when someone asks), and no asset carries an automation
 condition, so reloading code never re-runs training.
 
-- incoming_data_sensor: each new file in data/incoming/ -> ingest_job on its own partition.
+- incoming_data_sensor: each new file in data/incoming/ -> ingest_job on its own partition (again
+  on the next tick if that run failed, up to MAX_INGEST_RUNS runs).
 - drift_sensor: a drift_report that found drift -> retrain_job, once per report version.
 - drift_report_schedule (daily) and eval_report_schedule (weekly).
 
@@ -16,7 +17,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from llm_assets.defs.ingestion import incoming_batches
+from llm_assets.defs.ingestion import incoming_batches, ingested_batches
 from llm_assets.defs.jobs import INGEST_ASSETS, RETRAIN_ASSETS, drift_job, evaluation_job, ingest_job, retrain_job
 from llm_assets.defs.resources import LakeResource
 from llm_assets.lib.data import ingest
@@ -37,43 +38,71 @@ SENSOR_INTERVAL_S = int(_env_float("LLM_ASSETS_SENSOR_INTERVAL_S", 30))
 SETTLE_S = _env_float("LLM_ASSETS_SETTLE_S", 10)  # a file unchanged this long is completely written
 DRIFT_WINDOW_HOURS = 24.0
 TAG = "llm_assets"  # tag prefix: llm_assets/cause, llm_assets/drift_report_version, ...
+# Runs one batch gets from the sensor: a retry on the next tick rides out a passing failure (a
+# concurrent writer, a killed run), while a file that fails every time (malformed JSON) must not
+# start a run every tick forever. `llm-assets ingest` still retries it, as a person asks.
+MAX_INGEST_RUNS = 3
 
 
 @dg.sensor(job=ingest_job, minimum_interval_seconds=SENSOR_INTERVAL_S, default_status=dg.DefaultSensorStatus.RUNNING)
-def incoming_data_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult | dg.SkipReason:
-    """Starts ingest_job for each file dropped into data/incoming/ (one partition per file content),
-    once: the cursor remembers each file's size and mtime, a run key per content guards restarts,
-    and a file that changed in the last LLM_ASSETS_SETTLE_S seconds waits for the next tick."""
+def incoming_data_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult:
+    """Starts ingest_job for each file dropped into data/incoming/ whose batch (one partition per file
+    content) is not ingested yet. The cursor remembers each file's size, mtime and batch key, a run
+    key per content guards restarts, and a file that changed in the last LLM_ASSETS_SETTLE_S seconds
+    waits for the next tick. A batch whose run failed is taken again on the next tick, up to
+    MAX_INGEST_RUNS runs."""
     incoming = lake.paths.incoming
-    seen: dict[str, list[int]] = json.loads(context.cursor) if context.cursor else {}
-    ready, settling = ingest.scan(incoming, seen, SETTLE_S)
+    seen = {name: entry for name, entry in (json.loads(context.cursor) if context.cursor else {}).items()
+            if len(entry) == 3}  # [size, mtime_ns, key]; older cursors had no key: hash those again
+    ready, settling = ingest.scan(incoming, {name: entry[:2] for name, entry in seen.items()}, SETTLE_S)
     for skipped in ingest.skipped_links(incoming):
         context.log.warning(f"{incoming}/{skipped}")
-    requests, new_keys = [], []
     for path in ready:
         before = ingest.stamp(path)
         key = ingest.batch_key(path)
         if ingest.stamp(path) != before:  # written to while we hashed it: next tick
             settling.append(path)
             continue
-        seen[path.name] = before
-        if context.instance.has_dynamic_partition(incoming_batches.name, key):
-            context.log.info(f"{path.name}: batch {key} was ingested before (same content), not again")
-            continue
-        new_keys.append(key)
-        requests.append(dg.RunRequest(
-            run_key=f"ingest:{key}", partition_key=key,
-            run_config=run_config.for_automation(lake.root, set(INGEST_ASSETS),
-                                                 {"drift_report": {"incoming_batch": key}}),
-            tags={f"{TAG}/cause": "incoming_data", f"{TAG}/incoming_file": path.name}))
-    present = {p.name for p in ingest.candidates(incoming)}
-    cursor = json.dumps({name: s for name, s in sorted(seen.items()) if name in present})  # forget removed files
+        seen[path.name] = [*before, key]
+    # Only files unchanged since they were hashed; a removed file is forgotten.
+    now = {p.name: ingest.stamp(p) for p in ingest.candidates(incoming)}
+    seen = {name: entry for name, entry in sorted(seen.items()) if now.get(name) == entry[:2]}
+    ingested = ingested_batches(context.instance)
+    fresh = {p.name for p in ready}
+    requests = [r for name, (_, _, key) in seen.items()
+                if (r := _ingest_request(context, lake, name, key, name in fresh, ingested))]
     if settling:
         context.log.info(f"waiting for {len(settling)} file(s) still being written: {[p.name for p in settling]}")
+    cursor = json.dumps(seen)
     if not requests:
         return dg.SensorResult(skip_reason=f"no new files in {incoming} ({len(settling)} still settling)", cursor=cursor)
+    new_keys = [r.partition_key for r in requests
+                if not context.instance.has_dynamic_partition(incoming_batches.name, r.partition_key)]
     return dg.SensorResult(run_requests=requests, cursor=cursor,
                            dynamic_partitions_requests=[incoming_batches.build_add_request(new_keys)])
+
+
+def _ingest_request(context: dg.SensorEvaluationContext, lake: LakeResource, name: str, key: str, fresh: bool,
+                    ingested: set[str]) -> dg.RunRequest | None:
+    """A run for batch `key` (file `name`, `fresh` if new or changed since the last tick), or None: it
+    is ingested, a run of it is queued or running, it was asked for and has not started, or it
+    failed MAX_INGEST_RUNS times."""
+    if key in ingested:
+        if fresh:
+            context.log.info(f"{name}: batch {key} was ingested before (same content), not again")
+        return None
+    runs = context.instance.get_runs(dg.RunsFilter(job_name=ingest_job.name, tags={"dagster/partition": key}))
+    if any(not run.is_finished for run in runs) or not (runs or fresh):
+        return None
+    if len(runs) >= MAX_INGEST_RUNS:
+        context.log.warning(f"{name}: batch {key} failed {len(runs)} runs ({', '.join(r.run_id[:8] for r in runs)}), "
+                            "not retried: fix the file and drop it again, or run `llm-assets ingest`")
+        return None
+    return dg.RunRequest(
+        # The daemon starts one run per run key: a retry needs a key of its own.
+        run_key=f"ingest:{key}" + (f":retry{len(runs)}" if runs else ""), partition_key=key,
+        run_config=run_config.for_automation(lake.root, set(INGEST_ASSETS), {"drift_report": {"incoming_batch": key}}),
+        tags={f"{TAG}/cause": "incoming_data", f"{TAG}/incoming_file": name})
 
 
 @dg.sensor(job=retrain_job, minimum_interval_seconds=SENSOR_INTERVAL_S, default_status=dg.DefaultSensorStatus.RUNNING)

@@ -16,6 +16,12 @@ from llm_assets.lib.common.settings import settings_of
 incoming_batches = dg.DynamicPartitionsDefinition(name="incoming_batches")
 
 
+def ingested_batches(instance: dg.DagsterInstance) -> set[str]:
+    """Keys of the batches ingested: those with a materialization. A partition alone says only that a
+    run was asked for; a batch whose run failed is taken again (the sensor, `llm-assets ingest`)."""
+    return set(instance.get_materialized_partitions(dg.AssetKey("incoming_batch")))
+
+
 class IncomingBatchConfig(CleanConfig):
     """The cleaning thresholds are clean_corpus's (set both alike); dedup takes the shards' own."""
 
@@ -37,6 +43,7 @@ def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfi
     train/validation split; sft_dataset and preference_dataset read them beside the shards. Written
     to data/lake/incoming_batch/<key>/; the DVC figures are those of the whole directory."""
     key = context.partition_key
+    lake.claim("incoming_batch")  # the batches read below for dedup must not change until this one is written
     path = ingest.find_batch_file(lake.paths.incoming, key)
     docs = ingest.read_batch_file(path, key, config.jsonl_text_field, config.parquet_text_column)
     shards = lake.artifact_dir("deduped_shards")

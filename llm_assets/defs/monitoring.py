@@ -37,7 +37,7 @@ class DriftReportConfig(dg.Config, drift.DriftSettings):
 
     incoming_batch: str = Field("", description="An incoming_batch partition key: compare that batch's documents with the training corpus instead of serving traffic with the training prompts (set by incoming_data_sensor).")
     window_hours: float = Field(24.0, ge=0, description="Current window: serving traffic of the last this many hours (0 = all of it).")
-    min_current_rows: int = Field(20, ge=1, description="Fewer requests than this in the window: no report (the comparison would mean nothing).")
+    min_current_rows: int = Field(20, ge=1, description="Fewer rows than this (requests in the window, documents in the batch): no report, the step is skipped saying why (the comparison would mean nothing).")
     max_reference_rows: int = Field(2000, ge=50, description="Training prompts sampled as the reference.")
     use_model_perplexity: bool = Field(True, description="Add each text's perplexity under the released model as a descriptor (needs a release).")
 
@@ -53,14 +53,18 @@ def _released_model(lake: LakeResource):
     return load_for_inference(release["path"]), AutoTokenizer.from_pretrained(release["path"]), release["version"]
 
 
-@dg.asset(group_name="monitoring", kinds={"evidently", "dvc"}, deps=["serving_log", "sft_dataset", "incoming_batch"])
-def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, lake: LakeResource) -> dg.MaterializeResult:
+# output_required=False: too few rows to compare is no report, not a failure (a small batch is still
+# ingested); the step then records an observation saying why, and the previous report stays.
+@dg.asset(group_name="monitoring", kinds={"evidently", "dvc"}, deps=["serving_log", "sft_dataset", "incoming_batch"],
+          output_required=False)
+def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, lake: LakeResource):
     """Evidently data drift between what the model meets now and what it was trained on: by default
     the prompts served in the window against the instruction prompts of sft_dataset; with
     `incoming_batch` set, a newly ingested batch against the training corpus. Text drift plus
     descriptors (length, words, non-letter share, byte-fallback rate, perplexity under the released
     model). `report.html` is Evidently's report, `summary.json` the figures in metadata; a report that
-    finds drift starts retrain_job (drift_sensor)."""
+    finds drift starts retrain_job (drift_sensor). Fewer than `min_current_rows` rows: skipped, and
+    an observation of drift_report says why (metadata `skipped`)."""
     if config.incoming_batch:
         source = f"incoming_batch:{config.incoming_batch}"
         current_texts, reference_texts, window = _batch_window(lake, config.incoming_batch)
@@ -69,8 +73,13 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
         current_texts, reference_texts, window = _serving_window(lake, config.window_hours)
     if len(current_texts) < config.min_current_rows:
         unit = "documents in the batch" if config.incoming_batch else "requests in the window"
-        raise dg.Failure(description=f"only {len(current_texts)} {unit} ({source}, {window}); "
-                                     f"min_current_rows is {config.min_current_rows}")
+        reason = (f"only {len(current_texts)} {unit} ({source}, {window}); "
+                  f"min_current_rows is {config.min_current_rows}")
+        context.log.warning(f"drift_report skipped: {reason}")
+        yield dg.AssetObservation(asset_key="drift_report", metadata={
+            "skipped": reason, "source": source, "current_rows": len(current_texts),
+            "min_current_rows": config.min_current_rows})
+        return
     model, tokenizer, version = _released_model(lake) if config.use_model_perplexity else (None, None, None)
     if tokenizer is None:
         from llm_assets.lib.tokenizer.tokenizer import load_tokenizer
@@ -89,7 +98,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
     version_ = lake.record("drift_report")
     rows = [(col, f"{v['score']:.4g}", v["method"], v["threshold"], "yes" if col in s["drifted_columns"] else "no")
             for col, v in s["scores"].items()]
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version_),
             "drift_detected": s["drift_detected"],

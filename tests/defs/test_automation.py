@@ -1,5 +1,6 @@
 """Sensors and schedules through Dagster's test contexts, on a tiny materialized project: first tick,
-nothing new, new input, a repeated report; and the ingest run they start, for real."""
+nothing new, new input, a repeated report, a failed batch taken again; and the ingest runs they
+start, for real."""
 
 import json
 import os
@@ -11,8 +12,12 @@ import pytest
 
 from helpers import log_prompts, materialize, metadata, shifted_batch
 from llm_assets.definitions import defs
-from llm_assets.defs.automation import drift_report_schedule, drift_sensor, eval_report_schedule, incoming_data_sensor
+from llm_assets.defs.automation import (MAX_INGEST_RUNS, drift_report_schedule, drift_sensor, eval_report_schedule,
+                                        incoming_data_sensor)
+from llm_assets.defs.ingestion import ingested_batches
 from llm_assets.defs.resources import LakeResource
+from llm_assets.lib.common.paths import ProjectPaths
+from llm_assets.lib.common.writer_lock import WriterLocks
 from llm_assets.lib.posttrain.posttrain_data import read_chats, user_prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,13 +65,14 @@ def test_incoming_sensor_first_tick_nothing_new_new_file_and_half_written(env):
     assert request.run_config["ops"]["drift_report"]["config"]["incoming_batch"] == key
     assert request.run_config["ops"]["drift_report"]["config"]["min_current_rows"] == 5  # from $LLM_ASSETS_CONFIG
     assert new.dynamic_partitions_requests[0].partition_keys == [key]
-    assert json.loads(new.cursor) == {"batch.jsonl": [path.stat().st_size, path.stat().st_mtime_ns]}
+    assert json.loads(new.cursor) == {"batch.jsonl": [path.stat().st_size, path.stat().st_mtime_ns, key]}
     again = tick(incoming_data_sensor, project, instance, new.cursor)
-    assert not again.run_requests  # nothing new: the file is in the cursor
-    # The daemon applies the partition request; the same content dropped again (new mtime) is not re-ingested.
-    instance.add_dynamic_partitions("incoming_batches", [key])
+    assert not again.run_requests  # nothing new: the file is in the cursor, its run not started yet
+    # The same content dropped again (new mtime) asks for the same run key: the daemon starts one run.
     os.utime(path, (time.time() - 30, time.time() - 30))
-    assert not tick(incoming_data_sensor, project, instance, new.cursor).run_requests
+    [repeat] = tick(incoming_data_sensor, project, instance, new.cursor).run_requests
+    assert repeat.run_key == request.run_key
+    path.unlink()  # never ingested: later tests' first ticks would take it
 
 
 def test_incoming_sensor_never_reads_a_symlink(env, tmp_path):
@@ -89,11 +95,10 @@ def test_ingest_run_reports_drift_and_the_drift_sensor_starts_one_retrain(env):
     path = drop(project, "shifted.jsonl", shifted_batch())
     [request] = tick(incoming_data_sensor, project, instance).run_requests
     key = request.partition_key
-    instance.add_dynamic_partitions("incoming_batches", [key])
-    run_config = {**request.run_config, "resources": {"lake": {"config": {"project_dir": str(project)}}}}
-    result = defs().resolve_job_def("ingest_job").execute_in_process(
-        run_config=run_config, instance=instance, partition_key=key, tags=request.tags, raise_on_error=False)
+    result = run_ingest(project, instance, request)
     assert result.success
+    os.utime(path, (time.time() - 30, time.time() - 30))  # dropped again: ingested, so nothing starts
+    assert not tick(incoming_data_sensor, project, instance).run_requests
     batch = metadata(instance, "incoming_batch")
     assert batch["documents_in"] == 40 and 0 < batch["documents"] <= 40
     assert batch["file"] == str(path)
@@ -132,22 +137,72 @@ def test_ingest_run_reports_drift_and_the_drift_sensor_starts_one_retrain(env):
     assert "| incoming |" in sft["by_origin"]
 
 
-def test_a_batch_the_corpus_already_has_adds_nothing_and_its_report_says_why(env):
+def test_a_batch_the_corpus_already_has_is_ingested_and_its_drift_report_skipped_saying_why(env):
     project, instance = env
     drop(project, "small.jsonl", shifted_batch(3))
     [request] = tick(incoming_data_sensor, project, instance).run_requests
-    instance.add_dynamic_partitions("incoming_batches", [request.partition_key])
-    run_config = {**request.run_config, "resources": {"lake": {"config": {"project_dir": str(project)}}}}
-    result = defs().resolve_job_def("ingest_job").execute_in_process(
-        run_config=run_config, instance=instance, partition_key=request.partition_key, raise_on_error=False)
-    assert not result.success
+    result = run_ingest(project, instance, request)
+    assert result.success
     batch = metadata(instance, "incoming_batch")
     # the three modules came with the earlier shifted.jsonl batch: exact duplicates, nothing new
     assert batch["documents"] == 0 and batch["duplicates_of_corpus_or_batch"] == 3
     [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "incoming_batch_adds_documents"]
-    assert not check.passed
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "only 0 documents in the batch" in failure.step_failure_data.user_failure_data.description
+    assert not check.passed  # a warning, not a failure
+    # fewer documents than min_current_rows (5): no report, the previous one stays, the run says why
+    assert instance.get_latest_materialization_event(dg.AssetKey("drift_report")).run_id != result.run_id
+    [skipped] = [e.asset_observation_data.asset_observation for e in result.get_asset_observation_events()]
+    assert skipped.asset_key == dg.AssetKey("drift_report")
+    assert skipped.metadata["skipped"].value.startswith("only 0 documents in the batch")
+    assert "min_current_rows is 5" in skipped.metadata["skipped"].value
+    assert request.partition_key in ingested_batches(instance)
+
+
+def test_a_batch_whose_run_failed_is_taken_again_on_the_next_tick(env):
+    project, instance = env
+    path = drop(project, "retry.jsonl", shifted_batch(2))
+    first = tick(incoming_data_sensor, project, instance)
+    [request] = first.run_requests
+    key = request.partition_key
+    other = WriterLocks(ProjectPaths(project).locks, "run 0123abcd")  # another run writing incoming_batch
+    other.hold("incoming_batch")
+    try:
+        failed = run_ingest(project, instance, request)
+    finally:
+        other.release_all()
+    assert not failed.success and key not in ingested_batches(instance)
+    failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "incoming_batch is being written by run 0123abcd" in failure.step_failure_data.error.to_string()
+    retry = tick(incoming_data_sensor, project, instance, first.cursor)
+    [again] = retry.run_requests
+    assert again.partition_key == key and again.run_key == f"ingest:{key}:retry1"
+    assert run_ingest(project, instance, again).success
+    assert not tick(incoming_data_sensor, project, instance, retry.cursor).run_requests
+    path.unlink()
+
+
+def test_a_batch_that_fails_every_time_is_given_up_after_three_runs(env):
+    project, instance = env
+    path = drop(project, "broken.jsonl", "{not json}\n")
+    cursor, keys = None, []
+    for _ in range(MAX_INGEST_RUNS):
+        result = tick(incoming_data_sensor, project, instance, cursor)
+        [request] = result.run_requests
+        keys.append(request.run_key)
+        assert not run_ingest(project, instance, request).success
+        cursor = result.cursor
+    key = request.partition_key
+    assert keys == [f"ingest:{key}", f"ingest:{key}:retry1", f"ingest:{key}:retry2"]
+    assert not tick(incoming_data_sensor, project, instance, cursor).run_requests
+    path.unlink()
+
+
+def run_ingest(project, instance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+    """What the daemon does with a request of incoming_data_sensor: add the partition, run ingest_job."""
+    instance.add_dynamic_partitions("incoming_batches", [request.partition_key])
+    run_config = {**request.run_config, "resources": {"lake": {"config": {"project_dir": str(project)}}}}
+    return defs().resolve_job_def("ingest_job").execute_in_process(
+        run_config=run_config, instance=instance, partition_key=request.partition_key, tags=request.tags,
+        raise_on_error=False)
 
 
 def schedule_tick(schedule, project, instance):

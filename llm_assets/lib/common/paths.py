@@ -84,6 +84,11 @@ class ProjectPaths:
         """Scratch space that survives a crash (resumable checkpoints); never DVC-tracked."""
         return self.lake / ".work" / asset
 
+    @property
+    def locks(self) -> Path:
+        """One writer lock per asset (`<asset>.lock`, `<asset>.holder`); never DVC-tracked."""
+        return self.lake / ".locks"
+
     def user_dirs(self) -> list[Path]:
         """The directories `llm-assets init` creates."""
         return [self.raw, self.incoming, self.lake]
