@@ -20,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from llm_assets.lib.common.atomic import owner, owner_gone
 from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
 
 
@@ -46,6 +47,9 @@ concurrency:
 # What resources.artifact_metadata puts first in every artifact's metadata: the summary shows these
 # on the asset's path line, not among its figures.
 ARTIFACT_FIELDS = ("path", "dvc_md5", "files", "bytes")
+# Run tag naming the process that executes a run this command launched ("<pid>@<host>"): runs
+# execute inside that process, so once it is gone (killed) `status` can tell the run is dead.
+RUN_OWNER_TAG = "llm_assets/owner"
 
 
 def project_dir() -> Path:
@@ -121,8 +125,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     job = defs.resolve_implicit_global_asset_job_def()
     run_config = _run_config(args.config, {k.to_user_string() for k in keys})
     with dg.DagsterInstance.get() as instance:
-        result = job.execute_in_process(
-            run_config=run_config, instance=instance, asset_selection=sorted(keys), raise_on_error=False)
+        result = job.execute_in_process(run_config=run_config, instance=instance, asset_selection=sorted(keys),
+                                        raise_on_error=False, tags={RUN_OWNER_TAG: owner()})
         print_summary(instance, [k for k in graph.toposorted_asset_keys if k in keys], project, skipped_assets(result))
         print_evaluation(instance, project)
         refused = refused_gates(result)
@@ -245,6 +249,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 continue
             version = event.asset_materialization.tags.get("dagster/data_version", "-")
             print(f"{key.to_user_string():<17} {event.timestamp and _ts(event.timestamp)}  version {version}  run {event.run_id[:8]}")
+        print_unfinished_runs(instance)
     status = dvc_status(project)
     print("\ndvc status: " + ("data and pipelines are up to date" if not status else ""))
     for stage, changes in status.items():
@@ -253,6 +258,29 @@ def cmd_status(args: argparse.Namespace) -> int:
                  for change in changes if isinstance(change, dict) for kind, paths in change.items()]
         print(f"  {stage}: {'; '.join(parts) or changes}")
     return 0
+
+
+def print_unfinished_runs(instance) -> None:
+    """Runs still STARTING or STARTED. Those this command launched whose process is gone (killed,
+    they would show as running forever) are marked failed."""
+    import dagster as dg
+
+    records = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]))
+    if records:
+        print("\nruns not finished:")
+    for record in records:
+        run, tag = record.dagster_run, record.dagster_run.tags.get(RUN_OWNER_TAG)
+        # The run was created by its owner process, so that process started before the run did.
+        gone = owner_gone(tag, record.create_timestamp.timestamp()) if tag else None
+        if gone:
+            instance.report_run_failed(run, f"the process running it ({tag}) is gone, killed before the run "
+                                            "ended; marked failed by `llm-assets status`")
+            state = f"process {tag} is gone: marked FAILED"
+        elif gone is None:  # no owner tag, or another host's process: Dagster's run monitoring is theirs
+            state = "not checked (launched by the daemon, the UI or on another host)"
+        else:
+            state = f"running (process {tag})"
+        print(f"  {run.run_id[:8]}  {_ts(record.create_timestamp.timestamp())}  {state}")
 
 
 def _ts(ts: float) -> str:
@@ -306,7 +334,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 instance.add_dynamic_partitions(incoming_batches.name, [key])
             run_config = _run_config(args.config, set(INGEST_ASSETS), {"drift_report": {"incoming_batch": key}})
             result = job.execute_in_process(run_config=run_config, instance=instance, partition_key=key,
-                                            raise_on_error=False, tags={"llm_assets/cause": "llm-assets ingest"})
+                                            raise_on_error=False,
+                                            tags={"llm_assets/cause": "llm-assets ingest", RUN_OWNER_TAG: owner()})
             print_summary(instance, [dg.AssetKey(a) for a in INGEST_ASSETS], project, skipped_assets(result))
             failed += not result.success
             print(f"{path.name}: batch {key} {'ingested' if result.success else 'FAILED, run ' + result.run_id}")

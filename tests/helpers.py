@@ -38,6 +38,15 @@ def make_project(base: Path) -> Path:
     return root
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped, as a SIGKILLed run's is."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout)
+
+
 def load_tiny_config(assets: list[str] | None = None) -> dict:
     """configs/tiny.yaml, optionally restricted to `assets` (Dagster rejects config for assets
     outside the run)."""

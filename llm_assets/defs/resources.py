@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr
 
 from llm_assets.lib.common import versioning
 from llm_assets.lib.common.paths import PROJECT_DIR_ENV, ProjectPaths, default_project_dir
-from llm_assets.lib.common.atomic import atomic_dir, sweep_leftovers
+from llm_assets.lib.common.atomic import atomic_dir, sweep_dir, sweep_leftovers
 from llm_assets.lib.common.writer_lock import WriterLocks
 
 class LakeResource(dg.ConfigurableResource):
@@ -75,6 +75,7 @@ class LakeResource(dg.ConfigurableResource):
         self.claim(asset)  # two runs sharing it would resume from each other's checkpoints
         path = self.paths.work(asset)
         path.mkdir(parents=True, exist_ok=True)
+        sweep_dir(path)  # checkpoints half written by a killed run (their writer is gone)
         return path
 
     @contextlib.contextmanager
