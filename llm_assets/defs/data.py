@@ -7,6 +7,7 @@ from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.data import clean, corpus, dedup
+from llm_assets.lib.data.bad_records import BadRecords
 from llm_assets.lib.common.report import histogram_markdown, markdown_table
 from llm_assets.lib.common.settings import settings_of
 
@@ -25,12 +26,22 @@ class DedupConfig(dg.Config, dedup.DedupParams):
     shard_target_mb: float = Field(8.0, description="Target uncompressed text per Parquet shard, in MB.")
 
 
+def bad_record_metadata(bad: BadRecords) -> dict:
+    """User records dropped as unusable (raw_corpus, sft_dataset, preference_dataset): the count and
+    share as numbers, and per reason the first file:line, where a person looks to fix or accept them."""
+    return {"dropped_bad_records": bad.total, "bad_record_share": bad.share,
+            "bad_records": dg.MetadataValue.md(markdown_table(["reason", "records dropped", "first (file:line)"],
+                                                              bad.rows()) if bad.total else "none")}
+
+
 @dg.asset(group_name="data", kinds={"parquet", "dvc"})
 def raw_corpus(context: dg.AssetExecutionContext, config: CorpusConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Documents from the configured sources (default: this Python's standard library, sources,
     tests and docs; plus .txt/.md/.jsonl/.parquet files under data/raw/) as one Parquet file. A
     .txt/.md file longer than max_document_chars becomes documents of about split_target_chars,
-    cut at paragraph boundaries (`<file>#chars=<start>-<end>`)."""
+    cut at paragraph boundaries (`<file>#chars=<start>-<end>`). JSONL lines and Parquet rows
+    without usable text are dropped and counted (`bad_records`); a file fails when they are more
+    than max_bad_record_share of it."""
     docs, stats = corpus.collect_documents(settings_of(config, corpus.CorpusSources), lake.raw_dir)
     if not docs:
         raise dg.Failure(f"raw_corpus: no documents (stdlib {'on' if config.include_stdlib else 'off'}, "
@@ -47,6 +58,7 @@ def raw_corpus(context: dg.AssetExecutionContext, config: CorpusConfig, lake: La
             "text_bytes": stats.bytes,
             "user_files": stats.files_read,
             "user_files_split": stats.files_split,
+            **bad_record_metadata(stats.bad),
             "invalid_utf8_bytes": stats.invalid_utf8_bytes,
             "documents_with_invalid_utf8": stats.documents_with_invalid_utf8,
             "by_source": dg.MetadataValue.md(markdown_table(["source", "documents"], rows)),

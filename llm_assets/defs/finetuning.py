@@ -92,10 +92,11 @@ def lora_checkpoint(context: dg.AssetExecutionContext, config: LoraCheckpointCon
     settings.validate()  # a bad config fails here, naming the field, before anything loads
     data = lake.artifact_dir("sft_dataset")
     train, held_out = (posttrain_data.read_chats(data, s) for s in ("train", "validation"))
+    sources = tuple(posttrain_data.read_sources(data, s) for s in ("train", "validation"))  # names chats cut to max_len
     out = lake.artifact_dir("lora_checkpoint")
     with lake.write("lora_checkpoint") as staging:
         result = train_sft(settings, lake.artifact_dir("base_checkpoint"), train, held_out,
-                           lake.work_dir("lora_checkpoint"), staging, log=_log(context))
+                           lake.work_dir("lora_checkpoint"), staging, log=_log(context), sources=sources)
         tuned = _tune(merged_dir(staging), held_out, config)
     version = lake.record("lora_checkpoint")
     m = result.metrics

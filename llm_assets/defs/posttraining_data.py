@@ -9,8 +9,10 @@ from collections import Counter
 import dagster as dg
 from pydantic import Field
 
+from llm_assets.defs.data import bad_record_metadata
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.data import dedup, ingest
+from llm_assets.lib.data.bad_records import BadRecords, RecordRules
 from llm_assets.lib.posttrain import instructions, posttrain_data, preferences
 from llm_assets.lib.posttrain.generation import generate_replies, repeats, rouge_l_scores, sample_replies
 from llm_assets.lib.pretrain.model_dir import load_model, merged_dir
@@ -18,14 +20,14 @@ from llm_assets.lib.tokenizer.tokenizer import load_tokenizer
 from llm_assets.lib.common.report import markdown_table
 
 
-class SftDatasetConfig(dg.Config):
+class SftDatasetConfig(dg.Config, RecordRules):
     include_corpus: bool = Field(True, description="Derive pairs from the corpus's Python modules: the instruction asks what a documented function or class does, the response is its docstring.")
     max_corpus_pairs: int = Field(0, ge=0, description="Keep at most this many derived training pairs, spread evenly over the library (0 = all).")
     user_dir: str = Field("data/sft", description="Directory (relative to the project) of Alpaca `.json`/`.jsonl` and chat `.jsonl` files; all of them are used.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of user records held out, chosen by a stable hash of each record.")
 
 
-class PreferenceDatasetConfig(dg.Config):
+class PreferenceDatasetConfig(dg.Config, RecordRules):
     include_corpus: bool = Field(True, description="Build pairs from the corpus: the prompt asks what a documented function or class does, chosen is its docstring.")
     negatives: str = Field("ranked", description="How corpus pairs are built: ranked = both replies are lora_checkpoint's own (its greedy reply and `samples` samples per prompt), chosen the one closest to the docstring by ROUGE-L, rejected the farthest (on-policy pairs labelled by the reference, as in iterative RPO); on_policy = chosen the docstring, rejected the model's greedy reply (SPIN); hard = chosen the docstring, rejected another function's docstring, from the same module where possible.")
     max_train_pairs: int = Field(640, ge=0, description="ranked, on_policy: corpus training pairs generated for, spread evenly over the library (0 = all; each costs a generation). Pairs from ingested batches are always all kept. hard uses every pair.")
@@ -66,17 +68,23 @@ def _chat_preview(messages: list[dict], width: int = 160) -> str:
 def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Instruction chats for fine-tuning, `train.parquet` and `validation.parquet` (`messages` as
     role/content lists, `source`, `origin`, `module`). Corpus-derived validation chats come only from
-    modules of the validation split, which pretraining never saw."""
+    modules of the validation split, which pretraining never saw. User records that cannot be used
+    are dropped and counted per reason (`bad_records`)."""
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
     if config.include_corpus:
         train = _corpus_pairs(lake, "train", config.max_corpus_pairs)
         splits["train"] += posttrain_data.derived_chat_rows(train)
         splits["validation"] += posttrain_data.derived_chat_rows(_corpus_pairs(lake, "validation"))
-    files = posttrain_data.user_files(lake.root / config.user_dir)
+    files, bad = posttrain_data.user_files(lake.root / config.user_dir), BadRecords()
     for path in files:
-        for messages, source in posttrain_data.read_sft_file(path):  # malformed: file and line named
+        # unusable records dropped and counted; malformed JSON, or too many unusable, fails naming file and line
+        chats, file_bad = posttrain_data.read_sft_file(path, config.max_bad_record_share)
+        bad.add(file_bad)
+        for messages, source in chats:
             split = "validation" if posttrain_data.held_out(messages, config.validation_fraction) else "train"
             splits[split].append(posttrain_data.chat_row(messages, source, path.name))
+    if bad.total:
+        context.log.warning(f"dropped {bad.total} unusable user records: {dict(bad.dropped)}")
     for split, rows in splits.items():
         if not rows:
             raise ValueError(f"sft_dataset: no {split} examples (include_corpus={config.include_corpus}, "
@@ -97,6 +105,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lak
             "train_examples": len(splits["train"]),
             "validation_examples": len(splits["validation"]),
             "user_files": len(files),
+            **bad_record_metadata(bad),
             "incoming_batch_documents": _batch_documents(lake),
             "mean_response_chars": sum(replies) / len(replies),
             "by_origin": dg.MetadataValue.md(markdown_table(
@@ -184,7 +193,7 @@ def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceData
     lora_checkpoint's own replies ranked by ROUGE-L against the docstring (ranked, the default), the
     docstring over the model's greedy reply (on_policy) or over another function's docstring (hard),
     built within each split so held-out pairs share nothing with training. User files' pairs are
-    added as labelled."""
+    added as labelled; records that cannot be used are dropped and counted per reason (`bad_records`)."""
     if config.negatives not in NEGATIVES:
         raise ValueError(f"negatives: must be one of {NEGATIVES} (got {config.negatives!r})")
     splits: dict[str, list[preferences.PreferencePair]] = {"train": [], "validation": []}
@@ -198,9 +207,12 @@ def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceData
             derived, figures = _hard(config, {s: _corpus_pairs(lake, s) for s in splits})
         for split in splits:
             splits[split] += derived[split]
-    files = posttrain_data.user_files(lake.root / config.user_dir)
+    files, bad = posttrain_data.user_files(lake.root / config.user_dir), BadRecords()
     for path in files:
-        for pair in posttrain_data.read_preference_file(path):  # malformed: file and line named
+        # unusable records dropped and counted; malformed JSON, or too many unusable, fails naming file and line
+        pairs, file_bad = posttrain_data.read_preference_file(path, config.max_bad_record_share)
+        bad.add(file_bad)
+        for pair in pairs:
             key = [pair.prompt, pair.chosen, pair.rejected]
             splits["validation" if posttrain_data.held_out(key, config.validation_fraction) else "train"].append(pair)
     dropped = {}
@@ -211,6 +223,8 @@ def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceData
                              f"{len(files)} user files in {config.user_dir})")
     if sum(dropped.values()):
         context.log.warning(f"dropped {sum(dropped.values())} pairs whose chosen equals rejected: {dropped}")
+    if bad.total:
+        context.log.warning(f"dropped {bad.total} unusable user records: {dict(bad.dropped)}")
     out = lake.artifact_dir("preference_dataset")
     with lake.write("preference_dataset") as tmp:
         for split, pairs in splits.items():
@@ -230,8 +244,9 @@ def preference_dataset(context: dg.AssetExecutionContext, config: PreferenceData
             **figures,  # numbers: the UI charts them across materializations
             "train_pairs": len(splits["train"]),
             "validation_pairs": len(splits["validation"]),
-            "dropped_identical": sum(dropped.values()),
+            "dropped_identical": sum(dropped.values()) + bad.dropped["identical_replies"],
             "user_files": len(files),
+            **bad_record_metadata(bad),
             "incoming_batch_documents": _batch_documents(lake),
             "negatives": dg.MetadataValue.md(markdown_table(["rejected reply taken from", "pairs"], sorted(tiers.items()))),
             "samples": dg.MetadataValue.md(markdown_table(["prompt", "chosen", "rejected", "negative"], samples)),

@@ -60,6 +60,21 @@ def test_malformed_jsonl_fails_with_file_and_line_and_keeps_previous_artifact(pr
     assert sorted(p.name for p in (project / "data/lake").iterdir()) == [".locks", "raw_corpus"]
 
 
+def test_a_few_jsonl_lines_without_text_are_counted_not_fatal(project):
+    lines = [json.dumps({"text": f"document number {i}"}) for i in range(30)] + [json.dumps({"body": "no text"})]
+    (project / "data/raw/rows.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {"ops": {"raw_corpus": {"config": {"include_stdlib": False}}}}
+    result = materialize_assets(ASSETS, project, cfg, selection=[raw_corpus])
+    assert result.success
+    md = {k: v.value for k, v in result.asset_materializations_for_node("raw_corpus")[0].metadata.items()}
+    assert md["documents"] == 30 and md["dropped_bad_records"] == 1 and md["bad_record_share"] == pytest.approx(1 / 31)
+    assert "| missing_field | 1 | rows.jsonl:31 |" in md["bad_records"]
+    cfg["ops"]["raw_corpus"]["config"]["max_bad_record_share"] = 0.01
+    failed = materialize_assets(ASSETS, project, cfg, selection=[raw_corpus])
+    error = failed.get_step_failure_events()[0].event_specific_data.error.to_string()
+    assert "rows.jsonl: 1 of 31 records unusable (3.2% > max_bad_record_share 1.0%): missing_field 1" in error
+
+
 def test_no_documents_left_fails_clearly(project):
     (project / "data/raw/short.txt").write_text("too short to keep")
     cfg = {"ops": {"raw_corpus": {"config": {"include_stdlib": False}}}}

@@ -23,8 +23,8 @@ def write_user_files(project: Path) -> None:
     chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Name {i}?"},
                            {"role": "assistant", "content": f"It is item {i}."}]} for i in range(10)]
     (sft / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    trl = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no", "rejected": "maybe"} for i in range(12)]
-    trl.append({"prompt": "Same?", "chosen": "identical", "rejected": " identical "})  # dropped, counted
+    trl = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no", "rejected": "maybe"} for i in range(20)]
+    trl.append({"prompt": "Same?", "chosen": "identical", "rejected": " identical "})  # dropped, counted: 1 of 21
     (prefs / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trl))
     hh = [{"chosen": f"\n\nHuman: Hi {i}\n\nAssistant: Hello!\n\nHuman: Help?\n\nAssistant: Sure, gladly.",
            "rejected": f"\n\nHuman: Hi {i}\n\nAssistant: Hello!\n\nHuman: Help?\n\nAssistant: No."} for i in range(8)]
@@ -81,13 +81,14 @@ def test_datasets_mix_corpus_and_user_files(post):
 
     pm = metadata(instance, "preference_dataset")
     rows = [r for split in read_splits(project, "preference_dataset").values() for r in split]
-    assert pm["dropped_identical"] == 1
+    assert pm["dropped_identical"] == 1 and pm["dropped_bad_records"] == 1 and "trl.jsonl:21" in pm["bad_records"]
+    assert md["dropped_bad_records"] == 0 and md["bad_records"] == "none"
     assert pm["train_pairs"] + pm["validation_pairs"] == len(rows)
     assert all(r["chosen"].strip() != r["rejected"].strip() for r in rows)
     hh = [r for r in rows if r["source"].startswith("hh.jsonl")]
     assert len(hh) == 8 and hh[0]["chosen"] == "Sure, gladly." and hh[0]["rejected"] == "No."
     assert [m["role"] for m in hh[0]["prompt"]] == ["user", "assistant", "user"]
-    assert sum(r["source"].startswith("trl.jsonl") for r in rows) == 12
+    assert sum(r["source"].startswith("trl.jsonl") for r in rows) == 20
     assert "ranked" in pm["negatives"] and pm["negatives_from"] == "ranked"
 
 
@@ -180,17 +181,76 @@ def test_preference_dataset_hard_negatives_and_a_bad_choice(post, tiny_config):
     assert "negatives: must be one of" in failure.step_failure_data.error.cause.message
 
 
-def test_malformed_user_file_fails_with_file_and_line_and_keeps_the_artifact(post, tiny_config):
+@pytest.mark.parametrize("lines, message", [
+    ([json.dumps({"instruction": "a", "output": "b"}), '{"instruction": "c", '], "{bad}:2: invalid JSON"),
+    ([json.dumps({"instruction": "a", "output": "b"}), json.dumps({"instruction": "c"})],
+     "{bad}: 1 of 2 records unusable (50.0% > max_bad_record_share 5.0%): missing_field 1 ({bad}:2: missing field 'output'"),
+], ids=["malformed_json", "mostly_unusable"])
+def test_malformed_user_file_fails_with_file_and_line_and_keeps_the_artifact(post, tiny_config, lines, message):
     project, instance, _ = post
     before = lock_md5(project, "sft_dataset")
     bad = project / "data/sft/broken.jsonl"
-    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    bad.write_text("\n".join(lines) + "\n")
     try:
         result = materialize(project, tiny_config(["sft_dataset"]), ["sft_dataset"], instance)
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-        assert f"{bad}:2: missing field 'output'" in failure.step_failure_data.error.cause.message
+        assert message.format(bad=bad) in failure.step_failure_data.error.cause.message
         assert lock_md5(project, "sft_dataset") == before
         assert (project / "data/lake/sft_dataset/train.parquet").is_file()
     finally:
         bad.unlink()
+
+
+def _hh_line(i: int, chosen: str, rejected: str, turns: int = 1, other_prompt: bool = False) -> str:
+    """An HH-RLHF record: `turns` exchanges, then the final question the two replies answer."""
+    history = "".join(f"\n\nHuman: Tell me about part {t} of machine {i}, please.\n\nAssistant: Part {t} of "
+                      f"machine {i} turns the wheel that drives part {t + 1} of it." for t in range(turns - 1))
+    prompt = history + f"\n\nHuman: Is machine {i} safe?\n\nAssistant:"
+    other = f"\n\nHuman: Something else?\n\nAssistant:" if other_prompt else prompt
+    return json.dumps({"chosen": prompt + chosen, "rejected": other + rejected})
+
+
+def write_public_style_files(project: Path) -> tuple[Path, Path]:
+    """Files as public datasets come: an HH-RLHF file with an empty reply, identical replies and
+    dialogues that differ before the final reply (3 of 67 records, 4.5%) and 4 long dialogues (lines
+    64-67); an Alpaca file with one record missing its output (1 of 31)."""
+    hh = [_hh_line(i, f" Yes, machine {i} is safe.", " No.") for i in range(60)]
+    hh += [_hh_line(60, "", " No."), _hh_line(61, " Same.", " Same. "), _hh_line(62, " Yes.", " No.", other_prompt=True)]
+    hh += [_hh_line(63 + k, f" Yes, {k}.", f" No, {k}.", turns=14) for k in range(4)]
+    alpaca = [{"instruction": f"Name tool {i}.", "input": "", "output": f"Tool {i} is a hammer."} for i in range(30)]
+    alpaca.insert(11, {"instruction": "Name the last tool.", "input": ""})
+    (project / "data/preferences/hh_public.jsonl").write_text("\n".join(hh) + "\n")
+    (project / "data/sft/alpaca_public.json").write_text(json.dumps(alpaca, indent=1))
+    return project / "data/preferences/hh_public.jsonl", project / "data/sft/alpaca_public.json"
+
+
+def test_public_files_bad_records_are_counted_and_long_dialogues_truncated(post, tiny_config):
+    project, instance, _ = post
+    hh, alpaca = write_public_style_files(project)
+    cfg = tiny_config(["sft_dataset", "preference_dataset", "aligned_checkpoint"])
+    cfg["ops"]["preference_dataset"]["config"]["include_corpus"] = False  # user pairs only: every long pair is hh_public's
+    try:
+        assert materialize(project, cfg, ["sft_dataset", "preference_dataset", "aligned_checkpoint"], instance).success
+        sm, pm, am = (metadata(instance, a) for a in ("sft_dataset", "preference_dataset", "aligned_checkpoint"))
+        assert sm["dropped_bad_records"] == 1 and "| missing_field | 1 | alpaca_public.json:" in sm["bad_records"]
+        assert sm["user_files"] == 4
+        assert pm["dropped_bad_records"] == 4 and pm["dropped_identical"] == 2  # hh_public's 3 and trl.jsonl's identical
+        for reason, where in [("empty_reply", "hh_public.jsonl:61"), ("identical_replies", "hh_public.jsonl:62"),
+                              ("different_prefix", "hh_public.jsonl:63")]:
+            assert reason in pm["bad_records"] and where in pm["bad_records"]
+        assert pm["train_pairs"] + pm["validation_pairs"] == 20 + 8 + 64
+        # the 4 long dialogues are truncated to max_len 128, not dropped, and named
+        assert am["truncated_to_fit"] == 4 and am["dropped_too_long"] == 0
+        assert am["too_long_examples"].startswith("truncated 4: hh_public.jsonl#L6")
+
+        # above the share: the run fails naming file and counts, and the artifact stays as it was
+        before = lock_md5(project, "preference_dataset")
+        hh.write_text(hh.read_text() + "".join(_hh_line(70 + k, " Same.", " Same.") + "\n" for k in range(3)))
+        failed = materialize(project, cfg, ["preference_dataset"], instance)
+        cause = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error.cause
+        assert f"{hh}: 6 of 70 records unusable (8.6% > max_bad_record_share 5.0%): identical_replies 4" in cause.message
+        assert lock_md5(project, "preference_dataset") == before
+    finally:
+        hh.unlink()
+        alpaca.unlink()

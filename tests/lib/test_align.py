@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_assets.lib.pretrain.model_dir import load_model
-from llm_assets.lib.posttrain.align import AlignSettings, encode_pairs, preference_scores, prompt_messages, train_align
+from llm_assets.lib.posttrain.align import (AlignSettings, encode_pairs, encode_splits, preference_scores, prompt_messages,
+                                            train_align)
 from llm_assets.lib.posttrain.preferences import PreferencePair
 
 # Learnable: every chosen reply follows one pattern ("Return x plus i."), every rejected one breaks it.
@@ -30,12 +31,37 @@ def test_accuracy_compares_mean_log_prob_per_token(tiny_base_dir):
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
     model = load_model(tiny_base_dir)
     pairs = [PreferencePair("Q?", "a b c d e f g h", "a", "x"), PreferencePair("Q?", "a", "a b c d e f g h", "y")]
-    encoded, kept = encode_pairs(tok, pairs, 128)
-    assert kept == [0, 1]
+    encoded, kept, too_long = encode_pairs(tok, pairs, 128)
+    assert kept == pairs and too_long.examples() == "truncated 0; dropped 0"
     s = preference_scores(model, encoded, tok.pad_token_id)
     # the two pairs are mirror images: exactly one of them is won, by either rule
     assert s.accuracy == 0.5 and s.accuracy_summed == 0.5
     assert s.logp_margin == pytest.approx(0.0, abs=1e-4)
+
+
+def _hh_pair(i: int, turns: int) -> PreferencePair:
+    """An HH-RLHF prompt of `turns` exchanges (the text form preference_dataset reads) and two replies."""
+    dialogue = "".join(f"\n\nHuman: Question {t} about item {i} and its many parts?\n\nAssistant: An answer {t} "
+                       f"about item {i} with some words." for t in range(turns))
+    return PreferencePair(dialogue + "\n\nHuman: And finally?\n\nAssistant:", f"Finally {i}.", f"No {i}.", f"hh.jsonl#L{i}")
+
+
+def test_long_dialogues_are_truncated_once_for_both_sides_and_trl_gets_the_cut_prompt(tiny_base_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    pairs = [_hh_pair(i, turns=12 if i % 2 else 1) for i in range(6)]  # odd ones run far past 128 tokens
+    s = settings(max_len=128)
+    eval_enc, train_records, eval_records, left_out, too_long = encode_splits(tok, pairs[:4], pairs[4:], s)
+    assert left_out == 0 and too_long.truncated == ["hh.jsonl#L1", "hh.jsonl#L3", "hh.jsonl#L5"]
+    assert too_long.dropped == [] and len(train_records) == 4 and len(eval_enc) == 2
+    for pair, record in zip(pairs[:4], train_records):
+        full = prompt_messages(pair.prompt)
+        assert record["prompt"][-1] == full[-1] and record["prompt"] == full[len(full) - len(record["prompt"]):]
+        assert record["chosen"][0]["content"] == pair.chosen  # replies whole: they fit once the oldest turns went
+        text = tok.apply_chat_template(record["prompt"] + record["chosen"], tokenize=False)
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 128  # TRL's own tokenization fits too
+    for chosen, rejected in eval_enc:
+        n = sum(label == -100 for label in chosen["labels"])
+        assert chosen["input_ids"][:n] == rejected["input_ids"][:n] and len(chosen["input_ids"]) <= 128
 
 
 def settings(**kw) -> AlignSettings:
@@ -61,7 +87,9 @@ def test_dpo_with_sft_term_trains_a_new_adapter_on_the_reference_and_merges(tiny
     assert m.method_accuracy_source == "eval_rewards/accuracies"
     # the flat figures (metrics.json, the asset's metadata) spread the per-model ones
     flat = json.loads((out / "metrics.json").read_text())
-    assert list(flat)[6:12] == ["base_preference_accuracy", "lora_preference_accuracy", "aligned_preference_accuracy",
+    assert list(flat)[5:8] == ["dropped_too_long", "truncated_to_fit", "too_long_examples"]
+    assert flat["truncated_to_fit"] == 0 and flat["too_long_examples"] == "truncated 0; dropped 0"
+    assert list(flat)[8:14] == ["base_preference_accuracy", "lora_preference_accuracy", "aligned_preference_accuracy",
                                 "base_preference_accuracy_summed", "lora_preference_accuracy_summed",
                                 "aligned_preference_accuracy_summed"]
     assert flat["aligned_preference_accuracy"] == result.scores["aligned"].accuracy

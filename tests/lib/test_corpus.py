@@ -77,6 +77,19 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path, content: str, messa
         collect(tmp_path)
 
 
+def test_a_few_unusable_jsonl_lines_and_parquet_rows_are_dropped_and_counted(tmp_path: Path):
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(40)]
+    lines[3], lines[9] = json.dumps({"body": "no text"}), json.dumps({"text": None})
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(29)] + [None]}), tmp_path / "rows.parquet")
+    docs, stats = collect(tmp_path)
+    assert len(docs) == 38 + 29 and stats.bad.read == 70
+    assert stats.bad.rows() == [("missing_field", 3, "rows.jsonl:4, rows.jsonl:10, rows.parquet: row 29")]
+    assert "raw/rows.jsonl#L5" in {d.doc_id for d in docs} and "raw/rows.jsonl#L4" not in {d.doc_id for d in docs}
+    with pytest.raises(corpus.CorpusFormatError, match=r"rows\.jsonl: 2 of 40 records unusable \(5\.0% > "):
+        collect(tmp_path, max_bad_record_share=0.04)
+
+
 def test_parquet_errors_name_file(tmp_path: Path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
     with pytest.raises(corpus.CorpusFormatError, match=r"nocol\.parquet: missing text column 'text'"):

@@ -119,31 +119,47 @@ def test_read_alpaca_json_and_jsonl(tmp_path: Path):
                {"instruction": "Greet.", "output": "Hello."}]
     (tmp_path / "a.json").write_text(json.dumps(records, indent=2))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    from_json, from_jsonl = read_alpaca(tmp_path / "a.json"), read_alpaca(tmp_path / "a.jsonl")
+    (from_json, bad_json), (from_jsonl, bad_jsonl) = read_alpaca(tmp_path / "a.json"), read_alpaca(tmp_path / "a.jsonl")
     assert [(p.instruction, p.input, p.output) for p in from_json] == [("Add.", "1 2", "3"), ("Greet.", "", "Hello.")]
     assert [(p.instruction, p.input, p.output) for p in from_jsonl] == [(p.instruction, p.input, p.output) for p in from_json]
     assert [p.source_doc_id for p in from_json] == ["a.json#L2", "a.json#L7"]
     assert [p.source_doc_id for p in from_jsonl] == ["a.jsonl#L1", "a.jsonl#L2"]
+    assert (bad_json.read, bad_json.total, bad_jsonl.read, bad_jsonl.total) == (2, 0, 2, 0)
     (tmp_path / "empty.json").write_text(" [ ] ")
-    assert read_alpaca(tmp_path / "empty.json") == []
+    assert read_alpaca(tmp_path / "empty.json")[0] == []
+
+
+@pytest.mark.parametrize("name,text,reason,where,message", [
+    ("missing.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', "missing_field", "missing.jsonl:2",
+     "missing field 'output'"),
+    ("null.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": null}\n', "missing_field",
+     "null.jsonl:2", "field 'output' is null"),
+    ("empty.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "  \\n "}\n', "empty_reply",
+     "empty.jsonl:2", "field 'output' is empty"),
+    ("type.jsonl", '{"instruction": "a", "input": 3, "output": "b"}\n{"instruction": "a", "output": "b"}\n', "wrong_type",
+     "type.jsonl:1", "field 'input' must be a string"),
+    ("list.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c",\n  "output": ""}\n]', "empty_reply",
+     "list.json:3: item 1", "field 'output' is empty"),
+    ("list_missing.json", '[{"instruction": "a", "output": "b"},\n\n{"output": "b"}]', "missing_field",
+     "list_missing.json:3: item 1", "missing field 'instruction'"),
+])
+def test_read_alpaca_drops_and_counts_unusable_records(tmp_path: Path, name, text, reason, where, message):
+    (tmp_path / name).write_text(text)
+    pairs, bad = read_alpaca(tmp_path / name)
+    assert len(pairs) == 1 and bad.read == 2 and dict(bad.dropped) == {reason: 1}
+    assert bad.where == {reason: [where]}
+    assert bad.first[reason].startswith(f"{tmp_path / where}: {message}")  # the full path, for the failure message
 
 
 @pytest.mark.parametrize("name,text,match", [
-    ("missing.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"missing\.jsonl:2: missing field 'output'"),
-    ("empty.jsonl", '{"instruction": "a", "output": "  \\n "}\n', r"empty\.jsonl:1: field 'output' is empty"),
     ("badjson.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": \n', r"badjson\.jsonl:3: invalid JSON"),
-    ("type.jsonl", '{"instruction": "a", "input": 3, "output": "b"}\n', r"type\.jsonl:1: field 'input' must be a string"),
-    ("list.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c",\n  "output": ""}\n]',
-     r"list\.json:3: item 1: field 'output' is empty"),
-    ("list_missing.json", '[{"instruction": "a", "output": "b"},\n\n{"output": "b"}]',
-     r"list_missing\.json:3: item 1: missing field 'instruction'"),
     ("notlist.json", '{"instruction": "a", "output": "b"}', r"notlist\.json:1: expected a JSON list"),
     ("badlist.json", '[{"instruction": "a", "output": "b"}\n {"instruction": "a"}]', r"badlist\.json:2: expected ',' or ']'"),
     ("nonobj.json", '[\n"just a string"]', r"nonobj\.json:2: item 0: expected a JSON object"),
     ("trailing.json", '[{"instruction": "a", "output": "b"},\n]', r"trailing\.json:2: trailing ','"),
     ("data.csv", "instruction,output\n", r"data\.csv: unsupported"),
 ])
-def test_read_alpaca_malformed_names_file_and_line(tmp_path: Path, name, text, match):
+def test_read_alpaca_malformed_json_fails_naming_file_and_line(tmp_path: Path, name, text, match):
     (tmp_path / name).write_text(text)
     with pytest.raises(CorpusFormatError, match=match):
         read_alpaca(tmp_path / name)
@@ -164,27 +180,32 @@ def test_read_chat_jsonl(tmp_path: Path):
                            {"role": "assistant", "content": "Hello.", "weight": 1}]},
              {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
-    assert read_chat_jsonl(tmp_path / "c.jsonl") == [
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello."}],
-        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
+    read, bad = read_chat_jsonl(tmp_path / "c.jsonl")
+    assert read == [
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello."}], "c.jsonl#L1"),
+        ([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "c.jsonl#L2")]
+    assert bad.total == 0
 
 
 def _chat(*turns) -> str:
     return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]})
 
 
-@pytest.mark.parametrize("line,match", [
-    ('{"conversation": []}', "missing field 'messages'"),
-    ('{"messages": []}', "non-empty list"),
-    (_chat(("user", "Hi")), "last message must be an assistant turn"),
-    (_chat(("user", "Hi"), ("assistant", "   ")), "final assistant turn is empty"),
-    (_chat(("user", "Hi"), ("bot", "Hello")), "message 1: unknown role 'bot'"),
-    (_chat(("system", "Rules"), ("assistant", "Hello")), "no user turn"),
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', "message 0: missing field 'content'"),
+@pytest.mark.parametrize("line,reason,match", [
+    ('{"conversation": []}', "missing_field", "missing field 'messages'"),
+    ('{"messages": []}', "bad_chat", "non-empty list"),
+    (_chat(("user", "Hi")), "bad_chat", "last message must be an assistant turn"),
+    (_chat(("user", "Hi"), ("assistant", "   ")), "empty_reply", "final assistant turn is empty"),
+    (_chat(("user", "Hi"), ("bot", "Hello")), "bad_chat", "message 1: unknown role 'bot'"),
+    (_chat(("system", "Rules"), ("assistant", "Hello")), "bad_chat", "no user turn"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', "missing_field",
+     "message 0: missing field 'content'"),
 ])
-def test_read_chat_jsonl_malformed_names_file_and_line(tmp_path: Path, line, match):
+def test_read_chat_jsonl_drops_and_counts_unusable_records(tmp_path: Path, line, reason, match):
     good = _chat(("user", "Hi"), ("assistant", "Hello"))
-    (tmp_path / "c.jsonl").write_text(f"{good}\n{good}\n{line}\n")
-    with pytest.raises(CorpusFormatError, match=rf"c\.jsonl:3: .*{match}"):
-        read_chat_jsonl(tmp_path / "c.jsonl")
+    (tmp_path / "c.jsonl").write_text(f"{good}\n{good}\n{line}\n{good}\n")
+    chats, bad = read_chat_jsonl(tmp_path / "c.jsonl")
+    assert [source for _, source in chats] == ["c.jsonl#L1", "c.jsonl#L2", "c.jsonl#L4"]  # sources stay aligned
+    assert bad.read == 4 and dict(bad.dropped) == {reason: 1} and bad.where[reason][0].startswith("c.jsonl:3")
+    assert f"c.jsonl:3: " in bad.first[reason] and match in bad.first[reason]

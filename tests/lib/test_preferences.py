@@ -137,27 +137,37 @@ def test_read_trl_jsonl_standard_and_conversational(tmp_path: Path):
          "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]},
     ]
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    prefs = read_trl_jsonl(tmp_path / "t.jsonl")
+    prefs, bad = read_trl_jsonl(tmp_path / "t.jsonl")
     assert prefs == [
         PreferencePair("Capital of France?", "Paris.", "Lyon.", "t.jsonl#L1"),
         PreferencePair([{"role": "system", "content": "Be short."}, {"role": "user", "content": "2+2?"}],
                        "4", "5", "t.jsonl#L2"),
     ]
+    assert bad.read == 2 and bad.total == 0
 
 
-@pytest.mark.parametrize("record,match", [
-    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
-    ({"prompt": "q", "chosen": " ", "rejected": "b"}, "field 'chosen' is empty"),
-    ({"prompt": "q", "chosen": "a", "rejected": 3}, "field 'rejected' must be a string"),
+@pytest.mark.parametrize("record,reason,match", [
+    ({"prompt": "q", "chosen": "a"}, "missing_field", "missing field 'rejected'"),
+    ({"prompt": "q", "chosen": " ", "rejected": "b"}, "empty_reply", "field 'chosen' is empty"),
+    ({"prompt": "q", "chosen": "a", "rejected": 3}, "wrong_type", "field 'rejected' must be a string"),
+    ({"prompt": "q", "chosen": "same", "rejected": " same "}, "identical_replies", "are the same reply"),
     ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}],
-      "rejected": [{"role": "assistant", "content": "b"}]}, "'chosen' must be a string or a list of one assistant"),
+      "rejected": [{"role": "assistant", "content": "b"}]}, "bad_chat", "'chosen' must be a string or a list of one assistant"),
     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
-      "chosen": "a", "rejected": "b"}, "prompt must end with a user turn"),
+      "chosen": "a", "rejected": "b"}, "bad_chat", "prompt must end with a user turn"),
 ])
-def test_read_trl_malformed_names_file_and_line(tmp_path: Path, record, match):
+def test_read_trl_drops_and_counts_unusable_records(tmp_path: Path, record, reason, match):
     good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
-    (tmp_path / "t.jsonl").write_text(f"{good}\n{json.dumps(record)}\n")
-    with pytest.raises(CorpusFormatError, match=rf"t\.jsonl:2: .*{match}"):
+    (tmp_path / "t.jsonl").write_text(f"{good}\n{json.dumps(record)}\n{good}\n")
+    prefs, bad = read_trl_jsonl(tmp_path / "t.jsonl")
+    assert [p.source for p in prefs] == ["t.jsonl#L1", "t.jsonl#L3"]
+    assert bad.read == 3 and dict(bad.dropped) == {reason: 1} and bad.where == {reason: ["t.jsonl:2"]}
+    assert bad.first[reason].startswith(f"{tmp_path}/t.jsonl:2: ") and match in bad.first[reason]
+
+
+def test_read_trl_malformed_json_fails_naming_file_and_line(tmp_path: Path):
+    (tmp_path / "t.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", \n')
+    with pytest.raises(CorpusFormatError, match=r"t\.jsonl:2: invalid JSON"):
         read_trl_jsonl(tmp_path / "t.jsonl")
 
 
@@ -167,19 +177,23 @@ HH_PROMPT = "\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers.\n
 def test_read_hh_rlhf_jsonl(tmp_path: Path):
     record = {"chosen": HH_PROMPT + " How about Mittens?", "rejected": HH_PROMPT + " No."}
     (tmp_path / "hh.jsonl").write_text(json.dumps(record) + "\n")
-    assert read_hh_rlhf_jsonl(tmp_path / "hh.jsonl") == [
+    assert read_hh_rlhf_jsonl(tmp_path / "hh.jsonl")[0] == [
         PreferencePair(HH_PROMPT, "How about Mittens?", "No.", "hh.jsonl#L1")]
 
 
-@pytest.mark.parametrize("record,match", [
-    ({"chosen": HH_PROMPT + " Yes."}, "missing field 'rejected'"),
-    ({"chosen": HH_PROMPT + " Yes.", "rejected": HH_PROMPT + "  "}, "'rejected': the final assistant reply is empty"),
-    ({"chosen": "\n\nHuman: hi", "rejected": HH_PROMPT + " No."}, "'chosen' has no 'Assistant:' turn"),
-    ({"chosen": HH_PROMPT + " Yes.", "rejected": "\n\nHuman: other\n\nAssistant: No."},
+@pytest.mark.parametrize("record,reason,match", [
+    ({"chosen": HH_PROMPT + " Yes."}, "missing_field", "missing field 'rejected'"),
+    ({"chosen": HH_PROMPT + " Yes.", "rejected": HH_PROMPT + "  "}, "empty_reply",
+     "'rejected': the final assistant reply is empty"),
+    ({"chosen": "\n\nHuman: hi", "rejected": HH_PROMPT + " No."}, "bad_chat", "'chosen' has no 'Assistant:' turn"),
+    ({"chosen": HH_PROMPT + " Yes.", "rejected": "\n\nHuman: other\n\nAssistant: No."}, "different_prefix",
      "differ before their final assistant reply"),
+    ({"chosen": HH_PROMPT + " Yes.", "rejected": HH_PROMPT + " Yes. "}, "identical_replies", "are the same reply"),
 ])
-def test_read_hh_rlhf_malformed_names_file_and_line(tmp_path: Path, record, match):
+def test_read_hh_rlhf_drops_and_counts_unusable_records(tmp_path: Path, record, reason, match):
     good = json.dumps({"chosen": HH_PROMPT + " A.", "rejected": HH_PROMPT + " B."})
     (tmp_path / "hh.jsonl").write_text(f"{good}\n\n{json.dumps(record)}\n")
-    with pytest.raises(CorpusFormatError, match=rf"hh\.jsonl:3: .*{match}"):
-        read_hh_rlhf_jsonl(tmp_path / "hh.jsonl")
+    prefs, bad = read_hh_rlhf_jsonl(tmp_path / "hh.jsonl")
+    assert [p.source for p in prefs] == ["hh.jsonl#L1"]
+    assert bad.read == 2 and dict(bad.dropped) == {reason: 1} and bad.where == {reason: ["hh.jsonl:3"]}
+    assert bad.first[reason].startswith(f"{tmp_path}/hh.jsonl:3: ") and match in bad.first[reason]

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from llm_assets.lib.posttrain.preferences import PreferencePair
-from llm_assets.lib.posttrain.reward import (RewardSettings, conversation, encode_conversation, load_reward_model,
-                                             make_trainer, reward_scores, rewards_scatter_markdown,
+from llm_assets.lib.posttrain.reward import (RewardSettings, conversation, encode_conversation, fitting_pairs,
+                                             load_reward_model, make_trainer, reward_scores, rewards_scatter_markdown,
                                              train_reward_model, win_rate)
 
 # Learnable: the chosen reply always answers the question, the rejected one never does.
@@ -31,7 +31,7 @@ def trained(tiny_base_dir, tmp_path_factory):
 def test_the_reward_model_ranks_held_out_chosen_replies_first(trained):
     result, out = trained
     m = result.metrics
-    assert m.train_pairs == 32 and m.eval_pairs == 16 and m.dropped_too_long == 0
+    assert m.train_pairs == 32 and m.eval_pairs == 16 and m.dropped_too_long == 0 and m.truncated_to_fit == 0
     assert m.steps == 32  # 8 epochs of 32 pairs at 8 a step
     assert m.eval_accuracy >= 0.8 and m.mean_chosen_reward > m.mean_rejected_reward
     # -log sigmoid(0) = ln 2 is the pairwise loss of a model that cannot tell the replies apart
@@ -108,3 +108,15 @@ def test_bad_settings_and_inputs_fail_naming_the_field(tiny_base_dir, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="replies"):
         reward_scores(None, None, ["a", "b"], ["only one"])
+
+
+def test_long_pairs_are_cut_to_fit_the_reward_trainer(tiny_base_dir):
+    """RewardTrainer drops conversations over max_length: fitting_pairs cuts them to fit instead."""
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    words = " ".join(f"word{i}" for i in range(150))
+    pairs = [PAIRS[0], PreferencePair(words, "Yes.", words, "hh.jsonl#L7")]  # a long prompt and a long reply
+    kept, too_long = fitting_pairs(tok, pairs, 96)
+    assert kept[0] is PAIRS[0] and too_long.truncated == ["hh.jsonl#L7"] and too_long.dropped == []
+    cut = kept[1]
+    assert cut.chosen == "Yes." and words.startswith(cut.rejected) and words.endswith(cut.prompt[-1]["content"])
+    assert max(len(encode_conversation(tok, conversation(cut.prompt, r))) for r in (cut.chosen, cut.rejected)) <= 96

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llm_assets.lib.posttrain.adapters import attach_adapter, merge_into_fp32
 from llm_assets.lib.pretrain.model_dir import load_model
 from llm_assets.lib.posttrain.chat_data import encode_chat, pad_batch
-from llm_assets.lib.posttrain.sft import SftSettings, train_sft
+from llm_assets.lib.posttrain.sft import SftSettings, encode_splits, train_sft
 
 CHATS = [[{"role": "user", "content": f"Explain what `mod.f{i}(x, y={i})` does."},
           {"role": "assistant", "content": f"Return x plus {i} times y, rounded down."}] for i in range(24)]
@@ -23,10 +23,21 @@ def settings(method="lora", **kw) -> SftSettings:
     return SftSettings(method=method, **{**base, **kw})
 
 
+def test_long_chats_are_truncated_and_named_by_source(tiny_base_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    long = [{"role": "user", "content": " ".join(f"word{i}" for i in range(200))}, CHATS[0][1]]
+    train, held, too_long = encode_splits(tok, [CHATS[0], long], [long], settings(max_len=64),
+                                          (["a.json#L1", "a.json#L9"], ["b.jsonl#L2"]))
+    assert len(train) == 2 and len(held) == 1 and max(len(e["input_ids"]) for e in train + held) <= 64
+    assert too_long.truncated == ["a.json#L9", "b.jsonl#L2"] and too_long.dropped == []
+    assert encode_splits(tok, [long], [long], settings(max_len=64))[2].truncated == ["train[0]", "validation[0]"]
+
+
 def test_lora_trains_adapter_only_and_saves_adapter_and_merged_model(tiny_base_dir, tmp_path):
     out = tmp_path / "out"
     result = train_sft(settings(), tiny_base_dir, CHATS[:16], CHATS[16:], tmp_path / "work", out, log=lambda e: None)
     m = result.metrics
+    assert m.dropped_too_long == m.truncated_to_fit == 0 and m.too_long_examples == "truncated 0; dropped 0"
     assert 0 < m.trainable_parameters < m.total_parameters
     assert m.trainable_share == pytest.approx(m.trainable_parameters / m.total_parameters)
     assert json.loads((out / "metrics.json").read_text()) == asdict(m)

@@ -41,8 +41,15 @@ any documents.
 
 Invalid UTF-8 is never fatal and never silent: each undecodable byte becomes U+FFFD and is counted
 per document (`invalid_utf8`); the cleaning stage drops documents where that share is high.
-Malformed structure (bad JSON, a missing or non-string text field, a missing column) raises
-`CorpusFormatError` naming the file and line (or row).
+A record that parses but cannot be used (a JSONL line without the text field or with a non-string
+one, a null Parquet row) is dropped and counted per reason (`CorpusStats.bad`, bad_records.py); a
+file fails only when their share is above `max_bad_record_share`. Malformed structure (bad JSON, a
+missing or non-string column) raises `CorpusFormatError` naming the file and line (or row).
+
+    >>> _ = (raw / "rows.jsonl").write_text('{"text": "kept"}\n' * 30 + '{"title": "no text"}\n')
+    >>> docs, stats = collect_documents(CorpusSources(include_stdlib=False, user_globs=["*.jsonl"]), raw)
+    >>> len(docs), dict(stats.bad.dropped), stats.bad.where
+    (30, {'missing_field': 1}, {'missing_field': ['rows.jsonl:31']})
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ import pyarrow.parquet as pq
 from pydantic import ConfigDict, Field
 from semantic_text_splitter import MarkdownSplitter, TextSplitter
 
-from llm_assets.lib.common.settings import Settings
+from llm_assets.lib.data.bad_records import (MAX_BAD_RECORD_SHARE, BadRecord, BadRecords, CorpusFormatError, RecordRules,
+                                             read_records)
 
 USER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md")  # one document per file, split when long
@@ -84,10 +92,6 @@ SCHEMA = pa.schema(
 )
 
 
-class CorpusFormatError(ValueError):
-    """A user file is structurally malformed; the message names the file and line or row."""
-
-
 @dataclass(frozen=True)
 class Document:
     doc_id: str
@@ -98,7 +102,7 @@ class Document:
     invalid_utf8: int = 0
 
 
-class CorpusSources(Settings):
+class CorpusSources(RecordRules):
     """What goes into the raw corpus, besides the raw_dir it reads; the launchpad of `raw_corpus`."""
 
     model_config = ConfigDict(frozen=True)
@@ -127,6 +131,7 @@ class CorpusStats:
     by_source: Counter = field(default_factory=Counter)
     files_read: int = 0
     files_split: int = 0  # .txt/.md files longer than max_document_chars, read as several documents
+    bad: BadRecords = field(default_factory=BadRecords)  # .jsonl lines and .parquet rows dropped, per reason
 
 
 def decode_counting(raw: bytes, encoding: str = "utf-8") -> tuple[str, int]:
@@ -243,30 +248,37 @@ def parse_json_object(path: Path, lineno: int, line: str) -> dict:
     return record
 
 
-def _read_jsonl(path: Path, doc_prefix: str, text_field: str) -> Iterator[Document]:
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, tuple[int, int, int, dict]]]:
+    """("file:line", (line number, raw bytes, bytes replaced, record)) per non-blank line. Malformed
+    JSON raises here: it is never a dropped record."""
     with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             decoded, bad = decode_counting(line)
-            record = parse_json_object(path, lineno, decoded)
-            if text_field not in record:
-                raise CorpusFormatError(
-                    f"{path}:{lineno}: missing text field {text_field!r} (keys: {sorted(record)[:10]})")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise CorpusFormatError(
-                    f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
-            # An optional "path" (as code datasets carry) names the document: `.py` ones then yield
-            # instruction pairs like the stdlib's modules do.
-            name = record.get("path")
-            if name is not None and not isinstance(name, str):
-                raise CorpusFormatError(f"{path}:{lineno}: field 'path' must be a string, got {type(name).__name__}")
-            suffix = f":{name}" if name else ""
-            yield Document(f"{doc_prefix}#L{lineno}{suffix}", "user", str(path), text, len(line), bad)
+            yield f"{path}:{lineno}", (lineno, len(line), bad, parse_json_object(path, lineno, decoded))
 
 
-def _read_parquet(path: Path, doc_prefix: str, column: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, doc_prefix: str, text_field: str, bad: BadRecords) -> Iterator[Document]:
+    def document(line: tuple[int, int, int, dict], where: str) -> Document:
+        lineno, n_bytes, invalid, record = line
+        if record.get(text_field) is None:
+            raise BadRecord("missing_field", where, f"missing text field {text_field!r} (keys: {sorted(record)[:10]})")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise BadRecord("wrong_type", where, f"field {text_field!r} must be a string, got {type(text).__name__}")
+        # An optional "path" (as code datasets carry) names the document: `.py` ones then yield
+        # instruction pairs like the stdlib's modules do.
+        name = record.get("path")
+        if name is not None and not isinstance(name, str):
+            raise BadRecord("wrong_type", where, f"field 'path' must be a string, got {type(name).__name__}")
+        suffix = f":{name}" if name else ""
+        return Document(f"{doc_prefix}#L{lineno}{suffix}", "user", str(path), text, n_bytes, invalid)
+
+    return read_records(_jsonl_lines(path), document, bad)
+
+
+def _read_parquet(path: Path, doc_prefix: str, column: str, bad: BadRecords) -> Iterator[Document]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
@@ -276,10 +288,15 @@ def _read_parquet(path: Path, doc_prefix: str, column: str) -> Iterator[Document
     col = table.column(column)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         raise CorpusFormatError(f"{path}: column {column!r} must be a string column, got {col.type}")
-    for row, text in enumerate(col.to_pylist()):
+
+    def document(row_text: tuple[int, str | None], where: str) -> Document:
+        row, text = row_text
         if text is None:
-            raise CorpusFormatError(f"{path}: row {row}: column {column!r} is null")
-        yield Document(f"{doc_prefix}#R{row}", "user", str(path), text, len(text.encode()), 0)
+            raise BadRecord("missing_field", where, f"column {column!r} is null")
+        return Document(f"{doc_prefix}#R{row}", "user", str(path), text, len(text.encode()), 0)
+
+    return read_records(((f"{path}: row {row}", (row, text)) for row, text in enumerate(col.to_pylist())),
+                        document, bad)
 
 
 def _read_text_file(path: Path, doc_prefix: str, max_chars: int, target_chars: int) -> list[Document]:
@@ -300,29 +317,31 @@ def _read_text_file(path: Path, doc_prefix: str, max_chars: int, target_chars: i
 
 def read_user_file(path: Path, doc_prefix: str, jsonl_text_field: str = "text",
                    parquet_text_column: str = "text", max_document_chars: int = MAX_DOCUMENT_CHARS,
-                   split_target_chars: int = SPLIT_TARGET_CHARS) -> Iterator[Document]:
+                   split_target_chars: int = SPLIT_TARGET_CHARS, max_bad_share: float = MAX_BAD_RECORD_SHARE,
+                   bad: BadRecords | None = None) -> list[Document]:
     """The documents of one user file; doc ids start with `doc_prefix` (e.g. `raw/<relative path>`).
     A .txt/.md file is one document (several when longer than `max_document_chars`); .jsonl and
-    .parquet hold one per line / row."""
+    .parquet hold one per line / row. Unusable lines or rows are dropped and counted into `bad`;
+    raises TooManyBadRecords when they are more than `max_bad_share` of the file."""
     if path.suffix in TEXT_SUFFIXES:
-        return iter(_read_text_file(path, doc_prefix, max_document_chars, split_target_chars))
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, doc_prefix, jsonl_text_field)
-    if path.suffix == ".parquet":
-        return _read_parquet(path, doc_prefix, parquet_text_column)
-    raise CorpusFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {USER_SUFFIXES}")
+        return _read_text_file(path, doc_prefix, max_document_chars, split_target_chars)
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise CorpusFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {USER_SUFFIXES}")
+    mine = BadRecords()  # this file's own tally: the share is judged per file
+    docs = list(_read_jsonl(path, doc_prefix, jsonl_text_field, mine) if path.suffix == ".jsonl"
+                else _read_parquet(path, doc_prefix, parquet_text_column, mine))
+    mine.check(max_bad_share, str(path))
+    if bad is not None:
+        bad.add(mine)
+    return docs
 
 
-def iter_user_documents(sources: CorpusSources, raw_dir: Path) -> Iterator[tuple[Path, Iterator[Document]]]:
-    """(file, its documents) for every selected user file under `raw_dir`, sorted by path."""
+def user_files(sources: CorpusSources, raw_dir: Path) -> list[Path]:
+    """Every selected user file under `raw_dir`, sorted by path."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
-        return
-    files = sorted({p for g in sources.user_globs for p in raw_dir.glob(g) if p.is_file()})
-    for path in files:
-        rel = path.relative_to(raw_dir).as_posix()
-        yield path, read_user_file(path, f"raw/{rel}", sources.jsonl_text_field, sources.parquet_text_column,
-                                   sources.max_document_chars, sources.split_target_chars)
+        return []
+    return sorted({p for g in sources.user_globs for p in raw_dir.glob(g) if p.is_file()})
 
 
 def _take_evenly(docs: list[Document], n: int) -> list[Document]:
@@ -338,8 +357,10 @@ def collect_documents(sources: CorpusSources, raw_dir: Path) -> tuple[list[Docum
     if sources.include_stdlib:
         stdlib = list(iter_stdlib_documents(sources.stdlib_parts))
         docs.extend(_take_evenly(stdlib, sources.stdlib_max_documents))
-    for path, file_docs in iter_user_documents(sources, raw_dir):
-        file_docs = list(file_docs)
+    for path in user_files(sources, raw_dir):
+        file_docs = read_user_file(path, f"raw/{path.relative_to(raw_dir).as_posix()}", sources.jsonl_text_field,
+                                   sources.parquet_text_column, sources.max_document_chars,
+                                   sources.split_target_chars, sources.max_bad_record_share, stats.bad)
         stats.files_read += 1
         stats.files_split += path.suffix in TEXT_SUFFIXES and len(file_docs) > 1
         docs.extend(file_docs)

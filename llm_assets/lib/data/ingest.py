@@ -142,7 +142,8 @@ def find_batch_file(incoming_dir: Path, key: str) -> Path:
 
 def read_batch_file(path: Path, key: str, jsonl_text_field: str = "text",
                     parquet_text_column: str = "text") -> list[Document]:
-    """Malformed files raise CorpusFormatError naming the file and line."""
+    """Malformed files raise CorpusFormatError naming the file and line; unusable lines or rows are
+    dropped, and a file with more than the default max_bad_record_share of them fails the same way."""
     return list(read_user_file(path, f"incoming/{key}", jsonl_text_field, parquet_text_column))
 
 

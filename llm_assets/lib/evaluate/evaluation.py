@@ -97,7 +97,7 @@ class EvalData:
         from llm_assets.lib.posttrain.chat_data import encode_chat
 
         encoded = [e for e in (encode_chat(tokenizer, c, seq_len) for c in chats) if e is not None]
-        pairs, _ = encode_pairs(tokenizer, preferences, seq_len)
+        pairs, _, _ = encode_pairs(tokenizer, preferences, seq_len)
         # generation prompts: evenly spread held-out chats whose prompt leaves room to generate, from
         # the half that generation settings were not chosen on
         picked = generation.held_out_prompts(tokenizer, chats, s.generation_prompts, generation.EVALUATION,

@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ from pydantic import Field
 
 from llm_assets.lib.posttrain import adapters, hf_training, preference_methods
 from llm_assets.lib.common.atomic import atomic_dir
-from llm_assets.lib.posttrain.chat_data import encode_prompt_reply, reply_logprobs
+from llm_assets.lib.posttrain.chat_data import TooLong, fit, reply_logprobs
 from llm_assets.lib.posttrain.preferences import PreferencePair, prompt_messages
 from llm_assets.lib.posttrain.sft import save_merged
 from llm_assets.lib.pretrain.model_dir import adapter_dir, load_model, merged_dir, weights_file
@@ -106,17 +106,19 @@ class AlignSettings(hf_training.ScheduleSettings, adapters.AdapterSettings):
         return self.beta or preference_methods.USUAL_BETA[self.objective]
 
 
-def encode_pairs(tokenizer, pairs: list[PreferencePair], max_len: int) -> tuple[list[tuple[dict, dict]], list[int]]:
-    """((chosen, rejected) encodings, indices of the pairs kept): a pair is kept when both fit."""
-    encoded, kept = [], []
-    for i, p in enumerate(pairs):
-        messages = prompt_messages(p.prompt)
-        chosen = encode_prompt_reply(tokenizer, messages, p.chosen, max_len)
-        rejected = encode_prompt_reply(tokenizer, messages, p.rejected, max_len)
-        if chosen and rejected:
-            encoded.append((chosen, rejected))
-            kept.append(i)
-    return encoded, kept
+def encode_pairs(tokenizer, pairs: list[PreferencePair], max_len: int
+                 ) -> tuple[list[tuple[dict, dict]], list[PreferencePair], TooLong]:
+    """((chosen, rejected) encodings, the pairs kept as encoded, those over max_len by source). Both
+    sides must fit: the shared prompt is truncated once for both (chat_data.fit), so TRL is given
+    the same prompt; each reply is cut at its end (TRL's max_length cuts it the same way)."""
+    encoded, kept, too_long = [], [], TooLong()
+    for p in pairs:
+        fitted = fit(tokenizer, prompt_messages(p.prompt), [p.chosen, p.rejected], max_len)
+        too_long.add(p.source, fitted)
+        if fitted:
+            encoded.append((fitted.example(0), fitted.example(1)))
+            kept.append(replace(p, prompt=fitted.prompt) if fitted.truncated else p)
+    return encoded, kept, too_long
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def preference_scores(model, encoded: list[tuple[dict, dict]], pad_id: int) -> P
 
 
 def preference_accuracy(model, tokenizer, pairs: list[PreferencePair], max_len: int) -> float:
-    encoded, _ = encode_pairs(tokenizer, pairs, max_len)
+    encoded, _, _ = encode_pairs(tokenizer, pairs, max_len)
     return preference_scores(model, encoded, tokenizer.pad_token_id).accuracy
 
 
@@ -167,7 +169,9 @@ class AlignMetrics:
     sft_weight: float  # weight of the SFT term where the objective has one
     train_pairs: int  # training pairs whose both replies fit in max_len
     eval_pairs: int  # held-out pairs scored
-    dropped_too_long: int  # pairs of both splits left out (a side over max_len, or held out past eval_pairs)
+    dropped_too_long: int  # pairs of both splits left out (a frame over max_len, or held out past eval_pairs)
+    truncated_to_fit: int  # pairs of both splits over max_len, cut to fit (chat_data.fit)
+    too_long_examples: str  # the first few truncated or dropped, by source
     preference_accuracy: dict[str, float]  # per model: PreferenceScores.accuracy
     preference_accuracy_summed: dict[str, float]  # per model: PreferenceScores.accuracy_summed
     accuracy_gain_over_lora: float  # aligned minus lora accuracy
@@ -218,18 +222,19 @@ class AlignResult:
 
 
 def encode_splits(tokenizer, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair],
-                  s: AlignSettings) -> tuple[list[tuple[dict, dict]], list[dict], list[dict], int]:
+                  s: AlignSettings) -> tuple[list[tuple[dict, dict]], list[dict], list[dict], int, TooLong]:
     """(encoded held-out pairs, TRL records of the training and held-out pairs, number of pairs
-    left out): pairs with a side over max_len are dropped, the held-out ones cut to eval_pairs."""
-    train_enc, train_kept = encode_pairs(tokenizer, train_pairs, s.max_len)
-    eval_enc, eval_kept = encode_pairs(tokenizer, eval_pairs, s.max_len)
+    left out, pairs over max_len): long pairs are truncated, those that cannot be are dropped, the
+    held-out ones cut to eval_pairs."""
+    train_enc, train_kept, too_long = encode_pairs(tokenizer, train_pairs, s.max_len)
+    eval_enc, eval_kept, eval_too_long = encode_pairs(tokenizer, eval_pairs, s.max_len)
     if not train_enc or not eval_enc:
         raise ValueError(f"max_len: no {'training' if not train_enc else 'held-out'} preference pair fits in {s.max_len} tokens")
     if s.eval_pairs:
         eval_enc, eval_kept = eval_enc[: s.eval_pairs], eval_kept[: s.eval_pairs]
     left_out = len(train_pairs) - len(train_kept) + len(eval_pairs) - len(eval_kept)
-    return (eval_enc, trl_records([train_pairs[i] for i in train_kept]),
-            trl_records([eval_pairs[i] for i in eval_kept]), left_out)
+    too_long += eval_too_long
+    return eval_enc, trl_records(train_kept), trl_records(eval_kept), left_out, too_long
 
 
 def kto_implicit_reward_accuracy(policy, reference, encoded: list[tuple[dict, dict]], pad_id: int) -> float:
@@ -248,14 +253,15 @@ def best_evaluation(history: list[dict], best_step: int) -> dict:
     return next(r for r in history if "eval_loss" in r and r["step"] == best_step)
 
 
-def align_metrics(s: AlignSettings, scores: dict, counts: tuple[int, int, int], accuracy: tuple[float, str],
+def align_metrics(s: AlignSettings, scores: dict, counts: tuple[int, int, int, TooLong], accuracy: tuple[float, str],
                   best: dict, summary: dict, run: dict) -> AlignMetrics:
-    """AlignMetrics from the scores, (train, held-out, left-out) pair counts, the method accuracy
+    """AlignMetrics from the scores, (train, held-out, left-out, too long) pair counts, the method accuracy
     and its source, the best evaluation row, selection_summary and the run's figures (train_loss,
     planned_steps, epochs, train_seconds, resumed_from, t0)."""
     return AlignMetrics(
         objective=s.objective, beta=s.objective_beta, sft_weight=s.sft_weight,
         train_pairs=counts[0], eval_pairs=counts[1], dropped_too_long=counts[2],
+        truncated_to_fit=len(counts[3].truncated), too_long_examples=counts[3].examples(),
         preference_accuracy={name: v.accuracy for name, v in scores.items()},
         preference_accuracy_summed={name: v.accuracy_summed for name, v in scores.items()},
         accuracy_gain_over_lora=scores["aligned"].accuracy - scores["lora"].accuracy,
@@ -289,7 +295,7 @@ def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[Prefer
     sft_dir, work_dir, out_dir = Path(sft_dir), Path(work_dir), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     pad_id = tokenizer.pad_token_id
-    eval_enc, train_records, eval_records, left_out = encode_splits(tokenizer, train_pairs, eval_pairs, s)
+    eval_enc, train_records, eval_records, left_out, too_long = encode_splits(tokenizer, train_pairs, eval_pairs, s)
 
     scores = {name: preference_scores(load_model(path), eval_enc, pad_id) for name, path in (compare or {}).items()}
     torch.manual_seed(s.seed)
@@ -315,7 +321,8 @@ def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[Prefer
         accuracy = ((kto_implicit_reward_accuracy(merged, load_model(sft_dir), eval_enc, pad_id),
                      preference_methods.KTO_ACCURACY) if s.objective == "kto"
                     else preference_methods.method_accuracy(s.objective, best))
-        metrics = align_metrics(s, scores, (len(train_records), len(eval_records), left_out), accuracy, best, summary,
+        counts = (len(train_records), len(eval_records), left_out, too_long)
+        metrics = align_metrics(s, scores, counts, accuracy, best, summary,
                                 {"train_loss": trained.training_loss, "planned_steps": planned,
                                  "epochs": trainer.state.epoch, "train_seconds": train_seconds,
                                  "resumed_from": resume_from or "", "t0": t0})

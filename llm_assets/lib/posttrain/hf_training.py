@@ -75,7 +75,10 @@ class ScheduleSettings(Settings):
     """The schedule every Trainer here shares (SFT, DPO and the other preference methods, reward
     models): each field defined once; a stage inherits it and may give a field another default."""
 
-    max_len: int = Field(256, description="Tokens per example, prompt and reply; longer examples are dropped and counted.")
+    max_len: int = Field(256, description="Tokens per example, prompt and reply. A longer example is truncated, "
+                                          "not dropped: the prompt loses its oldest turns, then its start; the "
+                                          "reply keeps at least half and is cut at its end (truncated_to_fit, "
+                                          "too_long_examples in metadata).")
     epochs: float = Field(1.0, description="Passes over the training examples (fractions allowed); max_steps caps them.")
     max_steps: int = Field(200, description="A cap on optimizer steps: steps = min(max_steps, "
                                             "ceil(epochs x training examples / batch_size)).")

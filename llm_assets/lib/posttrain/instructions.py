@@ -14,16 +14,14 @@ from user files.
     [{'role': 'user', 'content': 'Explain what the Python function `shapes.area(width, height=1)` does.'}, {'role': 'assistant', 'content': 'Return the area of a rectangle.'}]
     >>> sft = Path(tempfile.mkdtemp())                     # data/sft/ in a project
     >>> _ = (sft / "alpaca.json").write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]))
-    >>> [(p.instruction, p.output, p.source_doc_id) for p in read_alpaca(sft / "alpaca.json")]  # JSON list or JSONL
-    [('Add 2 and 3.', '5', 'alpaca.json#L1')]
+    >>> pairs, bad = read_alpaca(sft / "alpaca.json")     # a JSON list or JSONL
+    >>> [(p.instruction, p.output, p.source_doc_id) for p in pairs], bad.total
+    ([('Add 2 and 3.', '5', 'alpaca.json#L1')], 0)
     >>> chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]
-    >>> _ = (sft / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
-    >>> read_chat_jsonl(sft / "chat.jsonl") == [chat]      # {"messages": [{role, content}, ...]} per line
-    True
     >>> _ = (sft / "chat.jsonl").write_text(json.dumps({"messages": chat}) + '\n{"messages": [{"role": "user"}]}\n')
-    >>> read_chat_jsonl(sft / "chat.jsonl")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    llm_assets.lib.data.corpus.CorpusFormatError: .../chat.jsonl:2: message 0: missing field 'content' (keys: ['role'])
+    >>> chats, bad = read_chat_jsonl(sft / "chat.jsonl")  # {"messages": [{role, content}, ...]} per line
+    >>> chats == [(chat, "chat.jsonl#L1")], bad.where, bad.first["missing_field"][-51:]
+    (True, {'missing_field': ['chat.jsonl:2: message 0']}, "message 0: missing field 'content' (keys: ['role'])")
 
 Derived pairs: for every public, documented function, method and class of a module, the instruction
 asks what the signature does and the response is the docstring's first paragraph. The caller derives
@@ -31,8 +29,11 @@ train and validation pairs separately, from the train and validation splits of t
 shards: a validation pair then always comes from a module the model never saw in pretraining, so the
 split stays leak-free (see `dedup.py`).
 
-Malformed user files raise `CorpusFormatError` naming the file and line (for a JSON list: the item
-index and the line it starts on).
+User files: a record that parses but cannot be used (a missing, null, mistyped or empty field, a
+chat without a user turn or a final reply) is skipped and counted in the `BadRecords` the reader
+returns, by reason and `file:line` (bad_records.py; posttrain_data.py judges the share). Malformed
+JSON raises `CorpusFormatError` naming the file and line (for a JSON list: the item index and the
+line it starts on).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_assets.lib.data.bad_records import BadRecord, BadRecords, read_records
 from llm_assets.lib.data.corpus import CorpusFormatError, parse_json_object
 
 MIN_RESPONSE_CHARS = 20  # shorter docstrings ("Return x.") teach nothing
@@ -234,67 +236,77 @@ def iter_json_list(path: Path) -> Iterator[tuple[int, int, dict]]:
         raise CorpusFormatError(f"{path}:{line_at(i + 1)}: unexpected content after the JSON list")
 
 
-def require_text(record: dict, field: str, where: str, nonempty: bool = True, optional: bool = False) -> str:
-    """record[field] as a string; `where` is the "file:line" prefix for the error."""
-    if field not in record or (optional and record[field] is None):
+def require_text(record: dict, field: str, where: str, nonempty: bool = True, optional: bool = False,
+                 reply: bool = False) -> str:
+    """record[field] as a string; `where` is the "file:line" prefix. A missing (or null), mistyped or
+    empty (when `nonempty`) field raises BadRecord; an empty `reply` is reason empty_reply."""
+    value = record.get(field)
+    if value is None:
         if optional:
             return ""
-        raise CorpusFormatError(f"{where}: missing field {field!r} (keys: {sorted(record)[:10]})")
-    value = record[field]
+        raise BadRecord("missing_field", where, f"missing field {field!r} (keys: {sorted(record)[:10]})"
+                        if field not in record else f"field {field!r} is null")
     if not isinstance(value, str):
-        raise CorpusFormatError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+        raise BadRecord("wrong_type", where, f"field {field!r} must be a string, got {type(value).__name__}")
     if nonempty and not value.strip():
-        raise CorpusFormatError(f"{where}: field {field!r} is empty")
+        raise BadRecord("empty_reply" if reply else "empty_field", where, f"field {field!r} is empty")
     return value
 
 
-def read_alpaca(path: Path) -> list[InstructionPair]:
-    """Alpaca records (`instruction`, optional `input`, `output`) from a `.json` list or `.jsonl`."""
+def _alpaca_pair(record: dict, where: str, source: str) -> InstructionPair:
+    instruction = require_text(record, "instruction", where)
+    input_ = require_text(record, "input", where, nonempty=False, optional=True)
+    output = require_text(record, "output", where, reply=True)
+    return InstructionPair(instruction, input_, output, source)
+
+
+def read_alpaca(path: Path) -> tuple[list[InstructionPair], BadRecords]:
+    """(pairs, records dropped) of Alpaca records (`instruction`, optional `input`, `output`) from a
+    `.json` list or `.jsonl`."""
     path = Path(path)
     if path.suffix == ".json":
-        records = ((lineno, f"{path}:{lineno}: item {k}", r) for k, lineno, r in iter_json_list(path))
+        records = ((f"{path}:{lineno}: item {k}", (lineno, r)) for k, lineno, r in iter_json_list(path))
     elif path.suffix == ".jsonl":
-        records = ((lineno, f"{path}:{lineno}", r) for lineno, r in iter_jsonl(path))
+        records = ((f"{path}:{lineno}", (lineno, r)) for lineno, r in iter_jsonl(path))
     else:
         raise CorpusFormatError(f"{path}: unsupported Alpaca file type {path.suffix!r}; use .json or .jsonl")
-    pairs = []
-    for lineno, where, record in records:
-        instruction = require_text(record, "instruction", where)
-        input_ = require_text(record, "input", where, nonempty=False, optional=True)
-        output = require_text(record, "output", where)
-        pairs.append(InstructionPair(instruction, input_, output, f"{path.name}#L{lineno}"))
-    return pairs
+    bad = BadRecords()
+    pairs = list(read_records(records, lambda line, where: _alpaca_pair(line[1], where, f"{path.name}#L{line[0]}"), bad))
+    return pairs, bad
 
 
 def validate_messages(messages: object, where: str) -> list[dict[str, str]]:
     """A chat as [{role, content}] with known roles, at least one user turn, and a non-empty
-    assistant turn last (the turn the model is trained to produce)."""
+    assistant turn last (the turn the model is trained to produce); BadRecord otherwise."""
     if not isinstance(messages, list) or not messages:
-        raise CorpusFormatError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise BadRecord("bad_chat", where, "'messages' must be a non-empty list of {role, content} objects")
     chat = []
     for k, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise CorpusFormatError(f"{where}: message {k} must be an object, got {type(m).__name__}")
+            raise BadRecord("bad_chat", where, f"message {k} must be an object, got {type(m).__name__}")
         role = require_text(m, "role", f"{where}: message {k}")
         if role not in CHAT_ROLES:
-            raise CorpusFormatError(f"{where}: message {k}: unknown role {role!r}; use one of {CHAT_ROLES}")
+            raise BadRecord("bad_chat", where, f"message {k}: unknown role {role!r}; use one of {CHAT_ROLES}")
         content = require_text(m, "content", f"{where}: message {k}", nonempty=False)
         chat.append({"role": role, "content": content})
     if chat[-1]["role"] != "assistant":
-        raise CorpusFormatError(f"{where}: the last message must be an assistant turn, got {chat[-1]['role']!r}")
+        raise BadRecord("bad_chat", where, f"the last message must be an assistant turn, got {chat[-1]['role']!r}")
     if not chat[-1]["content"].strip():
-        raise CorpusFormatError(f"{where}: the final assistant turn is empty")
+        raise BadRecord("empty_reply", where, "the final assistant turn is empty")
     if not any(m["role"] == "user" for m in chat):
-        raise CorpusFormatError(f"{where}: no user turn")
+        raise BadRecord("bad_chat", where, "no user turn")
     return chat
 
 
-def read_chat_jsonl(path: Path) -> list[list[dict[str, str]]]:
-    """Chats from JSONL lines `{"messages": [{"role": ..., "content": ...}, ...]}`."""
-    chats = []
-    for lineno, record in iter_jsonl(path):
-        where = f"{path}:{lineno}"
+def read_chat_jsonl(path: Path) -> tuple[list[tuple[list[dict[str, str]], str]], BadRecords]:
+    """((chat, "file#Lline") per usable line, records dropped) from JSONL lines
+    `{"messages": [{"role": ..., "content": ...}, ...]}`."""
+    def chat(line: tuple[int, dict], where: str) -> tuple[list[dict[str, str]], str]:
+        lineno, record = line
         if "messages" not in record:
-            raise CorpusFormatError(f"{where}: missing field 'messages' (keys: {sorted(record)[:10]})")
-        chats.append(validate_messages(record["messages"], where))
-    return chats
+            raise BadRecord("missing_field", where, f"missing field 'messages' (keys: {sorted(record)[:10]})")
+        return validate_messages(record["messages"], where), f"{Path(path).name}#L{lineno}"
+
+    bad = BadRecords()
+    chats = list(read_records(((f"{path}:{n}", (n, r)) for n, r in iter_jsonl(path)), chat, bad))
+    return chats, bad

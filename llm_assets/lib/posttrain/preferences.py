@@ -25,15 +25,19 @@ negatives), or read from user files.
     ([('Parse a JSON string.', 'Serialize to JSON.', 'module'), ('Serialize to JSON.', 'Parse a JSON string.', 'module'), ('Parse a JSON string.', 'Serialize to JSON.', 'module')], 0)
     >>> prefs_dir = Path(tempfile.mkdtemp())                 # data/preferences/ in a project
     >>> _ = (prefs_dir / "trl.jsonl").write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
-    >>> read_trl_jsonl(prefs_dir / "trl.jsonl")               # TRL: prompt / chosen / rejected
+    >>> read_trl_jsonl(prefs_dir / "trl.jsonl")[0]         # TRL: prompt / chosen / rejected
     [PreferencePair(prompt='2+2?', chosen='4', rejected='5', source='trl.jsonl#L1', negative='')]
     >>> dialogue = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant:"
-    >>> _ = (prefs_dir / "hh.jsonl").write_text(json.dumps({"chosen": dialogue + " 4", "rejected": dialogue + " 4 "}) + "\n")
-    >>> hh = read_hh_rlhf_jsonl(prefs_dir / "hh.jsonl")    # Anthropic HH-RLHF dialogues
+    >>> records = [{"chosen": dialogue + " 4", "rejected": dialogue + " 5"},
+    ...            {"chosen": dialogue + " 4", "rejected": dialogue + " 4 "},      # no preference to learn
+    ...            {"chosen": dialogue + " 4", "rejected": dialogue + ""},         # no reply
+    ...            {"chosen": dialogue + " 4", "rejected": "\n\nHuman: 3+3?\n\nAssistant: 6"}]
+    >>> _ = (prefs_dir / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    >>> hh, bad = read_hh_rlhf_jsonl(prefs_dir / "hh.jsonl")    # Anthropic HH-RLHF dialogues
     >>> prompt_messages(hh[0].prompt)                       # as chat turns, ending in the user's
     [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}, {'role': 'user', 'content': '2+2?'}]
-    >>> drop_identical(hh)                                  # "4" vs "4 ": no preference to learn
-    ([], 1)
+    >>> bad.read, bad.where                                 # unusable records: dropped, counted, located
+    (4, {'identical_replies': ['hh.jsonl:2'], 'empty_reply': ['hh.jsonl:3'], 'different_prefix': ['hh.jsonl:4']})
 
 Ranked pairs (the default of preference_dataset): both replies are the instruction-tuned model's
 own, to the same prompt (its greedy reply and a few samples), scored against the docstring (ROUGE-L,
@@ -59,7 +63,10 @@ anywhere. A pair whose only candidates have the same text as its answer is skipp
 Build train and validation preferences from the train and validation instruction pairs separately,
 so negatives never cross the split.
 
-Malformed user files raise `CorpusFormatError` naming the file and line.
+User files: a record that parses but cannot be used (an empty or missing reply, identical replies,
+HH dialogues that differ before the final reply) is skipped and counted in the `BadRecords` the
+reader returns, by reason and `file:line` (posttrain_data.py judges the share). Malformed JSON
+raises `CorpusFormatError` naming the file and line. `drop_identical` does the same for derived pairs.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_assets.lib.data.corpus import CorpusFormatError
+from llm_assets.lib.data.bad_records import BadRecord, BadRecords, read_records
 from llm_assets.lib.posttrain.instructions import (InstructionPair, iter_jsonl, require_text, to_messages,
                                                    validate_messages)
 
@@ -176,56 +183,71 @@ def _reply(value: object, field: str, where: str) -> str:
     """A TRL completion: a string, or a one-message list holding the assistant reply."""
     if isinstance(value, list):
         if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-            raise CorpusFormatError(f"{where}: field {field!r} must be a string or a list of one assistant message")
-        return require_text(value[0], "content", f"{where}: {field}")
-    return require_text({field: value}, field, where)
+            raise BadRecord("bad_chat", where, f"field {field!r} must be a string or a list of one assistant message")
+        return require_text(value[0], "content", f"{where}: {field}", reply=True)
+    return require_text({field: value}, field, where, reply=True)
 
 
-def read_trl_jsonl(path: Path) -> list[PreferencePair]:
-    """TRL preference records: `prompt`, `chosen`, `rejected` as strings, or in the conversational
-    form (prompt a list of messages, chosen/rejected one assistant message each)."""
-    out = []
-    for lineno, record in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        for field in ("prompt", "chosen", "rejected"):
-            if field not in record:
-                raise CorpusFormatError(f"{where}: missing field {field!r} (keys: {sorted(record)[:10]})")
-        prompt = record["prompt"]
-        if isinstance(prompt, list):
-            # validate as a chat by appending a placeholder reply, then take it off again
-            prompt = validate_messages(prompt + [{"role": "assistant", "content": "-"}], f"{where}: prompt")[:-1]
-            if prompt[-1]["role"] != "user":
-                raise CorpusFormatError(f"{where}: prompt must end with a user turn")
-        else:
-            prompt = require_text(record, "prompt", where)
-        chosen, rejected = _reply(record["chosen"], "chosen", where), _reply(record["rejected"], "rejected", where)
-        out.append(PreferencePair(prompt, chosen, rejected, f"{Path(path).name}#L{lineno}"))
-    return out
+def _distinct(chosen: str, rejected: str, where: str) -> None:
+    """Identical replies (after strip) have zero preference margin: the record teaches nothing."""
+    if chosen.strip() == rejected.strip():
+        raise BadRecord("identical_replies", where, "'chosen' and 'rejected' are the same reply")
+
+
+def _trl_pair(record: dict, where: str, source: str) -> PreferencePair:
+    for field in ("prompt", "chosen", "rejected"):
+        if field not in record:
+            raise BadRecord("missing_field", where, f"missing field {field!r} (keys: {sorted(record)[:10]})")
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        # validate as a chat by appending a placeholder reply, then take it off again
+        prompt = validate_messages(prompt + [{"role": "assistant", "content": "-"}], f"{where}: prompt")[:-1]
+        if prompt[-1]["role"] != "user":
+            raise BadRecord("bad_chat", where, "prompt must end with a user turn")
+    else:
+        prompt = require_text(record, "prompt", where)
+    chosen, rejected = _reply(record["chosen"], "chosen", where), _reply(record["rejected"], "rejected", where)
+    _distinct(chosen, rejected, where)
+    return PreferencePair(prompt, chosen, rejected, source)
+
+
+def read_trl_jsonl(path: Path) -> tuple[list[PreferencePair], BadRecords]:
+    """(pairs, records dropped) of TRL preference records: `prompt`, `chosen`, `rejected` as
+    strings, or in the conversational form (prompt a list of messages, chosen/rejected one assistant
+    message each)."""
+    bad = BadRecords()
+    records = ((f"{path}:{n}", (n, r)) for n, r in iter_jsonl(path))
+    pairs = list(read_records(records, lambda line, where: _trl_pair(line[1], where, f"{Path(path).name}#L{line[0]}"), bad))
+    return pairs, bad
 
 
 def _split_hh(dialogue: str, field: str, where: str) -> tuple[str, str]:
     """(prompt up to and including the last '\\n\\nAssistant:', the final reply stripped)."""
     cut = dialogue.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise CorpusFormatError(f"{where}: field {field!r} has no {HH_ASSISTANT.strip()!r} turn")
+        raise BadRecord("bad_chat", where, f"field {field!r} has no {HH_ASSISTANT.strip()!r} turn")
     prompt, reply = dialogue[: cut + len(HH_ASSISTANT)], dialogue[cut + len(HH_ASSISTANT):].strip()
     if not reply:
-        raise CorpusFormatError(f"{where}: field {field!r}: the final assistant reply is empty")
+        raise BadRecord("empty_reply", where, f"field {field!r}: the final assistant reply is empty")
     return prompt, reply
 
 
-def read_hh_rlhf_jsonl(path: Path) -> list[PreferencePair]:
-    """Anthropic HH-RLHF records: `chosen` and `rejected` are whole dialogues
-    ("\\n\\nHuman: ...\\n\\nAssistant: ...") that share everything but the final reply."""
-    out = []
-    for lineno, record in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        prompt, chosen = _split_hh(require_text(record, "chosen", where), "chosen", where)
-        other, rejected = _split_hh(require_text(record, "rejected", where), "rejected", where)
-        if other != prompt:
-            raise CorpusFormatError(f"{where}: 'chosen' and 'rejected' differ before their final assistant reply")
-        out.append(PreferencePair(prompt, chosen, rejected, f"{Path(path).name}#L{lineno}"))
-    return out
+def _hh_pair(record: dict, where: str, source: str) -> PreferencePair:
+    prompt, chosen = _split_hh(require_text(record, "chosen", where), "chosen", where)
+    other, rejected = _split_hh(require_text(record, "rejected", where), "rejected", where)
+    if other != prompt:
+        raise BadRecord("different_prefix", where, "'chosen' and 'rejected' differ before their final assistant reply")
+    _distinct(chosen, rejected, where)
+    return PreferencePair(prompt, chosen, rejected, source)
+
+
+def read_hh_rlhf_jsonl(path: Path) -> tuple[list[PreferencePair], BadRecords]:
+    """(pairs, records dropped) of Anthropic HH-RLHF records: `chosen` and `rejected` are whole
+    dialogues ("\\n\\nHuman: ...\\n\\nAssistant: ...") that share everything but the final reply."""
+    bad = BadRecords()
+    records = ((f"{path}:{n}", (n, r)) for n, r in iter_jsonl(path))
+    pairs = list(read_records(records, lambda line, where: _hh_pair(line[1], where, f"{Path(path).name}#L{line[0]}"), bad))
+    return pairs, bad
 
 
 def prompt_messages(prompt: str | list[dict]) -> list[dict]:

@@ -42,7 +42,9 @@ same call; the tests check all three agree). The reward is the head's output at 
 
 Held-out pairwise accuracy is measured by `reward_scores` on the saved model (not by TRL's running
 metric): the share of held-out pairs whose chosen reply scores strictly higher than the rejected.
-A pair with a side longer than `max_len` tokens is left out of both splits and counted.
+A pair with a side longer than `max_len` tokens is truncated as for alignment (chat_data.fit: the
+prompt's oldest turns or start, then the replies' ends), as text, since RewardTrainer drops what is
+longer; a pair whose frame alone is too long is left out. Both are counted and named.
 The schedule (epochs with a step cap, evaluation, best-checkpoint selection on the held-out
 pairwise loss, early stopping) is hf_training.ScheduleSettings'; a killed run resumes (hf_training.py).
 
@@ -54,7 +56,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +65,7 @@ from pydantic import Field
 from llm_assets.lib.common.atomic import atomic_dir
 from llm_assets.lib.common.report import figure_markdown, plt
 from llm_assets.lib.posttrain import hf_training
+from llm_assets.lib.posttrain.chat_data import TooLong, fit
 from llm_assets.lib.posttrain.preferences import PreferencePair, prompt_messages
 from llm_assets.lib.pretrain.model_dir import check_safetensors, device, weights_file
 
@@ -95,10 +98,40 @@ def encode_conversation(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
 
 
-def fitting_pairs(tokenizer, pairs: list[PreferencePair], max_len: int) -> list[PreferencePair]:
-    """The pairs whose chosen and rejected conversations both fit in max_len tokens."""
-    return [p for p in pairs
-            if max(len(encode_conversation(tokenizer, conversation(p.prompt, r))) for r in (p.chosen, p.rejected)) <= max_len]
+def _longest(tokenizer, p: PreferencePair) -> int:
+    return max(len(encode_conversation(tokenizer, conversation(p.prompt, r))) for r in (p.chosen, p.rejected))
+
+
+def fit_pair(tokenizer, p: PreferencePair, max_len: int) -> PreferencePair | None:
+    """`p` with its conversations within max_len tokens: as it is, or truncated (chat_data.fit);
+    None when it cannot be. This rendering differs from chat_data's by a token or two (no leading
+    eos; a cut reply gets `<|end|>` back), so the budget shrinks by the excess and fit runs again."""
+    budget = max_len
+    for _ in range(3):
+        fitted = fit(tokenizer, prompt_messages(p.prompt), [p.chosen, p.rejected], budget)
+        if fitted is None:
+            return None
+        cut = replace(p, prompt=fitted.prompt, chosen=fitted.replies[0], rejected=fitted.replies[1]) if fitted.truncated else p
+        excess = _longest(tokenizer, cut) - max_len
+        if excess <= 0:
+            return cut
+        budget -= excess
+    return None
+
+
+def fitting_pairs(tokenizer, pairs: list[PreferencePair], max_len: int) -> tuple[list[PreferencePair], TooLong]:
+    """(the pairs with both conversations within max_len tokens, truncated where needed; those
+    truncated or dropped, by source)."""
+    kept, too_long = [], TooLong()
+    for p in pairs:
+        cut = fit_pair(tokenizer, p, max_len)
+        if cut is None:
+            too_long.dropped.append(p.source)
+            continue
+        if cut is not p:
+            too_long.truncated.append(p.source)
+        kept.append(cut)
+    return kept, too_long
 
 
 def trl_records(pairs: list[PreferencePair]) -> list[dict]:
@@ -168,7 +201,9 @@ class RewardMetrics:
 
     train_pairs: int  # training pairs whose both conversations fit in max_len
     eval_pairs: int  # held-out pairs scored
-    dropped_too_long: int  # pairs of both splits left out (a side over max_len, or held out past eval_pairs)
+    dropped_too_long: int  # pairs of both splits left out (a frame over max_len, or held out past eval_pairs)
+    truncated_to_fit: int  # pairs of both splits over max_len, cut to fit (chat_data.fit)
+    too_long_examples: str  # the first few truncated or dropped, by source
     eval_accuracy: float  # share of held-out pairs with reward(chosen) > reward(rejected), saved model
     eval_accuracy_before: float  # the same for the untrained head on the instruction-tuned model (~0.5)
     mean_chosen_reward: float  # mean reward of the held-out chosen replies
@@ -198,15 +233,16 @@ class RewardResult:
 
 
 def split_pairs(tokenizer, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair],
-                s: RewardSettings) -> tuple[list[PreferencePair], list[PreferencePair], int]:
-    """(training pairs, held-out pairs, number left out): pairs with a side over max_len are dropped,
-    the held-out ones cut to eval_pairs."""
-    train = fitting_pairs(tokenizer, train_pairs, s.max_len)
-    held = fitting_pairs(tokenizer, eval_pairs, s.max_len)
+                s: RewardSettings) -> tuple[list[PreferencePair], list[PreferencePair], int, TooLong]:
+    """(training pairs, held-out pairs, number left out, pairs over max_len): long pairs are
+    truncated, those that cannot be are dropped, the held-out ones cut to eval_pairs."""
+    train, too_long = fitting_pairs(tokenizer, train_pairs, s.max_len)
+    held, held_too_long = fitting_pairs(tokenizer, eval_pairs, s.max_len)
     if not train or not held:
         raise ValueError(f"max_len: no {'training' if not train else 'held-out'} preference pair fits in {s.max_len} tokens")
     held = held[: s.eval_pairs] if s.eval_pairs else held
-    return train, held, len(train_pairs) - len(train) + len(eval_pairs) - len(held)
+    too_long += held_too_long
+    return train, held, len(train_pairs) - len(train) + len(eval_pairs) - len(held), too_long
 
 
 def make_trainer(sft_dir: Path, tokenizer, s: RewardSettings, work_dir: Path, train: list[PreferencePair],
@@ -247,7 +283,7 @@ def train_reward_model(settings: RewardSettings, sft_dir: Path, train_pairs: lis
     sft_dir, work_dir, out_dir = Path(sft_dir), Path(work_dir), Path(out_dir)
     check_safetensors(sft_dir)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    train, held, left_out = split_pairs(tokenizer, train_pairs, eval_pairs, s)
+    train, held, left_out, too_long = split_pairs(tokenizer, train_pairs, eval_pairs, s)
 
     run = hf_training.run_identity({"settings": s.model_dump(), "train": trl_records(train), "eval": trl_records(held)},
                                    [weights_file(sft_dir)])
@@ -264,6 +300,7 @@ def train_reward_model(settings: RewardSettings, sft_dir: Path, train_pairs: lis
         n = len(held)
         metrics = RewardMetrics(
             train_pairs=len(train), eval_pairs=n, dropped_too_long=left_out,
+            truncated_to_fit=len(too_long.truncated), too_long_examples=too_long.examples(),
             eval_accuracy=pairwise_accuracy(chosen, rejected), eval_accuracy_before=accuracy_before,
             mean_chosen_reward=sum(chosen) / n, mean_rejected_reward=sum(rejected) / n,
             mean_margin=sum(c - r for c, r in zip(chosen, rejected)) / n,

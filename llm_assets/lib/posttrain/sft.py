@@ -54,7 +54,7 @@ from pydantic import Field
 from llm_assets.lib.posttrain import adapters, hf_training
 from llm_assets.lib.pretrain.model_dir import adapter_dir, load_model, merged_dir, save_model, weights_file
 from llm_assets.lib.common.atomic import atomic_dir
-from llm_assets.lib.posttrain.chat_data import PadCollator, encode_chat, end_token_id, reply_loss
+from llm_assets.lib.posttrain.chat_data import PadCollator, TooLong, end_token_id, fit, reply_loss
 
 
 class SftSettings(hf_training.ScheduleSettings, adapters.AdapterSettings):
@@ -72,11 +72,15 @@ class SftSettings(hf_training.ScheduleSettings, adapters.AdapterSettings):
             raise ValueError(f"eval_examples: must not be negative (got {self.eval_examples})")
 
 
-def encode_all(tokenizer, chats: list[list[dict]], max_len: int) -> tuple[list[dict], int]:
-    """(encoded examples, number dropped for not fitting in max_len)."""
-    encoded = [encode_chat(tokenizer, chat, max_len) for chat in chats]
-    kept = [e for e in encoded if e is not None]
-    return kept, len(encoded) - len(kept)
+def encode_all(tokenizer, chats: list[list[dict]], max_len: int, sources: list[str]) -> tuple[list[dict], TooLong]:
+    """(encoded examples, the chats longer than max_len by source: truncated to fit or dropped)."""
+    kept, too_long = [], TooLong()
+    for chat, source in zip(chats, sources, strict=True):
+        fitted = fit(tokenizer, chat[:-1], [chat[-1]["content"]], max_len)
+        too_long.add(source, fitted)
+        if fitted:
+            kept.append(fitted.example())
+    return kept, too_long
 
 
 def save_merged(model, tokenizer, out: Path) -> None:
@@ -97,7 +101,9 @@ class SftMetrics:
     trainable_share: float  # trainable_parameters / total_parameters
     train_examples: int  # training chats that fit in max_len
     eval_examples: int  # held-out chats scored (at most eval_examples)
-    dropped_too_long: int  # chats of both splits longer than max_len
+    dropped_too_long: int  # chats of both splits whose frame alone is over max_len (longer ones are truncated)
+    truncated_to_fit: int  # chats of both splits over max_len, cut to fit (chat_data.fit)
+    too_long_examples: str  # the first few of each, by source
     eval_reply_loss_before: float  # the base model (fp32, also for QLoRA)
     eval_reply_loss_after: float  # the merged fine-tuned model: the best checkpoint
     eval_reply_perplexity_before: float  # exp(eval_reply_loss_before)
@@ -127,19 +133,23 @@ class SftResult:
     history: list[dict]  # the Trainer's log rows with a training "loss" or an "eval_loss" (the loss curve)
 
 
-def encode_splits(tokenizer, train_chats: list[list[dict]], eval_chats: list[list[dict]],
-                  s: SftSettings) -> tuple[list[dict], list[dict], int]:
-    """(training examples, held-out examples, number dropped for not fitting in max_len); the
-    held-out ones cut to eval_examples. Raises when a split has none left."""
-    train_ex, train_dropped = encode_all(tokenizer, train_chats, s.max_len)
-    eval_ex, eval_dropped = encode_all(tokenizer, eval_chats, s.max_len)
+def encode_splits(tokenizer, train_chats: list[list[dict]], eval_chats: list[list[dict]], s: SftSettings,
+                  sources: tuple[list[str], list[str]] | None = None) -> tuple[list[dict], list[dict], TooLong]:
+    """(training examples, held-out examples, the chats over max_len by source: truncated or
+    dropped); the held-out ones cut to eval_examples. Raises when a split has none left. Without
+    `sources` a chat is named by its split and index."""
+    train_names, eval_names = sources or ([f"train[{i}]" for i in range(len(train_chats))],
+                                          [f"validation[{i}]" for i in range(len(eval_chats))])
+    train_ex, too_long = encode_all(tokenizer, train_chats, s.max_len, train_names)
+    eval_ex, eval_too_long = encode_all(tokenizer, eval_chats, s.max_len, eval_names)
     if not train_ex:
         raise ValueError(f"max_len: none of the {len(train_chats)} training chats fits in {s.max_len} tokens")
     if not eval_ex:
         raise ValueError(f"max_len: none of the {len(eval_chats)} held-out chats fits in {s.max_len} tokens")
     if s.eval_examples:
         eval_ex = eval_ex[: s.eval_examples]
-    return train_ex, eval_ex, train_dropped + eval_dropped
+    too_long += eval_too_long
+    return train_ex, eval_ex, too_long
 
 
 def make_trainer(model, s: SftSettings, work_dir: Path, train_ex: list[dict], eval_ex: list[dict], pad_id: int):
@@ -155,8 +165,10 @@ def make_trainer(model, s: SftSettings, work_dir: Path, train_ex: list[dict], ev
 
 
 def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict]], eval_chats: list[list[dict]],
-              work_dir: Path, out_dir: Path, log: hf_training.Log = print) -> SftResult:
-    """Fine-tune, write out_dir atomically, and return the run's figures and loss history."""
+              work_dir: Path, out_dir: Path, log: hf_training.Log = print,
+              sources: tuple[list[str], list[str]] | None = None) -> SftResult:
+    """Fine-tune, write out_dir atomically, and return the run's figures and loss history.
+    `sources` name the chats of each split in the metrics (those truncated or dropped as too long)."""
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -164,7 +176,7 @@ def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict
     s.validate()
     base_dir, work_dir, out_dir = Path(base_dir), Path(work_dir), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    train_ex, eval_ex, dropped = encode_splits(tokenizer, train_chats, eval_chats, s)
+    train_ex, eval_ex, too_long = encode_splits(tokenizer, train_chats, eval_chats, s, sources)
     pad_id = tokenizer.pad_token_id
 
     # "Before" is the base as released (fp32), also for QLoRA, whose frozen copy is its 4-bit rounding.
@@ -198,7 +210,9 @@ def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict
             trainable_share=trainable / total,
             train_examples=len(train_ex),
             eval_examples=len(eval_ex),
-            dropped_too_long=dropped,
+            dropped_too_long=len(too_long.dropped),
+            truncated_to_fit=len(too_long.truncated),
+            too_long_examples=too_long.examples(),
             eval_reply_loss_before=loss_before,
             eval_reply_loss_after=loss_after,
             eval_reply_perplexity_before=math.exp(loss_before),
