@@ -15,11 +15,11 @@ from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.posttrain import generation, posttrain_data
-from llm_assets.lib.posttrain.align import AlignSettings, train_align
+from llm_assets.lib.posttrain.align import AlignSettings, OnlineData, train_align
 from llm_assets.lib.common.report import lines_png, markdown_table, png_markdown
 from llm_assets.lib.common.settings import settings_of
 from llm_assets.lib.posttrain.sft import SftSettings, train_sft
-from llm_assets.lib.pretrain.model_dir import adapter_dir, merged_dir
+from llm_assets.lib.pretrain.model_dir import adapter_dir, context_length, merged_dir
 
 
 class LoraCheckpointConfig(dg.Config, SftSettings, generation.TuningSettings):
@@ -125,21 +125,36 @@ def lora_checkpoint(context: dg.AssetExecutionContext, config: LoraCheckpointCon
     )
 
 
+def _online_data(settings: AlignSettings, config, lake: LakeResource) -> OnlineData:
+    """grpo's prompts: sft_dataset's training chats, and held-out ones from the TUNING half of its
+    validation chats (eval_report tests on the other half); the reward model where it is weighted."""
+    from transformers import AutoTokenizer
+
+    chats = lake.artifact_dir("sft_dataset")
+    sft_dir = merged_dir(lake.artifact_dir("lora_checkpoint"))
+    held_out = generation.held_out_prompts(AutoTokenizer.from_pretrained(sft_dir),
+                                           posttrain_data.read_chats(chats, "validation"), config.tuning_prompts,
+                                           generation.TUNING, settings.max_completion_length, context_length(sft_dir))
+    return OnlineData(posttrain_data.read_chats(chats, "train"), held_out,
+                      lake.artifact_dir("reward_model") if settings.reward_model_weight else None)
+
+
 @dg.asset(
     group_name="training",
     kinds={"pytorch", "trl", "dvc"},
-    deps=["preference_dataset", "lora_checkpoint", "base_checkpoint", "sft_dataset"],
+    deps=["preference_dataset", "lora_checkpoint", "base_checkpoint", "sft_dataset", "reward_model"],
     check_specs=[dg.AssetCheckSpec(
         "aligned_preference_accuracy", asset="aligned_checkpoint",
         description="The objective's own held-out accuracy (method_accuracy: DPO's implicit-reward accuracy, or "
                     "the reference-free accuracy for ORPO/SimPO) reaches min_accuracy.")],
 )
 def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpointConfig, lake: LakeResource) -> dg.MaterializeResult:
-    """The LoRA model aligned on preference pairs with TRL (DPO plus an SFT term by default; IPO,
-    SimPO, ORPO or KTO by `objective`), the LoRA model itself as the frozen reference where the
+    """The LoRA model aligned with TRL: on preference pairs (DPO plus an SFT term by default; IPO,
+    SimPO, ORPO or KTO by `objective`), or online (grpo: replies sampled to sft_dataset's prompts,
+    rewarded by ROUGE-L and reward_model), the LoRA model itself as the frozen reference where the
     objective has one; saved as adapter and merged fp32 model, from the checkpoint of the lowest
-    held-out loss. Metadata compares the held-out preference accuracy of the base, LoRA and aligned
-    models."""
+    held-out loss (grpo: highest held-out reward). Metadata compares the held-out preference
+    accuracy of the base, LoRA and aligned models."""
     settings = settings_of(config, AlignSettings)
     settings.validate()
     data = lake.artifact_dir("preference_dataset")
@@ -148,7 +163,8 @@ def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpo
     with lake.write("aligned_checkpoint") as staging:
         result = train_align(settings, merged_dir(lake.artifact_dir("lora_checkpoint")), train, held_out,
                              lake.work_dir("aligned_checkpoint"), staging, log=_log(context),
-                             compare={"base": lake.artifact_dir("base_checkpoint")})
+                             compare={"base": lake.artifact_dir("base_checkpoint")},
+                             online=_online_data(settings, config, lake) if settings.online else None)
         tuned = _tune(merged_dir(staging), posttrain_data.read_chats(lake.artifact_dir("sft_dataset"), "validation"),
                       config)
     version = lake.record("aligned_checkpoint")

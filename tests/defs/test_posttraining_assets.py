@@ -254,3 +254,22 @@ def test_public_files_bad_records_are_counted_and_long_dialogues_truncated(post,
     finally:
         hh.unlink()
         alpaca.unlink()
+
+
+@pytest.mark.slow
+def test_aligned_checkpoint_by_grpo_scored_by_rouge_and_the_reward_model(post, tiny_config):
+    """objective grpo: online RL on sft_dataset's prompts, each sampled reply rewarded by ROUGE-L
+    against its reference and by reward_model (trained first, on preference_dataset)."""
+    project, instance, _ = post
+    cfg = tiny_config(["reward_model", "aligned_checkpoint"])
+    cfg["ops"]["aligned_checkpoint"]["config"].update(objective="grpo", batch_size=2, num_generations=4,
+                                                      max_completion_length=8, reward_model_weight=0.5, log_every=1)
+    assert materialize(project, cfg, ["reward_model", "aligned_checkpoint"], instance).success
+    md = metadata(instance, "aligned_checkpoint")
+    assert md["objective"] == "grpo" and md["steps_run"] == 4
+    history = [json.loads(line) for line in (project / "data/lake/aligned_checkpoint/log_history.jsonl").open()]
+    trained = [r for r in history if "rewards/reward_model/mean" in r]
+    assert trained and all("rewards/rouge_reward/mean" in r for r in trained)  # both rewards scored every sample
+    assert md["best_eval_loss"] == max(r["eval_reward"] for r in history if "eval_reward" in r)
+    assert md["method_accuracy"] == md["aligned_preference_accuracy"]
+    assert lock_md5(project, "aligned_checkpoint") == md["dvc_md5"]

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from llm_assets.lib.posttrain import adapters, hf_training, preference_methods
+from llm_assets.lib.posttrain import adapters, hf_training, online_rl, preference_methods
 from llm_assets.lib.common.atomic import atomic_dir
 from llm_assets.lib.posttrain.chat_data import TooLong, fit, reply_logprobs
 from llm_assets.lib.posttrain.preferences import PreferencePair, prompt_messages
@@ -69,17 +69,27 @@ class AlignSettings(hf_training.ScheduleSettings, adapters.AdapterSettings):
     flat in a run config; qlora is refused: alignment trains on the fp32 model); the launchpad of
     `aligned_checkpoint`."""
 
-    objective: str = Field("dpo", description="dpo | ipo | simpo | orpo | kto: the preference objective, each a "
-                                              "TRL trainer (see lib/posttrain/preference_methods.py).")
+    objective: str = Field("dpo", description="dpo | ipo | simpo | orpo | kto: an offline preference objective on "
+                                              "preference_dataset, each a TRL trainer (lib/posttrain/"
+                                              "preference_methods.py); or grpo: online RL on sft_dataset's prompts, "
+                                              "rewarded by ROUGE-L and reward_model (lib/posttrain/online_rl.py).")
     beta: float = Field(0.0, description="The objective's beta (0 = its usual value: 0.1 for dpo, ipo, kto and orpo, "
-                                         "where it is the odds-ratio weight lambda; 2.0 for simpo). For DPO: how "
-                                         "strongly the policy is held near the reference (higher = stay closer).")
+                                         "where it is the odds-ratio weight lambda; 2.0 for simpo; 0.04 for grpo, "
+                                         "the KL coefficient). For DPO and GRPO: how strongly the policy is held "
+                                         "near the reference (higher = stay closer).")
     sft_weight: float = Field(1.0, description="Weight of an SFT term (the NLL of the chosen reply) beside the "
                                                "preference loss, which keeps the policy fluent: dpo and ipo (TRL's "
                                                "loss_type [..., 'sft']), simpo (CPO's cpo_alpha); 0 = none. orpo "
                                                "has its own (weight 1), kto none.")
     eval_pairs: int = Field(0, description="Held-out pairs scored (0 = all; 200 on the demo: the accuracy's "
                                            "standard error is ~3 points).")
+    num_generations: int = Field(8, description="grpo: replies sampled per prompt (the group each is compared with); "
+                                                "a step takes batch_size prompts.")
+    temperature: float = Field(0.3, description="grpo: sampling temperature of the replies (at 0.5-1.0 the demo "
+                                                "model's samples were too poor to learn from).")
+    max_completion_length: int = Field(48, description="grpo: tokens sampled per reply at most.")
+    rouge_weight: float = Field(1.0, description="grpo: weight of ROUGE-L against the prompt's reference reply.")
+    reward_model_weight: float = Field(0.1, description="grpo: weight of reward_model's score (0 = not used).")
     epochs: float = hf_training.schedule_field("epochs", 3.0)
     max_steps: int = hf_training.schedule_field("max_steps", 70)
     eval_every: int = hf_training.schedule_field("eval_every", 35)
@@ -90,8 +100,12 @@ class AlignSettings(hf_training.ScheduleSettings, adapters.AdapterSettings):
         self.adapter.validate()
         if self.method == "qlora":
             raise ValueError("method: qlora is for instruction tuning; alignment trains a LoRA on the fp32 model")
-        if self.objective not in preference_methods.OBJECTIVES:
-            raise ValueError(f"objective: must be one of {preference_methods.OBJECTIVES} (got {self.objective!r})")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: must be one of {OBJECTIVES} (got {self.objective!r})")
+        if min(self.rouge_weight, self.reward_model_weight) < 0 or self.num_generations < 2 or self.temperature <= 0:
+            raise ValueError("grpo: weights must not be negative, num_generations must be >= 2 (a group) and "
+                             f"temperature > 0 (got {self.rouge_weight}, {self.reward_model_weight}, "
+                             f"{self.num_generations}, {self.temperature})")
         if self.beta < 0:
             raise ValueError(f"beta: must be positive, or 0 for the objective's usual value (got {self.beta})")
         if self.sft_weight < 0:
@@ -103,7 +117,25 @@ class AlignSettings(hf_training.ScheduleSettings, adapters.AdapterSettings):
     @property
     def objective_beta(self) -> float:
         """beta, or the objective's usual value when beta is 0."""
-        return self.beta or preference_methods.USUAL_BETA[self.objective]
+        return self.beta or {**preference_methods.USUAL_BETA, "grpo": 0.04}[self.objective]
+
+    @property
+    def online(self) -> bool:
+        return self.objective in ONLINE
+
+
+ONLINE = ("grpo",)
+OBJECTIVES = preference_methods.OBJECTIVES + ONLINE
+GRPO_ACCURACY = "reference-free accuracy on held-out pairs (grpo has no pairwise objective)"
+
+
+@dataclass(frozen=True)
+class OnlineData:
+    """What grpo trains on: prompts with reference replies (sft_dataset's chats) and the reward model."""
+
+    train_chats: list[list[dict]]
+    eval_chats: list[list[dict]]  # held out: the checkpoint of the highest mean reward on them is kept
+    reward_model_dir: Path | None
 
 
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_len: int
@@ -192,7 +224,8 @@ class AlignMetrics:
     epochs: float  # passes over the training pairs actually run (the Trainer's epoch counter)
     stopped_early: bool  # patience ran out before the planned steps
     best_step: int  # the evaluation of the lowest held-out loss of the objective: the model kept
-    best_eval_loss: float  # that loss (the preference loss plus the SFT term where there is one)
+    best_eval_loss: float  # that loss (the preference loss plus the SFT term where there is one); grpo: the
+    # highest held-out mean reward, which selects its checkpoint (last_eval_loss likewise)
     last_eval_loss: float  # at the last evaluation
     overfitting_from_step: int  # after this step held-out loss rose while training loss fell; -1 = never
     train_seconds: float  # time in the trainer's train()
@@ -250,7 +283,7 @@ def kto_implicit_reward_accuracy(policy, reference, encoded: list[tuple[dict, di
 
 def best_evaluation(history: list[dict], best_step: int) -> dict:
     """The evaluation row at best_step: the objective's figures of the model that was kept."""
-    return next(r for r in history if "eval_loss" in r and r["step"] == best_step)
+    return next(r for r in history if r["step"] == best_step and any(k.startswith("eval_") for k in r))
 
 
 def align_metrics(s: AlignSettings, scores: dict, counts: tuple[int, int, int, TooLong], accuracy: tuple[float, str],
@@ -279,12 +312,23 @@ def align_metrics(s: AlignSettings, scores: dict, counts: tuple[int, int, int, T
         resumed_from=run["resumed_from"], wall_seconds=time.perf_counter() - run["t0"])
 
 
+def method_accuracy(s: AlignSettings, best: dict, aligned_accuracy: float, kto_accuracy) -> tuple[float, str]:
+    """(the objective's own held-out accuracy, where it came from): TRL's log for the paired
+    objectives, kto_accuracy() for KTO, the reference-free accuracy for grpo."""
+    if s.objective == "kto":
+        return kto_accuracy(), preference_methods.KTO_ACCURACY
+    if s.online:
+        return aligned_accuracy, GRPO_ACCURACY
+    return preference_methods.method_accuracy(s.objective, best)
+
+
 def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[PreferencePair],
                 eval_pairs: list[PreferencePair], work_dir: Path, out_dir: Path, log: hf_training.Log = print,
-                compare: dict[str, Path] | None = None) -> AlignResult:
+                compare: dict[str, Path] | None = None, online: OnlineData | None = None) -> AlignResult:
     """Align the model in `sft_dir` (a merged, plain model), write out_dir atomically, and return
     the run's figures, the held-out preference scores of the aligned model and of every model in
-    `compare` ({"base": dir, ...}), the reference (`sft_dir`) as "lora", and the loss history."""
+    `compare` ({"base": dir, ...}), the reference (`sft_dir`) as "lora", and the loss history.
+    An online objective (grpo) trains on `online` instead of the pairs, which still measure it."""
     from datasets import disable_progress_bars
     from transformers import AutoTokenizer
 
@@ -292,6 +336,8 @@ def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[Prefer
     t0 = time.perf_counter()
     s = settings
     s.validate()
+    if s.online and online is None:
+        raise ValueError(f"objective: {s.objective} trains on prompts with references (OnlineData); none given")
     sft_dir, work_dir, out_dir = Path(sft_dir), Path(work_dir), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     pad_id = tokenizer.pad_token_id
@@ -304,13 +350,21 @@ def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[Prefer
     log({"event": "start", "objective": s.objective, "train_pairs": len(train_records), "eval_pairs": len(eval_records),
          **{f"{k}_accuracy": v.accuracy for k, v in scores.items()}})
 
-    run_id = hf_training.run_identity({"settings": s.model_dump(), "train": train_records, "eval": eval_records},
+    described = {"settings": s.model_dump(), "train": train_records, "eval": eval_records}
+    if s.online:
+        described.update(chats=[online.train_chats, online.eval_chats], reward_model=str(online.reward_model_dir))
+    run_id = hf_training.run_identity(described,
                                       [weights_file(sft_dir)])
     resume_from = hf_training.prepare_work_dir(work_dir, run_id, log)
-    trainer = preference_methods.build_trainer(s, model, tokenizer, work_dir, train_records, eval_records)
+    if s.online:
+        trainer = online_rl.grpo_trainer(s, model, tokenizer, work_dir, online.train_chats, online.eval_chats,
+                                         online.reward_model_dir)
+    else:
+        trainer = preference_methods.build_trainer(s, model, tokenizer, work_dir, train_records, eval_records)
     trained, train_seconds, history = hf_training.fit(trainer, resume_from, log)
-    planned = hf_training.planned_steps(s, len(train_records))
-    summary = hf_training.selection_summary(history, planned)
+    planned = hf_training.planned_steps(s, len(online.train_chats) if s.online else len(train_records))
+    summary = (hf_training.selection_summary(history, planned, online_rl.SELECTION_METRIC, True, "reward")
+               if s.online else hf_training.selection_summary(history, planned))
     best = best_evaluation(history, summary["best_step"])
 
     with atomic_dir(out_dir) as tmp:
@@ -318,9 +372,8 @@ def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[Prefer
         merged = adapters.merge_into_fp32(sft_dir, adapter_dir(tmp))
         scores["aligned"] = preference_scores(merged, eval_enc, pad_id)
         save_merged(merged, tokenizer, merged_dir(tmp))
-        accuracy = ((kto_implicit_reward_accuracy(merged, load_model(sft_dir), eval_enc, pad_id),
-                     preference_methods.KTO_ACCURACY) if s.objective == "kto"
-                    else preference_methods.method_accuracy(s.objective, best))
+        accuracy = method_accuracy(s, best, scores["aligned"].accuracy,
+                                   lambda: kto_implicit_reward_accuracy(merged, load_model(sft_dir), eval_enc, pad_id))
         counts = (len(train_records), len(eval_records), left_out, too_long)
         metrics = align_metrics(s, scores, counts, accuracy, best, summary,
                                 {"train_loss": trained.training_loss, "planned_steps": planned,
