@@ -132,29 +132,3 @@ def test_align_settings_fail_loudly():
             AlignSettings(**change).validate()
     assert AlignSettings(objective="simpo").objective_beta == 2.0 and AlignSettings(beta=0.3).objective_beta == 0.3
 
-
-def test_grpo_samples_rewards_and_trains_the_adapter(tiny_base_dir, tmp_path):
-    """Online RL on the tiny model: GRPO samples groups of replies to prompts with references, is
-    rewarded by ROUGE-L, trains a fresh adapter and keeps the checkpoint of the best held-out reward."""
-    from llm_assets.lib.posttrain.align import OnlineData
-
-    chats = [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.chosen}] for p in PAIRS]
-    out = tmp_path / "out"
-    s = settings(objective="grpo", batch_size=2, num_generations=4, max_completion_length=8, temperature=1.0,
-                 reward_model_weight=0.0, epochs=1.0, max_steps=4, lr=1e-2)
-    result = train_align(s, tiny_base_dir, PAIRS[:16], PAIRS[16:], tmp_path / "work", out, log=lambda e: None,
-                         online=OnlineData(chats[:16], chats[16:20], None))
-    m = result.metrics
-    assert m.objective == "grpo" and m.beta == 0.04 and m.steps_run == m.planned_steps == 4
-    rewards = [r for r in result.history if "reward" in r]
-    assert rewards and all(0 <= r["reward"] <= 1 for r in rewards)  # ROUGE-L of sampled replies
-    evals = {r["step"]: r["eval_reward"] for r in result.history if "eval_reward" in r}
-    assert sorted(evals) == [2, 4] and m.best_eval_loss == max(evals.values())  # the best held-out reward kept
-    lora_b = [v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
-    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
-    assert m.method_accuracy == m.preference_accuracy["aligned"] and m.method_accuracy_source.startswith("reference-free")
-
-
-def test_grpo_needs_its_prompts(tiny_base_dir, tmp_path):
-    with pytest.raises(ValueError, match="prompts with references"):
-        train_align(settings(objective="grpo"), tiny_base_dir, PAIRS[:16], PAIRS[16:], tmp_path / "w", tmp_path / "o")

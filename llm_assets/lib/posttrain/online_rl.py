@@ -16,7 +16,7 @@ validation chats: eval_report tests on the other half), evaluated every `eval_ev
     ['Return the sum.', 'plain text']
     >>> [round(r, 2) for r in rouge_reward([[{"role": "assistant", "content": "Return the sum."}]],
     ...                                    reference=["Return the sum of a and b."])]
-    [0.67]
+    [0.6]
 
 Measured on the demo (LoRA model ROUGE-L 0.153 plain greedy on 128 held-out prompts, 8 prompts x 8
 replies a step): ROUGE-L alone, temperature 0.3, lr 5e-4, 30-40 steps: aligned / LoRA 1.006-1.02;
