@@ -13,7 +13,7 @@ from llm_assets.defs.data import bad_record_metadata
 from llm_assets.defs.resources import LakeResource, artifact_metadata
 from llm_assets.lib.data import dedup, ingest
 from llm_assets.lib.data.bad_records import BadRecords, RecordRules
-from llm_assets.lib.posttrain import instructions, posttrain_data, preferences
+from llm_assets.lib.posttrain import instructions, posttrain_data, preferences, prose_tasks
 from llm_assets.lib.posttrain.generation import generate_replies, repeats, rouge_l_scores, sample_replies
 from llm_assets.lib.pretrain.model_dir import load_model, merged_dir
 from llm_assets.lib.tokenizer.tokenizer import load_tokenizer
@@ -21,14 +21,14 @@ from llm_assets.lib.common.report import markdown_table
 
 
 class SftDatasetConfig(dg.Config, RecordRules):
-    include_corpus: bool = Field(True, description="Derive pairs from the corpus's Python modules: the instruction asks what a documented function or class does, the response is its docstring.")
-    max_corpus_pairs: int = Field(0, ge=0, description="Keep at most this many derived training pairs, spread evenly over the library (0 = all).")
+    include_corpus: bool = Field(True, description="Derive pairs from the corpus: Python modules give the docstring task (the instruction asks what a documented function or class does, the response is its docstring); other text of yours gives prose tasks from the text itself (continue a passage with its next sentences, write the opening of a headed section; lib/posttrain/prose_tasks.py).")
+    max_corpus_pairs: int = Field(0, ge=0, description="Keep at most this many derived training pairs, spread evenly over the corpus (0 = all).")
     user_dir: str = Field("data/sft", description="Directory (relative to the project) of Alpaca `.json`/`.jsonl` and chat `.jsonl` files; all of them are used.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of user records held out, chosen by a stable hash of each record.")
 
 
 class PreferenceDatasetConfig(dg.Config, RecordRules):
-    include_corpus: bool = Field(True, description="Build pairs from the corpus: the prompt asks what a documented function or class does, chosen is its docstring.")
+    include_corpus: bool = Field(True, description="Build pairs from the corpus-derived prompts of sft_dataset's tasks (docstring; continuation and section for prose), their reference reply being the docstring or the text's own words.")
     negatives: str = Field("ranked", description="How corpus pairs are built: ranked = both replies are lora_checkpoint's own (its greedy reply and `samples` samples per prompt), chosen the one closest to the docstring by ROUGE-L, rejected the farthest (on-policy pairs labelled by the reference, as in iterative RPO); on_policy = chosen the docstring, rejected the model's greedy reply (SPIN); hard = chosen the docstring, rejected another function's docstring, from the same module where possible.")
     max_train_pairs: int = Field(640, ge=0, description="ranked, on_policy: corpus training pairs generated for, spread evenly over the library (0 = all; each costs a generation). Pairs from ingested batches are always all kept. hard uses every pair.")
     max_validation_pairs: int = Field(200, ge=0, description="ranked, on_policy: held-out corpus pairs generated for, spread evenly over the validation modules (0 = all).")
@@ -67,14 +67,17 @@ def _chat_preview(messages: list[dict], width: int = 160) -> str:
 @dg.asset(group_name="training", kinds={"parquet", "dvc"}, deps=["deduped_shards", "incoming_batch"])
 def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Instruction chats for fine-tuning, `train.parquet` and `validation.parquet` (`messages` as
-    role/content lists, `source`, `origin`, `module`). Corpus-derived validation chats come only from
-    modules of the validation split, which pretraining never saw. User records that cannot be used
-    are dropped and counted per reason (`bad_records`)."""
+    role/content lists, `source`, `origin`, `module`). Corpus-derived chats: docstring tasks from
+    Python modules, continuation and section tasks from other text (`derivations` counts each);
+    validation chats come only from documents of the validation split, which pretraining never saw.
+    User records that cannot be used are dropped and counted per reason (`bad_records`)."""
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
+    derived: dict[str, list[instructions.InstructionPair]] = {"train": [], "validation": []}
     if config.include_corpus:
-        train = _corpus_pairs(lake, "train", config.max_corpus_pairs)
-        splits["train"] += posttrain_data.derived_chat_rows(train)
-        splits["validation"] += posttrain_data.derived_chat_rows(_corpus_pairs(lake, "validation"))
+        derived = {"train": _corpus_pairs(lake, "train", config.max_corpus_pairs),
+                   "validation": _corpus_pairs(lake, "validation")}
+        for split, pairs in derived.items():
+            splits[split] += posttrain_data.derived_chat_rows(pairs)
     files, bad = posttrain_data.user_files(lake.root / config.user_dir), BadRecords()
     for path in files:
         # unusable records dropped and counted; malformed JSON, or too many unusable, fails naming file and line
@@ -87,7 +90,8 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lak
         context.log.warning(f"dropped {bad.total} unusable user records: {dict(bad.dropped)}")
     for split, rows in splits.items():
         if not rows:
-            raise ValueError(f"sft_dataset: no {split} examples (include_corpus={config.include_corpus}, "
+            raise ValueError(f"sft_dataset: no {split} examples (include_corpus={config.include_corpus}: "
+                             f"{len(derived[split])} pairs derived from the {split} documents; "
                              f"{len(files)} user files in {config.user_dir})")
     out = lake.artifact_dir("sft_dataset")
     with lake.write("sft_dataset") as tmp:
@@ -97,6 +101,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lak
 
     origins = sorted({r["origin"] for rows in splits.values() for r in rows})
     counts = {s: Counter(r["origin"] for r in rows) for s, rows in splits.items()}
+    tasks = {s: Counter(p.task for p in pairs) for s, pairs in derived.items()}
     replies = [len(r["messages"][-1]["content"]) for r in splits["train"]]
     samples = [(r["source"], _chat_preview(r["messages"])) for r in splits["validation"][:: max(1, len(splits["validation"]) // 3)][:3]]
     return dg.MaterializeResult(
@@ -110,6 +115,9 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, lak
             "mean_response_chars": sum(replies) / len(replies),
             "by_origin": dg.MetadataValue.md(markdown_table(
                 ["origin", "train", "validation"], [(o, counts["train"][o], counts["validation"][o]) for o in origins])),
+            "derivations": dg.MetadataValue.md(markdown_table(
+                ["derivation", "train", "validation"],
+                [(t, tasks["train"][t], tasks["validation"][t]) for t in ("docstring", *prose_tasks.TASKS)])),
             "samples": dg.MetadataValue.md(markdown_table(["source", "chat (held out)"], samples)),
         },
         data_version=dg.DataVersion(version.md5),
@@ -134,10 +142,11 @@ def _on_policy(context: dg.AssetExecutionContext, config: PreferenceDatasetConfi
                "rejected_repeats_share": sum(map(repeats, replies)) / max(1, len(replies)),
                "mean_rejected_chars": sum(len(r.strip()) for r in replies) / max(1, len(replies)),
                "empty_rejected": sum(not r.strip() for r in replies)}
-    construction = (f"Corpus pairs: chosen = the docstring, rejected = the greedy reply of lora_checkpoint "
-                    f"(merged) to the same prompt (at most {config.max_new_tokens} new tokens, no repetition "
-                    f"penalty, precision {config.precision}); replies equal to the docstring dropped. Train pairs "
-                    f"from train modules, held-out pairs from validation modules only.")
+    construction = (f"Corpus pairs: chosen = the reference reply (the docstring; for prose, the text's own words), "
+                    f"rejected = the greedy reply of lora_checkpoint (merged) to the same prompt (at most "
+                    f"{config.max_new_tokens} new tokens, no repetition penalty, precision {config.precision}); "
+                    f"replies equal to the reference dropped. Train pairs from train documents, held-out pairs from "
+                    f"validation documents only.")
     return out, {**figures, "construction": construction}
 
 
@@ -166,9 +175,10 @@ def _ranked(context: dg.AssetExecutionContext, config: PreferenceDatasetConfig, 
     construction = (f"Corpus pairs: both replies are lora_checkpoint's (merged) own, to the same prompt: its greedy "
                     f"reply and {config.samples} samples at temperature {config.temperature} (at most "
                     f"{config.max_new_tokens} new tokens, no repetition penalty), scored by ROUGE-L F1 against the "
-                    f"docstring; chosen = the best, rejected = the worst ones (at most {config.pairs_per_prompt} per prompt) "
-                    f"that score at least {config.min_rouge_gap} lower. Train pairs from train modules, held-out pairs from "
-                    f"validation modules only.")
+                    f"reference reply (the docstring; for prose, the text's own words); chosen = the best, rejected = "
+                    f"the worst ones (at most {config.pairs_per_prompt} per prompt) that score at least "
+                    f"{config.min_rouge_gap} lower. Train pairs from train documents, held-out pairs from validation "
+                    f"documents only.")
     n = max(1, len(gaps))
     return out, {"generated": n * (1 + config.samples), "prompts_without_pair": dropped,
                  "generation_seconds": time.perf_counter() - start, "mean_rouge_gap": sum(gaps) / n,
@@ -181,8 +191,9 @@ def _hard(config: PreferenceDatasetConfig, pairs: dict[str, list[instructions.In
     for split, split_pairs in pairs.items():
         out[split], no_negative = preferences.derive_preferences(split_pairs, seed=config.seed)
         skipped += no_negative
-    construction = ("Corpus pairs: chosen = the docstring, rejected = the docstring of another definition of the "
-                    "same module where possible, else the same package, else any (negatives within each split).")
+    construction = ("Corpus pairs: chosen = the reference reply, rejected = the reply of another definition of the "
+                    "same module where possible, else the same package, else any (for prose: another passage of the "
+                    "same document, else of the same file); negatives within each split.")
     return out, {"skipped_no_negative": skipped, "construction": construction}
 
 

@@ -23,11 +23,13 @@ from user files.
     >>> chats == [(chat, "chat.jsonl#L1")], bad.where, bad.first["missing_field"][-51:]
     (True, {'missing_field': ['chat.jsonl:2: message 0']}, "message 0: missing field 'content' (keys: ['role'])")
 
-Derived pairs: for every public, documented function, method and class of a module, the instruction
-asks what the signature does and the response is the docstring's first paragraph. The caller derives
-train and validation pairs separately, from the train and validation splits of the deduplicated
-shards: a validation pair then always comes from a module the model never saw in pretraining, so the
-split stays leak-free (see `dedup.py`).
+Derived pairs (`task` "docstring"): for every public, documented function, method and class of a
+Python module, the instruction asks what the signature does and the response is the docstring's first
+paragraph. Any other text of the user's (not the embedded stdlib's docs) gives prose pairs,
+continuations and section openings taken from the text itself (prose_tasks.py), so a corpus with no
+Python still has post-training data. The caller derives train and validation pairs separately, from
+the train and validation splits of the deduplicated shards: a validation pair then always comes
+from a document the model never saw in pretraining, so the split stays leak-free (see `dedup.py`).
 
 User files: a record that parses but cannot be used (a missing, null, mistyped or empty field, a
 chat without a user turn or a final reply) is skipped and counted in the `BadRecords` the reader
@@ -55,6 +57,10 @@ MAX_RESPONSE_CHARS = 600  # longer first paragraphs are cut at a sentence bounda
 CHAT_ROLES = ("system", "user", "assistant")
 _SENTENCE_END = re.compile(r"[.!?](?=\s)")
 _WS = re.compile(r"\s*")
+# The embedded default corpus (corpus.py) is a code corpus: its text files (pydoc topics, mostly
+# grammar rules and tables; the licence; test data) give no prose tasks, so the demo's datasets stay
+# the ones its settings were measured on.
+EMBEDDED_PREFIXES = ("stdlib/", "stdlib-doc/")
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,8 @@ class InstructionPair:
     output: str
     source_doc_id: str  # the document (derived) or "file#Lline" (user file)
     qualname: str = ""  # "JSONDecoder.decode" for derived pairs, "" for user pairs
-    module: str = ""  # "json.decoder" for derived pairs, "" for user pairs
+    module: str = ""  # "json.decoder" for derived pairs (prose: the doc id), "" for user pairs
+    task: str = ""  # the derivation: "docstring", or prose_tasks.py's "continuation" / "section"; "" for user pairs
 
 
 def module_name(doc_id: str) -> str:
@@ -153,22 +160,26 @@ def pairs_from_source(doc_id: str, text: str) -> list[InstructionPair]:
         seen.add(qualname)  # first documented definition wins (if/else variants, property setters)
         name = f"{module}.{qualname}" if module else qualname
         instruction = f"Explain what the Python {kind} `{name}{_signature(node)}` does."
-        pairs.append(InstructionPair(instruction, "", response, doc_id, qualname, module))
+        pairs.append(InstructionPair(instruction, "", response, doc_id, qualname, module, "docstring"))
     return pairs
 
 
 def derive_pairs(docs: Iterable[tuple[str, str]], max_pairs: int = 0) -> list[InstructionPair]:
-    """Pairs from (doc_id, text) documents, ordered by doc_id then source position. Documents that
-    are not `.py` or do not parse are skipped. `max_pairs` > 0 keeps that many, spread evenly over
-    the ordered list so every part of the library is sampled."""
+    """Pairs from (doc_id, text) documents, ordered by doc_id then position in the document: docstring
+    pairs from Python sources (`.py`; those that do not parse are skipped), prose pairs
+    (prose_tasks.py) from any other text but the embedded stdlib's. `max_pairs` > 0 keeps that many,
+    spread evenly over the ordered list so every part of the corpus is sampled."""
+    from llm_assets.lib.posttrain.prose_tasks import pairs_from_text  # at call time: it imports InstructionPair from here
+
     pairs: list[InstructionPair] = []
     for doc_id, text in sorted(docs):
-        if not doc_id.endswith(".py"):
-            continue
-        try:
-            pairs.extend(pairs_from_source(doc_id, text))
-        except (SyntaxError, ValueError):  # e.g. test/badsyntax_*.py, source with NUL bytes
-            continue
+        if doc_id.endswith(".py"):
+            try:
+                pairs.extend(pairs_from_source(doc_id, text))
+            except (SyntaxError, ValueError):  # e.g. test/badsyntax_*.py, source with NUL bytes
+                continue
+        elif not doc_id.startswith(EMBEDDED_PREFIXES):
+            pairs.extend(pairs_from_text(doc_id, text))
     if 0 < max_pairs < len(pairs):
         pairs = [pairs[i * len(pairs) // max_pairs] for i in range(max_pairs)]
     return pairs
