@@ -53,26 +53,30 @@ def _log(context: dg.AssetExecutionContext):
     return lambda event: context.log.info(json.dumps(event))
 
 
-def _curve(history: list[dict], best_step: int, title: str, ylabel: str, hlines=None) -> str:
-    """Training and held-out loss per step, the kept (best) checkpoint marked."""
-    train = [r for r in history if "loss" in r]
-    held = [r for r in history if "eval_loss" in r]
+def _curve(history: list[dict], best_step: int, title: str, ylabel: str, hlines=None,
+           keys: tuple[str, str] = ("loss", "eval_loss")) -> str:
+    """Training and held-out figure (`keys`: loss by default) per step, the kept checkpoint marked."""
+    train_key, held_key = keys
+    train = [r for r in history if train_key in r]
+    held = [r for r in history if held_key in r]
     best = [r for r in held if r["step"] == best_step]
-    png = lines_png({"train": ([r["step"] for r in train], [r["loss"] for r in train]),
-                     "held out": ([r["step"] for r in held], [r["eval_loss"] for r in held]),
-                     f"best checkpoint (step {best_step})": ([r["step"] for r in best], [r["eval_loss"] for r in best])},
+    png = lines_png({"train": ([r["step"] for r in train], [r[train_key] for r in train]),
+                     "held out": ([r["step"] for r in held], [r[held_key] for r in held]),
+                     f"best checkpoint (step {best_step})": ([r["step"] for r in best], [r[held_key] for r in best])},
                     title, "optimizer step", ylabel, hlines)
     return png_markdown(png, title)
 
 
-def _selection_rows(m) -> list[tuple]:
-    """Summary-table rows of the schedule and the checkpoint kept (SftMetrics or AlignMetrics)."""
+def _selection_rows(m, by_reward: bool = False) -> list[tuple]:
+    """Summary-table rows of the schedule and the checkpoint kept (SftMetrics or AlignMetrics),
+    selected by held-out loss, or by held-out reward (grpo)."""
     overfit = (f"yes, after step {m.overfitting_from_step}" if m.overfitting_from_step >= 0 else "no")
+    figure, best, worse, better = (("reward", "highest", "fell", "rose") if by_reward else ("loss", "lowest", "rose", "fell"))
     return [("steps run / planned", f"{m.steps_run} / {m.planned_steps}" + (" (stopped early)" if m.stopped_early else "")),
             ("epochs run", f"{m.epochs:.2f}"),
-            ("checkpoint kept: step (lowest held-out loss)", m.best_step),
-            ("held-out loss: kept / last evaluation", f"{m.best_eval_loss:.4f} / {m.last_eval_loss:.4f}"),
-            ("held-out loss rose while training loss fell", overfit),
+            (f"checkpoint kept: step ({best} held-out {figure})", m.best_step),
+            (f"held-out {figure}: kept / last evaluation", f"{m.best_eval_loss:.4f} / {m.last_eval_loss:.4f}"),
+            (f"held-out {figure} {worse} while training {figure} {better}", overfit),
             ("training time (s)", m.train_seconds)]
 
 
@@ -174,7 +178,7 @@ def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpo
             for name, s in result.scores.items()]
     summary = [("objective (beta, SFT weight)", f"{m.objective} ({m.beta:g}, {m.sft_weight:g})"),
                ("method accuracy, held out", f"{m.method_accuracy:.1%} ({m.method_accuracy_source})"),
-               ("training pairs", m.train_pairs), *_selection_rows(m)]
+               ("training pairs", m.train_pairs), *_selection_rows(m, by_reward=settings.online)]
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),
@@ -187,7 +191,10 @@ def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpo
                 f"Held-out pairs: {m.eval_pairs}. Accuracy = share of pairs whose chosen reply the model finds "
                 "more likely (per token) than the rejected one.\n\n" + markdown_table(
                     ["model", "accuracy", "mean log p(chosen)", "mean log p(rejected)", "mean margin"], rows)),
-            "loss_curve": dg.MetadataValue.md(_curve(result.history, m.best_step, f"{m.objective} loss", "loss")),
+            "loss_curve": dg.MetadataValue.md(
+                _curve(result.history, m.best_step, "grpo: mean reward of the sampled replies", "reward",
+                       keys=("reward", "eval_reward")) if settings.online
+                else _curve(result.history, m.best_step, f"{m.objective} loss", "loss")),
         },
         data_version=dg.DataVersion(version.md5),
         check_results=[dg.AssetCheckResult(
