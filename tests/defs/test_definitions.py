@@ -23,7 +23,7 @@ def test_assets_groups_checks_and_jobs():
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("lora_checkpoint")).parent_keys} == {
         "sft_dataset", "base_checkpoint"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("aligned_checkpoint")).parent_keys} == {
-        "preference_dataset", "lora_checkpoint", "base_checkpoint", "sft_dataset"}
+        "preference_dataset", "lora_checkpoint", "base_checkpoint", "sft_dataset", "reward_model"}  # grpo scores with it
     assert graph.get(dg.AssetKey("serving_log")).is_observable
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("drift_report")).parent_keys} == {
         "serving_log", "sft_dataset", "incoming_batch"}
