@@ -73,6 +73,14 @@ def owner_gone(tag: str, since: float) -> bool | None:
         return True
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace the file `path` whole: readers see the old text or the new, never half of it (the
+    text goes to `.<name>.<pid>` beside it, then is renamed over it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)

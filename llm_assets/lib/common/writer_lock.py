@@ -39,6 +39,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from llm_assets.lib.common.atomic import write_text_atomically
+
 
 _ADVICE = "one run writes an asset at a time; wait for that run to finish, or cancel it, then materialize again"
 
@@ -81,7 +83,7 @@ class WriterLocks:
                 raise AssetBusy(f"{self._taken(asset)}; waited {self.wait_s:g} s: {_ADVICE}") from None
         self._held[asset] = lock
         since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_atomically(self._holder_file(asset), f"{self.holder} since {since}")
+        write_text_atomically(self._holder_file(asset), f"{self.holder} since {since}")
 
     def release_all(self) -> None:
         for asset, lock in list(self._held.items()):
@@ -99,10 +101,3 @@ class WriterLocks:
         except FileNotFoundError:  # taken a moment ago, not described yet
             holder = "another process"
         return f"{asset} is being written by {holder}"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old text or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -36,13 +36,12 @@ any gate failed: the previous release stays what the server loads.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llm_assets.lib.common.atomic import atomic_dir
+from llm_assets.lib.common.atomic import atomic_dir, write_text_atomically
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,6 @@ def publish(model_dir: Path, releases_dir: Path, version: str, gates: list[Gate]
             (tmp / "release.json").write_text(json.dumps(record, indent=2))
     record["path"] = str(target)
     pointer = pointer_path(releases_dir)
-    tmp_pointer = releases_dir / f".{POINTER}.{os.getpid()}"
-    tmp_pointer.write_text(json.dumps(record, indent=2))
-    os.replace(tmp_pointer, pointer)  # atomic: a reader sees the old pointer or the new one
+    write_text_atomically(pointer, json.dumps(record, indent=2))  # a reader sees the old pointer or the new one
     _append(releases_dir / HISTORY, {**record, "event": "released"})
     return record
