@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/llm-assets
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui install browser clean-state
+.PHONY: demo test ui install browser services clean-state
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,7 +30,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo
 browser:
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: install browser
+# Debian's servers the tests start on loopback themselves (never as system services): PostgreSQL
+# for the Dagster instance, Redis for Celery and the shared LSH index, Prometheus (with promtool).
+services:
+	command -v redis-server >/dev/null && command -v prometheus >/dev/null && { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server prometheus; }
+
+test: install browser services
 	$(PY) -m pytest -ra
 
 ui: install
