@@ -6,6 +6,7 @@
     llm-assets serve [--host 127.0.0.1] [--port 8000] [--model DIR]
     llm-assets status                                # latest versions, and what DVC sees
     llm-assets restore ASSET MD5                     # bring back an earlier artifact version
+    llm-assets rollback [VERSION]                    # withdraw the canary, or serve the previous release
 
 Runs go through the Dagster instance in $DAGSTER_HOME (default: <project>/.dagster), so they show
 up in `dagster dev` exactly like runs launched from the UI. Selections use Dagster's selection
@@ -307,6 +308,25 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Move data/releases/current.json back (lib/release/release.py's rollback): the server picks it
+    up on its next request."""
+    from llm_assets.lib.release.release import current_release, rollback
+
+    releases = ProjectPaths(project_dir()).releases
+    before = current_release(releases)
+    try:
+        record = rollback(releases, args.version)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if before and before.get("canary") and args.version is None:
+        print(f"canary {before['canary']['version']} withdrawn; release {record['version']} answers every request")
+    else:
+        print(f"rolled back from {before['version']} to {record['version']} ({record['path']})")
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     """What incoming_data_sensor does, without the daemon: each file in data/incoming/ not ingested
     yet (no materialization of its batch: a batch whose run failed is taken again) becomes an
@@ -380,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("asset")
     p.add_argument("md5", help="the DVC hash shown as dvc_md5 in the asset's metadata")
     p.set_defaults(fn=cmd_restore)
+    p = sub.add_parser("rollback", help="withdraw the running canary, or point the release back at the previous (or named) one")
+    p.add_argument("version", nargs="?", help="an earlier released version (default: the current release's previous)")
+    p.set_defaults(fn=cmd_rollback)
     p = sub.add_parser("serve", help="serve the released model over HTTP (POST /generate, /health, /metrics)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
