@@ -22,6 +22,8 @@ Endpoints:
 
 The model is the release `data/releases/current.json` points at (or `--model DIR`). Each request
 checks the pointer (one stat) and a new release is loaded before answering: no restart needed.
+While the pointer names a canary, that share of requests goes to it (llm_assets/serving/routing.py);
+the log and `llm_routed_requests_total` name the version that answered.
 
 Limits, each a clear 4xx: a prompt longer than `max_prompt_tokens` or a `max_new_tokens` above
 `max_new_tokens_cap` get 422 with the numbers; malformed JSON and wrong types get FastAPI's 422
@@ -60,6 +62,7 @@ from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
 from llm_assets.lib.monitor.serving_log import ServingLog
 from llm_assets.lib.posttrain.chat_data import end_token_id, prompt_ids
 from llm_assets.lib.release.release import current_release, pointer_path
+from llm_assets.serving.routing import CanaryRouter
 
 
 class ServeSettings(BaseModel):
@@ -97,6 +100,20 @@ class Served(NamedTuple):
     version: str
 
 
+def load_served(path: Path, version: str) -> Served:
+    """A release's model and tokenizer, warmed up, ready to answer (the release and a canary alike)."""
+    from transformers import AutoTokenizer
+
+    from llm_assets.lib.release.quantize import load_for_inference
+
+    model = load_for_inference(path)
+    # One forward before any request: bitsandbytes repacks 4-bit weights for CPU inference
+    # in place on the first eval forward, and two requests doing that at once corrupt them.
+    with torch.no_grad():
+        model.eval()(input_ids=torch.tensor([[0, 1]], device=next(model.parameters()).device))
+    return Served(model, AutoTokenizer.from_pretrained(path), version)
+
+
 class LoadedModel:
     """The model being served and where it came from; swapped when the release pointer moves."""
 
@@ -123,17 +140,7 @@ class LoadedModel:
             if source is None or (self.current is not None and source[1] == self.current.version):
                 self._pointer_stamp = stamp
                 return self.current
-            path, version = source
-            from transformers import AutoTokenizer
-
-            from llm_assets.lib.release.quantize import load_for_inference
-
-            model = load_for_inference(path)
-            # One forward before any request: bitsandbytes repacks 4-bit weights for CPU inference
-            # in place on the first eval forward, and two requests doing that at once corrupt them.
-            with torch.no_grad():
-                model.eval()(input_ids=torch.tensor([[0, 1]], device=next(model.parameters()).device))
-            self.current = Served(model, AutoTokenizer.from_pretrained(path), version)
+            self.current = load_served(*source)
             self._pointer_stamp = stamp
             return self.current
 
@@ -161,6 +168,8 @@ class ModelServer:
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
         self.tokens = Counter("llm_generated_tokens", "Tokens generated", registry=r)
         self.errors = Counter("llm_errors", "Requests that failed (4xx and 5xx)", ["endpoint", "reason"], registry=r)
+        # the canary named by the release pointer, if any, and its share of requests (serving/routing.py)
+        self.router = CanaryRouter(None if settings.model_dir else settings.releases_dir, load_served, r)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -184,6 +193,7 @@ class ModelServer:
         served = self.loaded.refresh()
         if served is None:
             self.fail(endpoint, 503, "no_model", f"no release to serve: {pointer_path(s.releases_dir)} does not exist")
+        served = self.router.route(served)
         if req.max_new_tokens > s.max_new_tokens_cap:
             self.fail(endpoint, 422, "max_new_tokens", f"max_new_tokens {req.max_new_tokens} is over the cap of {s.max_new_tokens_cap}")
         ids = prompt_ids(served.tokenizer, [{"role": "user", "content": req.prompt}])
