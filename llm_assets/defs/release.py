@@ -78,12 +78,18 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, l
     )
 
 
+class ReleaseConfig(dg.Config, release_lib.ReleaseSettings):
+    """lib/release/release.py's release settings (canary_share)."""
+
+
 @dg.asset(group_name="release", kinds={"dvc"}, deps=["eval_report", "quantized_model"])
-def release(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+def release(context: dg.AssetExecutionContext, config: ReleaseConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Points `data/releases/current.json` (what `llm-assets serve` loads) at a copy of the quantized
     model, only when every gate passed: the blocking checks stop a run before this step, and this
     step re-reads the gates from the artifacts, so a release started on its own cannot skip them.
-    A refusal fails the step, keeps the previous release and is logged in `history.jsonl`."""
+    A refusal fails the step, keeps the previous release and is logged in `history.jsonl`. With
+    `canary_share` > 0 the candidate becomes the canary beside the current release instead (the
+    server routes that share of requests to it; `llm-assets rollback` withdraws it)."""
     quantized = lake.artifact_dir("quantized_model")
     report = lake.artifact_dir("eval_report")
     q = json.loads((quantized / "quantization.json").read_text())
@@ -98,7 +104,8 @@ def release(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materia
     try:
         record = release_lib.publish(quantized, releases, version, gates, {
             "model": "quantized_model", "method": q["method"],
-            "eval_report_md5": getattr(versioning.current_version(lake.root, "eval_report"), "md5", None)})
+            "eval_report_md5": getattr(versioning.current_version(lake.root, "eval_report"), "md5", None)},
+            canary_share=config.canary_share)
     except release_lib.GatesFailed as e:
         raise dg.Failure(description=str(e), metadata={
             "current_release": previous["version"] if previous else "none",
@@ -109,8 +116,10 @@ def release(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materia
             "version": record["version"],
             "previous_version": record["previous"] or "none",
             "path": dg.MetadataValue.path(record["path"]),
+            "canary_version": record.get("canary", {}).get("version", "none"),
+            "canary_share": record.get("canary", {}).get("share", 0.0),
             "pointer": dg.MetadataValue.path(str(release_lib.pointer_path(releases))),
             "gates": dg.MetadataValue.md(markdown_table(["gate", "result", "threshold", "observed", "rule"], rows)),
         },
-        data_version=dg.DataVersion(record["version"]),
+        data_version=dg.DataVersion(record["version"] + (f"+canary-{record['canary']['version']}" if "canary" in record else "")),
     )

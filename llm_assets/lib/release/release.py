@@ -65,7 +65,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import Field
+
 from llm_assets.lib.common.atomic import atomic_dir, write_text_atomically
+from llm_assets.lib.common.settings import Settings
+
+
+class ReleaseSettings(Settings):
+    """How a candidate that passed its gates is released."""
+
+    canary_share: float = Field(0.0, ge=0, lt=1, description="0: release the candidate in full. Between 0 and 1: "
+                                "the candidate becomes the canary and answers this share of requests beside the "
+                                "current release, until released in full (run again with 0) or withdrawn "
+                                "(`llm-assets rollback`).")
 
 
 @dataclass(frozen=True)
