@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -122,3 +123,26 @@ def shifted_batch(n: int = 40) -> str:
                   f'def holder_{i}(name, country="NL"):\n    """{second}"""\n    return name, country\n')
         lines.append(json.dumps({"path": f"licensing/clause_{i}.py", "text": source}))
     return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def uvicorn_thread(app):
+    """Serve a FastAPI app on a real uvicorn on loopback, in a thread; yields its base URL, stops it
+    the way SIGTERM stops `llm-assets serve` (graceful shutdown, which flushes the serving log)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn exited before it started")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
