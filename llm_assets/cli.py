@@ -1,6 +1,6 @@
 """The `llm-assets` command: set up, materialize, inspect and restore the asset graph.
 
-    llm-assets init                                  # Dagster home + DVC remote (idempotent)
+    llm-assets init [--postgres URL]                 # Dagster home + DVC remote (idempotent)
     llm-assets materialize [--select SEL] [--config configs/demo.yaml]
     llm-assets ingest [--config configs/demo.yaml]   # each new file in data/incoming/ (no daemon)
     llm-assets serve [--host 127.0.0.1] [--port 8000] [--model DIR]
@@ -22,29 +22,13 @@ import sys
 from pathlib import Path
 
 from llm_assets.lib.common.atomic import owner, owner_gone
+from llm_assets.lib.common.instance_config import dagster_yaml, storage_kind, write_dagster_yaml
 from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
 
 
-DAGSTER_YAML = """\
-# Written by `llm-assets init`. SQLite storage under this directory (the default); point
-# `storage:` at Postgres to share the instance between machines.
-telemetry:
-  enabled: false
-nux:
-  enabled: false
-# Runs the daemon launches (sensors, schedules, the UI) queue per lane: one ingestion at a time, so
-# each batch is deduplicated against the batches before it, and one training run at a time, since
-# training runs write the same checkpoints.
-concurrency:
-  runs:
-    tag_concurrency_limits:
-      - key: llm_assets/lane
-        value: ingest
-        limit: 1
-      - key: llm_assets/lane
-        value: training
-        limit: 1
-"""
+# What `llm-assets init` writes to a new DAGSTER_HOME (SQLite); lib/common/instance_config.py is its
+# one writer, `--postgres` included.
+DAGSTER_YAML = dagster_yaml()
 # What resources.artifact_metadata puts first in every artifact's metadata: the summary shows these
 # on the asset's path line, not among its figures.
 ARTIFACT_FIELDS = ("path", "dvc_md5", "files", "bytes")
@@ -57,23 +41,43 @@ def project_dir() -> Path:
     return default_project_dir()
 
 
-def ensure_dagster_home(project: Path) -> Path:
+def ensure_dagster_home(project: Path, postgres_url: str | None = None) -> Path:
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(project / ".dagster"))).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    write_dagster_yaml(home, postgres_url)
     return home
+
+
+def check_postgres(postgres_url: str) -> None:
+    """Open an instance on the database before dagster.yaml points at it: this creates Dagster's
+    tables, and an unreachable or refused database fails here, leaving the old file in place."""
+    import tempfile
+
+    import dagster as dg
+
+    with tempfile.TemporaryDirectory() as scratch:
+        write_dagster_yaml(Path(scratch), postgres_url)
+        with dg.DagsterInstance.from_config(scratch) as instance:
+            instance.get_runs_count()
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     from llm_assets.lib.common.versioning import init_dvc
 
     project = project_dir()
-    home = ensure_dagster_home(project)
+    if args.postgres:
+        try:
+            dagster_yaml(args.postgres)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
+        check_postgres(args.postgres)
+    home = ensure_dagster_home(project, args.postgres)
     init_dvc(project)
     for directory in ProjectPaths(project).user_dirs():
         directory.mkdir(parents=True, exist_ok=True)
-    print(f"project      {project}\nDAGSTER_HOME {home}\nDVC          initialized, default remote configured")
+    print(f"project      {project}\nDAGSTER_HOME {home} ({storage_kind(home)} storage)\n"
+          f"DVC          initialized, default remote configured")
     return 0
 
 
@@ -386,7 +390,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-assets", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("init", help="prepare DAGSTER_HOME and DVC (idempotent)").set_defaults(fn=cmd_init)
+    p = sub.add_parser("init", help="prepare DAGSTER_HOME and DVC (idempotent)")
+    p.add_argument("--postgres", metavar="URL", help="keep the Dagster instance (runs, events, schedules) in this "
+                   "PostgreSQL database, e.g. postgresql://user:pw@host:5432/dagster, or env:VAR to read it from $VAR")
+    p.set_defaults(fn=cmd_init)
     p = sub.add_parser("materialize", help="materialize all assets or a selection")
     p.add_argument("--select", help="Dagster asset selection, e.g. 'raw_corpus' or 'group:data' (default: all)")
     p.add_argument("--config", action="append", default=[], help="run-config YAML (repeatable), e.g. configs/demo.yaml")

@@ -21,6 +21,24 @@ def _dvc_env(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
+def redis_url():
+    """A redis-server of this test's own on a free loopback port (tests/servers.py), stopped after."""
+    from servers import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL 15 cluster of this test's own with an empty database (tests/servers.py), stopped after."""
+    from servers import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path)
 

@@ -12,7 +12,7 @@ TESTS = Path(__file__).resolve().parent
 LIB = TESTS.parent / "llm_assets" / "lib"
 LIB_MODULES = sorted(p for p in LIB.glob("*/*.py") if p.name != "__init__.py")
 TEST_MODULES = sorted(p for p in TESTS.rglob("*.py") if p.name.startswith("test_"))
-SHARED = {"conftest", "helpers", "dagster_procs"}  # importable from tests/ (pytest's pythonpath)
+SHARED = {"conftest", "helpers", "dagster_procs", "servers"}  # importable from tests/ (pytest's pythonpath)
 
 
 def imported_modules(path: Path) -> set[str]:
