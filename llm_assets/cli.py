@@ -374,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     paths = ProjectPaths(project_dir())
     flags = {"max_prompt_tokens": args.max_prompt_tokens, "max_new_tokens_cap": args.max_new_tokens,
              "max_concurrent": args.concurrency}  # a flag left out keeps ServeSettings' default
-    settings = ServeSettings(releases_dir=paths.releases, log_dir=paths.serving,
+    settings = ServeSettings(releases_dir=paths.releases, log_dir=paths.serving, drift_dir=paths.artifact("drift_report"),
                              model_dir=Path(args.model).resolve() if args.model else None,
                              **{k: v for k, v in flags.items() if v is not None})
     # Each generation gets its share of the cores: torch's default (all cores per generation) makes

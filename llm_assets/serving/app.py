@@ -18,7 +18,7 @@ Endpoints:
   per piece, then `data: {"done": true, ...}`).
 - `GET /health`: status and the loaded model version.
 - `GET /metrics`: Prometheus text: requests by endpoint and status, latency histogram, generated
-  tokens, errors.
+  tokens, errors, requests routed per version, and the latest drift report's figures.
 
 The model is the release `data/releases/current.json` points at (or `--model DIR`). Each request
 checks the pointer (one stat) and a new release is loaded before answering: no restart needed.
@@ -62,6 +62,7 @@ from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
 from llm_assets.lib.monitor.serving_log import ServingLog
 from llm_assets.lib.posttrain.chat_data import end_token_id, prompt_ids
 from llm_assets.lib.release.release import current_release, pointer_path
+from llm_assets.serving.drift_metrics import DriftCollector
 from llm_assets.serving.routing import CanaryRouter
 
 
@@ -73,6 +74,8 @@ class ServeSettings(BaseModel):
                                description="Holds the release pointer current.json; the release it points at is served.")
     log_dir: Path = Field(default_factory=lambda: ProjectPaths(default_project_dir()).serving,
                           description="The serving log: every answered request, as Parquet parts.")
+    drift_dir: Path = Field(default_factory=lambda: ProjectPaths(default_project_dir()).artifact("drift_report"),
+                            description="drift_report's directory: its latest figures are exported at /metrics.")
     model_dir: Path | None = Field(None, description="Serve this model directory instead of the current release.")
     max_prompt_tokens: int = Field(192, ge=1, description="Longest prompt accepted, in tokens with the chat template "
                                    "applied; a longer one gets 422.")
@@ -170,6 +173,7 @@ class ModelServer:
         self.errors = Counter("llm_errors", "Requests that failed (4xx and 5xx)", ["endpoint", "reason"], registry=r)
         # the canary named by the release pointer, if any, and its share of requests (serving/routing.py)
         self.router = CanaryRouter(None if settings.model_dir else settings.releases_dir, load_served, r)
+        r.register(DriftCollector(settings.drift_dir))  # llm_drift_* gauges, read at each scrape
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):

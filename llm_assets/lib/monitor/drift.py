@@ -33,7 +33,7 @@ column drifts when it tells the two windows apart with ROC AUC >= `text_threshol
 
 A drift_report directory holds `report.html` (Evidently's), `summary.json` (the figures) and
 `current.parquet` (the current window with its descriptors): `write_report` writes it, `read_report`
-reads it back.
+reads it back (`read_summary`: the figures alone).
 
 Defaults, from calibration on this project's own text (FIELD_NOTES, and the quality tests): numeric
 columns by the two-sample Kolmogorov-Smirnov test (p < 0.05), which accounts for the window's size:
@@ -168,7 +168,11 @@ def write_report(out_dir: Path, result: DriftResult, summary: dict, current: pd.
     current.to_parquet(out_dir / CURRENT)
 
 
+def read_summary(report_dir: Path) -> dict:
+    """The figures (`summary.json`) of a drift report directory: what the server exports as metrics."""
+    return json.loads((Path(report_dir) / SUMMARY).read_text())
+
+
 def read_report(report_dir: Path) -> tuple[dict, pd.DataFrame]:
     """(summary, current window frame) of a drift report directory."""
-    report_dir = Path(report_dir)
-    return json.loads((report_dir / SUMMARY).read_text()), pd.read_parquet(report_dir / CURRENT)
+    return read_summary(report_dir), pd.read_parquet(Path(report_dir) / CURRENT)
