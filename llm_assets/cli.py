@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from llm_assets.lib.common.atomic import owner, owner_gone
-from llm_assets.lib.common.instance_config import dagster_yaml, storage_kind, write_dagster_yaml
+from llm_assets.lib.common.instance_config import (DRIVER_SCHEME, dagster_yaml, postgres_url_value, storage_kind,
+                                                   with_driver, write_dagster_yaml)
 from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
 
 
@@ -67,7 +68,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     project = project_dir()
     if args.postgres:
         try:
-            dagster_yaml(args.postgres)
+            value = postgres_url_value(args.postgres)
+            if isinstance(value, dict):  # env:NAME, read now as the instance will read it
+                postgres_url_value(os.environ.get(value["env"], ""))
+                if not os.environ[value["env"]].startswith(DRIVER_SCHEME):
+                    raise ValueError(f"${value['env']} must name the driver: {with_driver(os.environ[value['env']])}")
         except ValueError as e:
             print(e, file=sys.stderr)
             return 2

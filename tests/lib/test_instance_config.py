@@ -5,7 +5,7 @@ runs in PostgreSQL is tests/test_postgres_instance.py's part."""
 import pytest
 import yaml
 
-from llm_assets.lib.common.instance_config import dagster_yaml, storage_kind, write_dagster_yaml
+from llm_assets.lib.common.instance_config import dagster_yaml, storage_kind, with_driver, write_dagster_yaml
 
 
 def test_default_is_sqlite_with_the_run_lanes_and_no_telemetry():
@@ -17,8 +17,10 @@ def test_default_is_sqlite_with_the_run_lanes_and_no_telemetry():
 
 
 @pytest.mark.parametrize("url, expected", [
-    ("postgresql://dagster:s3cret@db.internal:5432/dagster", "postgresql://dagster:s3cret@db.internal:5432/dagster"),
-    ("postgres://u@127.0.0.1:6543/d", "postgres://u@127.0.0.1:6543/d"),
+    # The driver is named: SQLAlchemy 2.1 would take a bare postgresql:// for psycopg 3, not installed.
+    ("postgresql://dagster:s3cret@db.internal:5432/dagster", "postgresql+psycopg2://dagster:s3cret@db.internal:5432/dagster"),
+    ("postgres://u@127.0.0.1:6543/d", "postgresql+psycopg2://u@127.0.0.1:6543/d"),
+    ("postgresql+psycopg2://u@/d?host=/run/pg", "postgresql+psycopg2://u@/d?host=/run/pg"),
     ("env:DAGSTER_PG_URL", {"env": "DAGSTER_PG_URL"}),
 ])
 def test_postgres_storage_keeps_the_lanes(url, expected):
@@ -31,6 +33,10 @@ def test_postgres_storage_keeps_the_lanes(url, expected):
 def test_anything_else_fails_naming_the_flag_and_the_forms(url):
     with pytest.raises(ValueError, match=r"--postgres .*postgresql://USER.*env:VARIABLE"):
         dagster_yaml(url)
+
+
+def test_with_driver_names_psycopg2_once():
+    assert with_driver("postgres://u@h/d") == with_driver(with_driver("postgresql://u@h/d")) == "postgresql+psycopg2://u@h/d"
 
 
 def test_written_when_missing_kept_when_edited_replaced_by_postgres(tmp_path):

@@ -44,16 +44,28 @@ SQLITE_NOTE = ("SQLite storage under this directory (the default);\n# `llm-asset
 POSTGRES_NOTE = ("Run, event-log and schedule storage in PostgreSQL\n# (dagster-postgres): every "
                  "machine with this file shares one instance. Logs of steps stay on the machine that ran them.")
 ENV_PREFIX = "env:"  # `--postgres env:NAME`: the URL is read from $NAME when the instance loads
-URL_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg2://")
+# SQLAlchemy 2.1 reads a bare postgresql:// as the psycopg (3) driver, which dagster-postgres does not
+# install; it depends on psycopg2. The file names the driver, so any SQLAlchemy 2.x loads it.
+DRIVER_SCHEME = "postgresql+psycopg2://"
+BARE_SCHEMES = ("postgresql://", "postgres://")
+
+
+def with_driver(url: str) -> str:
+    """`url` naming the psycopg2 driver (postgresql+psycopg2://); other URLs are returned unchanged."""
+    for scheme in BARE_SCHEMES:
+        if url.startswith(scheme):
+            return DRIVER_SCHEME + url[len(scheme):]
+    return url
 
 
 def postgres_url_value(url: str) -> str | dict:
-    """What goes under `postgres_url:`: the URL itself, or `{env: NAME}` for `env:NAME`, which keeps
-    the password out of the file. Anything else fails, naming the accepted forms."""
+    """What goes under `postgres_url:`: the URL (naming its driver), or `{env: NAME}` for `env:NAME`,
+    which keeps the password out of the file ($NAME must then name the driver itself). Anything else
+    fails, naming the accepted forms."""
     if url.startswith(ENV_PREFIX) and url[len(ENV_PREFIX):].isidentifier():
         return {"env": url[len(ENV_PREFIX):]}
-    if url.startswith(URL_SCHEMES):
-        return url
+    if url.startswith((*BARE_SCHEMES, "postgresql+")):
+        return with_driver(url)
     raise ValueError(f"--postgres {url!r}: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DB "
                      f"(or ?host=/socket/dir) or env:VARIABLE naming one")
 
