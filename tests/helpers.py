@@ -78,14 +78,14 @@ def metadata(instance, asset: str) -> dict:
     return {k: v.value for k, v in md.items()}
 
 
-def log_prompts(project: Path, prompts: list[str]) -> None:
-    """Requests in the project's serving log, as if the server had answered `prompts` just now."""
+def log_prompts(project: Path, prompts: list[str], version: str = "v") -> None:
+    """Requests in the project's serving log, as if the server (model `version`) had answered `prompts` just now."""
     from llm_assets.lib.monitor.serving_log import ServingLog
 
     log = ServingLog(project / "data/serving")
     for p in prompts:
         log.append({"time": datetime.now(timezone.utc), "request_id": "r", "prompt": p, "response": "x",
-                    "prompt_tokens": 5, "response_tokens": 1, "latency_seconds": 0.01, "model_version": "v", "status": "ok"})
+                    "prompt_tokens": 5, "response_tokens": 1, "latency_seconds": 0.01, "model_version": version, "status": "ok"})
     log.close()
 
 

@@ -40,6 +40,7 @@ class DriftReportConfig(dg.Config, drift.DriftSettings):
     min_current_rows: int = Field(20, ge=1, description="Fewer rows than this (requests in the window, documents in the batch): no report, the step is skipped saying why (the comparison would mean nothing).")
     max_reference_rows: int = Field(2000, ge=50, description="Training prompts sampled as the reference.")
     use_model_perplexity: bool = Field(True, description="Add each text's perplexity under the released model as a descriptor (needs a release).")
+    model_version: str = Field("", description="Only the serving traffic this model version answered (the serving log's model_version); empty: all of it, and while the release pointer names a canary, the release's and the canary's traffic are also reported side by side.")
 
 
 def _released_model(lake: LakeResource):
@@ -69,8 +70,8 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
         source = f"incoming_batch:{config.incoming_batch}"
         current_texts, reference_texts, window = _batch_window(lake, config.incoming_batch)
     else:
-        source = "serving"
-        current_texts, reference_texts, window = _serving_window(lake, config.window_hours)
+        source = f"serving:{config.model_version}" if config.model_version else "serving"
+        current_texts, reference_texts, window, versions = _serving_window(lake, config.window_hours, config.model_version)
     if len(current_texts) < config.min_current_rows:
         unit = "documents in the batch" if config.incoming_batch else "requests in the window"
         reason = (f"only {len(current_texts)} {unit} ({source}, {window}); "
@@ -92,6 +93,8 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
     current = drift.describe(current_texts, tokenizer, model)
     result = drift.detect_drift(reference, current, settings_of(config, drift.DriftSettings))
     s = {**result.summary, "source": source, "window": window, "model_version": version}
+    if not config.incoming_batch and not config.model_version:
+        s["by_version"] = _release_and_canary(lake, reference, current, versions, config)
     out = lake.artifact_dir("drift_report")
     with lake.write("drift_report") as tmp:
         drift.write_report(tmp, result, s, current)
@@ -110,18 +113,53 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
             "window": window,
             "report": dg.MetadataValue.path(str(out / drift.REPORT_HTML)),
             "columns": dg.MetadataValue.md(markdown_table(["column", "score", "method", "threshold", "drifted"], rows)),
+            **_by_version_metadata(s.get("by_version") or {}),
         },
         data_version=dg.DataVersion(version_.md5),
     )
 
 
-def _serving_window(lake: LakeResource, window_hours: float) -> tuple[list[str], list[str], str]:
+def _serving_window(lake: LakeResource, window_hours: float, version: str) -> tuple[list[str], list[str], str, list[str]]:
+    """Prompts served in the window (by `version` only, when given), the training prompts, the
+    window in words, and the version that answered each prompt."""
     since = datetime.now(timezone.utc) - timedelta(hours=window_hours) if window_hours else None
     log = log_lib.read_log(lake.paths.serving, since=since).to_pandas()
+    if version:
+        log = log[log["model_version"] == version]
     window = (f"{log['time'].min().isoformat()} .. {log['time'].max().isoformat()}" if len(log)
-              else f"no requests in the last {window_hours} h")
+              else f"no requests in the last {window_hours} h" + (f" answered by {version}" if version else ""))
     chats = posttrain_data.read_chats(lake.artifact_dir("sft_dataset"), "train")
-    return log["prompt"].tolist(), posttrain_data.user_prompts(chats), window
+    return log["prompt"].tolist(), posttrain_data.user_prompts(chats), window, log["model_version"].tolist()
+
+
+def _release_and_canary(lake: LakeResource, reference: pd.DataFrame, current: pd.DataFrame, versions: list[str],
+                        config: DriftReportConfig) -> dict:
+    """While the release pointer names a canary: the release's and the canary's traffic, each against
+    the reference (figures for a version with at least min_current_rows rows, else its row count)."""
+    pointer = current_release(lake.paths.releases)
+    if not pointer or not pointer.get("canary"):
+        return {}
+    out = {}
+    for version, route in ((pointer["version"], "release"), (pointer["canary"]["version"], "canary")):
+        rows = current[[v == version for v in versions]].reset_index(drop=True)
+        out[version] = {"route": route, "current_rows": len(rows)}
+        if len(rows) >= config.min_current_rows:
+            summary = drift.detect_drift(reference, rows, settings_of(config, drift.DriftSettings)).summary
+            out[version].update({k: summary[k] for k in ("drift_detected", "drift_share", "drifted_columns")})
+    return out
+
+
+def _by_version_metadata(by_version: dict) -> dict:
+    """The release's and the canary's figures side by side: a table, and numbers the UI can chart."""
+    if not by_version:
+        return {}
+    rows = [(v, f["route"], f["current_rows"], f.get("drift_detected", "too few rows"), f.get("drift_share", ""),
+             ", ".join(f.get("drifted_columns", [])) or "none") for v, f in by_version.items()]
+    flat = {f"{f['route']}_{key}": f[key] for f in by_version.values()
+            for key in ("current_rows", "drift_detected", "drift_share") if key in f}
+    canary = next(v for v, f in by_version.items() if f["route"] == "canary")
+    return {**flat, "canary_version": canary, "by_version": dg.MetadataValue.md(markdown_table(
+        ["model version", "route", "rows", "drift detected", "drift share", "drifted columns"], rows))}
 
 
 def _batch_window(lake: LakeResource, key: str) -> tuple[list[str], list[str], str]:

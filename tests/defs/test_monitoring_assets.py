@@ -1,5 +1,6 @@
 """serving_log (observed) and drift_report on the tiny config, with a request log written here."""
 
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from dagster._core.definitions.observe import observe  # the test-side twin of a
 from helpers import lock_md5, log_prompts, materialize, metadata
 from llm_assets.defs.monitoring import serving_log
 from llm_assets.defs.resources import LakeResource
+from llm_assets.lib.monitor.drift import read_summary
 from llm_assets.lib.posttrain.posttrain_data import read_chats, user_prompts
+from llm_assets.lib.release.release import Gate, publish
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 UPSTREAM = ["raw_corpus", "clean_corpus", "deduped_shards", "tokenizer", "sft_dataset"]
@@ -71,3 +74,33 @@ def test_drift_report_on_training_like_traffic_and_too_little_traffic(project_fa
     assert materialize(root, tiny_config(["drift_report"]), ["drift_report"], instance).success
     md = metadata(instance, "drift_report")
     assert md["drift_detected"] is False, md["drifted_columns"]
+
+
+def test_drift_report_of_one_version_and_the_canary_beside_the_release(project, tiny_config, tmp_path):
+    root, instance = project
+    for v in ("v1", "v2"):  # a release and its canary; perplexity is off, so the copies need no weights
+        (tmp_path / v).mkdir()
+        (tmp_path / v / "config.json").write_text("{}")
+        publish(tmp_path / v, root / "data/releases", v, [Gate("g", True, 0, 0)], {}, canary_share=0.3)
+    licence = [" ".join(p.split())[:300] for p in (STDLIB / "LICENSE.txt").read_text().split("\n\n") if len(p.split()) >= 8]
+    trained = user_prompts(read_chats(root / "data/lake/sft_dataset", "train"))
+    log_prompts(root, trained[1:40:3], version="v1")  # the release meets training-like traffic
+    log_prompts(root, licence[:9], version="v2")     # the canary meets another domain
+    try:
+        cfg = tiny_config(["drift_report"])
+        cfg["ops"]["drift_report"]["config"].update(use_model_perplexity=False, model_version="v2")
+        assert materialize(root, cfg, ["drift_report"], instance).success
+        md = metadata(instance, "drift_report")
+        assert md["source"] == "serving:v2" and md["current_rows"] == 9 and md["drift_detected"] is True
+        assert "by_version" not in md
+
+        cfg["ops"]["drift_report"]["config"]["model_version"] = ""
+        assert materialize(root, cfg, ["drift_report"], instance).success
+        md = metadata(instance, "drift_report")
+        assert (md["release_current_rows"], md["canary_current_rows"], md["canary_version"]) == (13, 9, "v2")
+        assert md["canary_drift_detected"] is True and md["release_drift_detected"] is False
+        assert "| v2 | canary | 9 | True |" in md["by_version"] and "| v1 | release | 13 | False |" in md["by_version"]
+        by_version = read_summary(root / "data/lake/drift_report")["by_version"]
+        assert by_version["v2"]["route"] == "canary" and by_version["v2"]["drift_detected"] is True
+    finally:
+        shutil.rmtree(root / "data/releases")  # the other tests score perplexity with the release
