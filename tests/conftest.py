@@ -81,3 +81,36 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_base")
     save_model(model, tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """tiny_base_dir's model trained 80 steps on stdlib text (a few seconds): a teacher whose
+    distributions are worth matching, for distillation and pruning. (model dir, (training,
+    validation) token streams, (training, validation) chats)."""
+    import sysconfig
+
+    import numpy as np
+    import torch
+
+    from llm_assets.lib.pretrain.model_dir import load_model, save_model
+    from transformers import AutoTokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    train = np.array(tok((stdlib / "textwrap.py").read_text() + (stdlib / "csv.py").read_text())["input_ids"], np.int64)
+    valid = np.array(tok((stdlib / "heapq.py").read_text())["input_ids"], np.int64)
+    torch.manual_seed(0)
+    model = load_model(tiny_base_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(80):
+        starts = np.random.default_rng(step).integers(0, len(train) - 65, 8)
+        x = torch.from_numpy(np.stack([train[s:s + 64] for s in starts]))
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    save_model(model, tok, out)
+    lines = [ln.strip() for ln in (stdlib / "shlex.py").read_text().splitlines() if len(ln.strip()) > 20]
+    chats = [[{"role": "user", "content": a}, {"role": "assistant", "content": b}] for a, b in zip(lines[::2], lines[1::2])]
+    return out, (train, valid), (chats[:-16], chats[-16:])
