@@ -1,8 +1,8 @@
 """Group `training`, post-training: lora_checkpoint (instruction tuning with a PEFT adapter) and
 aligned_checkpoint (DPO, or another offline preference objective, on top of the LoRA model).
 
-Both train in the step's own process (the multiprocess executor gives each step one): unlike
-pretraining they need no torchrun. Checkpoints go to `data/lake/.work/<asset>/` so a re-run after a
+Both train in the step's own process (the multiprocess executor gives each step one), or with
+`nproc_per_node` > 1 under torchrun (workers/posttrain.py), as pretraining does. Checkpoints go to `data/lake/.work/<asset>/` so a re-run after a
 crash resumes; the artifact appears only when training and merging have finished. Both keep the
 checkpoint of the lowest held-out loss, not the last one; their metadata say at which step, and
 whether (from which step) held-out loss rose while training loss still fell.
@@ -14,22 +14,23 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
+from llm_assets.defs.training import TorchrunConfig, post_train
 from llm_assets.lib.posttrain import generation, posttrain_data
-from llm_assets.lib.posttrain.align import AlignSettings, OnlineData, train_align
+from llm_assets.lib.posttrain.align import AlignSettings, OnlineData
 from llm_assets.lib.common.report import lines_png, markdown_table, png_markdown
 from llm_assets.lib.common.settings import settings_of
-from llm_assets.lib.posttrain.sft import SftSettings, train_sft
+from llm_assets.lib.posttrain.sft import SftSettings
 from llm_assets.lib.pretrain.model_dir import adapter_dir, context_length, merged_dir
 
 
-class LoraCheckpointConfig(dg.Config, SftSettings, generation.TuningSettings):
-    """lora_checkpoint's launchpad: the fine-tuning settings of lib/posttrain/sft.py and how the
-    merged model's generation_config.json is chosen (lib/posttrain/generation.py)."""
+class LoraCheckpointConfig(TorchrunConfig, SftSettings, generation.TuningSettings):
+    """lora_checkpoint's launchpad: the fine-tuning settings of lib/posttrain/sft.py, the process
+    count and how the merged model's generation_config.json is chosen (lib/posttrain/generation.py)."""
 
 
-class AlignedCheckpointConfig(dg.Config, AlignSettings, generation.TuningSettings):
-    """aligned_checkpoint's launchpad: the alignment settings of lib/posttrain/align.py, the
-    generation-config choice, and the quality bar."""
+class AlignedCheckpointConfig(TorchrunConfig, AlignSettings, generation.TuningSettings):
+    """aligned_checkpoint's launchpad: the alignment settings of lib/posttrain/align.py, the process
+    count, the generation-config choice, and the quality bar."""
 
     min_accuracy: float = Field(0.70, description="Quality bar: the objective's own held-out accuracy (method_accuracy: "
                                                   "DPO's reward accuracy, ...) of the aligned model.")
@@ -45,12 +46,6 @@ def _tune(model_dir, chats: list[list[dict]], config) -> dict:
             "generation_no_repeat_ngram_size": int(chosen.no_repeat_ngram_size),
             "generation_tuning_rouge_l": max(r["rouge_l"] for r in rows),
             "generation_config": dg.MetadataValue.md("generation_config.json chosen by held-out ROUGE-L (greedy):\n\n" + table)}
-
-
-def _log(context: dg.AssetExecutionContext):
-    import json
-
-    return lambda event: context.log.info(json.dumps(event))
 
 
 def _curve(history: list[dict], best_step: int, title: str, ylabel: str, hlines=None,
@@ -88,7 +83,8 @@ def _selection_rows(m, by_reward: bool = False) -> list[tuple]:
         "lora_improves_reply_loss", asset="lora_checkpoint",
         description="Held-out response loss after fine-tuning is below the base model's.")],
 )
-def lora_checkpoint(context: dg.AssetExecutionContext, config: LoraCheckpointConfig, lake: LakeResource) -> dg.MaterializeResult:
+def lora_checkpoint(context: dg.AssetExecutionContext, config: LoraCheckpointConfig, lake: LakeResource,
+                    pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """The base checkpoint instruction-tuned with a PEFT adapter (LoRA; QLoRA or IA3 by config), loss
     on the response tokens only. `adapter/` holds the adapter, `merged/` the adapter folded into
     fp32 weights: a plain model that `AutoModelForCausalLM.from_pretrained` loads."""
@@ -99,8 +95,9 @@ def lora_checkpoint(context: dg.AssetExecutionContext, config: LoraCheckpointCon
     sources = tuple(posttrain_data.read_sources(data, s) for s in ("train", "validation"))  # names chats cut to max_len
     out = lake.artifact_dir("lora_checkpoint")
     with lake.write("lora_checkpoint") as staging:
-        result = train_sft(settings, lake.artifact_dir("base_checkpoint"), train, held_out,
-                           lake.work_dir("lora_checkpoint"), staging, log=_log(context), sources=sources)
+        result = post_train(context, pipes_subprocess_client, config.nproc_per_node, "sft", settings,
+                            base_dir=lake.artifact_dir("base_checkpoint"), train_chats=train, eval_chats=held_out,
+                            work_dir=lake.work_dir("lora_checkpoint"), out_dir=staging, sources=sources)
         tuned = _tune(merged_dir(staging), held_out, config)
     version = lake.record("lora_checkpoint")
     m = result.metrics
@@ -115,6 +112,7 @@ def lora_checkpoint(context: dg.AssetExecutionContext, config: LoraCheckpointCon
             **artifact_metadata(out, version),
             **asdict(m),  # every figure a number or text: the UI charts the numbers across runs
             **tuned,
+            "processes": config.nproc_per_node,
             "adapter_path": dg.MetadataValue.path(str(adapter_dir(out))),
             "merged_path": dg.MetadataValue.path(str(merged_dir(out))),
             "summary": dg.MetadataValue.md(markdown_table(["figure", "value"], rows)),
@@ -152,7 +150,8 @@ def _online_data(settings: AlignSettings, config, lake: LakeResource) -> OnlineD
         description="The objective's own held-out accuracy (method_accuracy: DPO's implicit-reward accuracy, or "
                     "the reference-free accuracy for ORPO/SimPO) reaches min_accuracy.")],
 )
-def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpointConfig, lake: LakeResource) -> dg.MaterializeResult:
+def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpointConfig, lake: LakeResource,
+                       pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """The LoRA model aligned with TRL: on preference pairs (DPO plus an SFT term by default; IPO,
     SimPO, ORPO or KTO by `objective`), or online (grpo: replies sampled to sft_dataset's prompts,
     rewarded by ROUGE-L and reward_model), the LoRA model itself as the frozen reference where the
@@ -164,11 +163,12 @@ def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpo
     data = lake.artifact_dir("preference_dataset")
     train, held_out = (posttrain_data.read_preferences(data, s) for s in ("train", "validation"))
     out = lake.artifact_dir("aligned_checkpoint")
+    online = _online_data(settings, config, lake) if settings.online else None
     with lake.write("aligned_checkpoint") as staging:
-        result = train_align(settings, merged_dir(lake.artifact_dir("lora_checkpoint")), train, held_out,
-                             lake.work_dir("aligned_checkpoint"), staging, log=_log(context),
-                             compare={"base": lake.artifact_dir("base_checkpoint")},
-                             online=_online_data(settings, config, lake) if settings.online else None)
+        result = post_train(context, pipes_subprocess_client, config.nproc_per_node, "align", settings,
+                            sft_dir=merged_dir(lake.artifact_dir("lora_checkpoint")), train_pairs=train,
+                            eval_pairs=held_out, work_dir=lake.work_dir("aligned_checkpoint"), out_dir=staging,
+                            compare={"base": lake.artifact_dir("base_checkpoint")}, online=online)
         tuned = _tune(merged_dir(staging), posttrain_data.read_chats(lake.artifact_dir("sft_dataset"), "validation"),
                       config)
     version = lake.record("aligned_checkpoint")
@@ -178,12 +178,16 @@ def aligned_checkpoint(context: dg.AssetExecutionContext, config: AlignedCheckpo
             for name, s in result.scores.items()]
     summary = [("objective (beta, SFT weight)", f"{m.objective} ({m.beta:g}, {m.sft_weight:g})"),
                ("method accuracy, held out", f"{m.method_accuracy:.1%} ({m.method_accuracy_source})"),
-               ("training pairs", m.train_pairs), *_selection_rows(m, by_reward=settings.online)]
+               # grpo trains on prompts; its pairs only measure it
+               (("training prompts, held-out prompts", f"{len(online.train_chats)}, {len(online.eval_chats)}")
+                if online else ("training pairs", m.train_pairs)),
+               *_selection_rows(m, by_reward=settings.online)]
     return dg.MaterializeResult(
         metadata={
             **artifact_metadata(out, version),
             **m.as_dict(),  # every figure a number or text
             **tuned,
+            "processes": config.nproc_per_node,
             "adapter_path": dg.MetadataValue.path(str(adapter_dir(out))),
             "merged_path": dg.MetadataValue.path(str(merged_dir(out))),
             "summary": dg.MetadataValue.md(markdown_table(["figure", "value"], summary)),

@@ -272,4 +272,5 @@ def test_aligned_checkpoint_by_grpo_scored_by_rouge_and_the_reward_model(post, t
     assert trained and all("rewards/rouge_reward/mean" in r for r in trained)  # both rewards scored every sample
     assert md["best_eval_loss"] == max(r["eval_reward"] for r in history if "eval_reward" in r)
     assert md["method_accuracy"] == md["aligned_preference_accuracy"]
+    assert "| training prompts, held-out prompts |" in md["summary"]  # grpo trains on prompts, not pairs
     assert lock_md5(project, "aligned_checkpoint") == md["dvc_md5"]
