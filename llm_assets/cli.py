@@ -372,23 +372,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from llm_assets.serving.app import ServeSettings, create_app
+    from llm_assets.serving.app import API_KEY_ENV, ServeSettings, serve
 
     paths = ProjectPaths(project_dir())
     flags = {"max_prompt_tokens": args.max_prompt_tokens, "max_new_tokens_cap": args.max_new_tokens,
-             "max_concurrent": args.concurrency}  # a flag left out keeps ServeSettings' default
+             "max_batch_size": args.max_batch_size, "max_queue": args.max_queue,
+             "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None}  # a flag left out keeps the default
     settings = ServeSettings(releases_dir=paths.releases, log_dir=paths.serving, drift_dir=paths.artifact("drift_report"),
                              model_dir=Path(args.model).resolve() if args.model else None,
                              **{k: v for k, v in flags.items() if v is not None})
-    # Each generation gets its share of the cores: torch's default (all cores per generation) makes
-    # concurrent generations fight over them.
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.max_concurrent))
-    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, which flushes the request log.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    # One batching thread per model uses every core (torch's default); SIGTERM/SIGINT shut down
+    # gracefully, which flushes the request log.
+    serve(settings, args.host, args.port)
     return 0
 
 
@@ -415,14 +410,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rollback", help="withdraw the running canary, or point the release back at the previous (or named) one")
     p.add_argument("version", nargs="?", help="an earlier released version (default: the current release's previous)")
     p.set_defaults(fn=cmd_rollback)
-    p = sub.add_parser("serve", help="serve the released model over HTTP (POST /generate, /health, /metrics)")
+    p = sub.add_parser("serve", help="serve the released model over HTTP (POST /generate, /v1/chat/completions, "
+                       "/v1/completions, /health, /metrics)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="serve this model directory instead of data/releases/current.json")
     # Defaults and meanings: ServeSettings in llm_assets/serving/app.py (not imported here: it loads torch).
     p.add_argument("--max-prompt-tokens", type=int, help="ServeSettings.max_prompt_tokens: longest prompt, in tokens")
     p.add_argument("--max-new-tokens", type=int, help="ServeSettings.max_new_tokens_cap: cap on a request's max_new_tokens")
-    p.add_argument("--concurrency", type=int, help="ServeSettings.max_concurrent: generations at once; more wait, then get 429")
+    p.add_argument("--max-batch-size", type=int, help="ServeSettings.max_batch_size: requests decoded together")
+    p.add_argument("--max-queue", type=int, help="ServeSettings.max_queue: requests waiting once the batch is full; more get 429")
+    p.add_argument("--api-key", help="ServeSettings.api_key: bearer token clients must send (default: $LLM_ASSETS_API_KEY; "
+                   "none: no authentication, warned about off loopback)")
     p.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     return args.fn(args)

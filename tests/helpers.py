@@ -126,15 +126,16 @@ def shifted_batch(n: int = 40) -> str:
 
 
 @contextmanager
-def uvicorn_thread(app):
+def uvicorn_thread(app, **config):
     """Serve a FastAPI app on a real uvicorn on loopback, in a thread; yields its base URL, stops it
-    the way SIGTERM stops `llm-assets serve` (graceful shutdown, which flushes the serving log)."""
+    the way SIGTERM stops `llm-assets serve` (graceful shutdown, which flushes the serving log).
+    `config`: more uvicorn.Config options (the server's header timeout: http=...)."""
     import threading
     import time
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -10,12 +10,12 @@ import uvicorn
 
 from llm_assets.lib.release.release import Gate, publish
 from llm_assets.lib.monitor.serving_log import read_log
-from llm_assets.serving.app import ServeSettings, create_app
+from llm_assets.serving.app import ServeSettings, create_app, uvicorn_config
 
 
 class Server:
     def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.server.settings, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -57,8 +57,8 @@ def test_generate_stream_health_metrics_and_every_request_logged(tmp_path, relea
             events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
         assert events[-1]["done"] and events[-1]["model_version"] == "v1"
         metrics = client.get("/metrics").text
-        assert 'llm_requests_total{endpoint="generate",status="200"} 2.0' in metrics
-        assert 'llm_requests_total{endpoint="stream",status="200"} 1.0' in metrics
+        assert 'llm_requests_total{endpoint="generate",model_version="v1",status="200"} 2.0' in metrics
+        assert 'llm_requests_total{endpoint="stream",model_version="v1",status="200"} 1.0' in metrics
         assert "llm_request_latency_seconds_bucket" in metrics and "llm_generated_tokens_total" in metrics
         assert read_log(tmp_path / "serving").num_rows == 0  # still buffered (flush after 60 s or 64 rows)
     log = read_log(tmp_path / "serving").to_pylist()  # the shutdown flushed it
@@ -113,9 +113,9 @@ def broken_model_dir(tiny_base_dir, tmp_path):
 
 
 def test_a_failure_during_generation_is_logged_and_counted_the_same_on_both_endpoints(tmp_path, broken_model_dir):
-    # One slot and a short queue: a slot a failure did not give back turns the next request into a 429.
-    app = create_app(settings(tmp_path, tmp_path / "no-releases", model_dir=broken_model_dir, max_concurrent=1,
-                              queue_timeout_s=5))
+    # One place in the batch and no queue: a place a failure did not give back turns the next request into a 429.
+    app = create_app(settings(tmp_path, tmp_path / "no-releases", model_dir=broken_model_dir, max_batch_size=1,
+                              max_queue=0))
     with Server(app) as client:
         assert client.get("/health").json() == {"status": "ok", "model_version": "dir:broken"}
         r = client.post("/generate", json={"prompt": "plain", "max_new_tokens": 3})
@@ -126,9 +126,9 @@ def test_a_failure_during_generation_is_logged_and_counted_the_same_on_both_endp
         assert client.post("/generate", json={"prompt": "again", "max_new_tokens": 3}).status_code == 500
         metrics = client.get("/metrics").text
         for endpoint, n in (("generate", 2), ("stream", 1)):
-            assert f'llm_requests_total{{endpoint="{endpoint}",status="500"}} {n}.0' in metrics
+            assert f'llm_requests_total{{endpoint="{endpoint}",model_version="dir:broken",status="500"}} {n}.0' in metrics
             assert f'llm_errors_total{{endpoint="{endpoint}",reason="generation_error"}} {n}.0' in metrics
-        assert 'status="200"' not in metrics
+        assert 'endpoint="generate",status="200"' not in metrics and 'endpoint="stream",status="200"' not in metrics
     log = read_log(tmp_path / "serving").to_pylist()
     assert sorted((r["prompt"], r["status"], r["response"], r["response_tokens"], r["model_version"]) for r in log) == [
         (p, "IndexError", "", 0, "dir:broken") for p in ("again", "plain", "streamed")]

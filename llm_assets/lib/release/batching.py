@@ -1,0 +1,297 @@
+r"""Continuous batching for the model server: concurrent requests share every forward pass.
+
+    >>> import torch
+    >>> from llm_assets.lib.posttrain.chat_data import prompt_ids
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> from llm_assets.lib.release.batching import BatchEngine, GenerationRequest, collect
+    >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
+    >>> tok = train_tokenizer(["Explain f(x). Return x + 1."] * 5, vocab_size=300)
+    >>> _ = torch.manual_seed(0)
+    >>> model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).eval()
+    >>> engine = BatchEngine(model, tok, max_batch_size=4, max_queue=8)
+    >>> asks = [GenerationRequest(prompt_ids(tok, [{"role": "user", "content": f"Explain f{i}(x)."}]), max_new_tokens=5)
+    ...         for i in range(3)]
+    >>> replies = collect(engine, asks)                # three requests at once, one batch
+    >>> [(r.finish_reason, len(r.generated) <= 5) for r in replies]
+    [('length', True), ('length', True), ('length', True)]
+    >>> max(engine.batch_sizes)                        # the three shared decoding steps
+    3
+    >>> engine.close()
+
+One engine thread per loaded model runs the loop; `submit` hands it a request from any thread and
+returns its `Sequence`, whose `on_event(kind, value)` callback is called on the engine thread with
+("text", the next piece of the reply), then ("done", finish reason: stop | length) or ("error",
+message). `Sequence.cancel()` (a client that went away) drops it at the next step.
+
+- Requests wait in a queue; once the batch is full, at most `max_queue` of them (past it `submit`
+  raises QueueFull: the server's 429). Before each step, waiting requests join the running batch up to `max_batch_size`.
+- A joining request is prefilled alone (its prompt, no padding): that gives its KV cache and its
+  first token. Its cache is left-padded to the batch's width and stacked under the batch's, one row
+  per sequence (transformers' DynamicCache, edited per layer).
+- A step feeds every row's last token at once: input (B, 1), attention mask (B, W+1) with 0 over
+  each row's left padding, position ids = each row's own length, so a row's logits do not depend on
+  its neighbours (up to float rounding; the tests compare greedy replies batched and alone).
+- Each row's next token is chosen with its own settings, in the order transformers' generate uses:
+  the model directory's generation_config (repetition_penalty, no_repeat_ngram_size, over the row's
+  prompt and reply), then temperature and top_p, sampled with the row's own seeded generator.
+  A temperature below MIN_TEMPERATURE is greedy (dividing logits by 1e-300 overflows to inf/nan).
+- A row leaves when it picks a stop token (`<|end|>`, eos, generation_config's eos ids), reaches
+  max_new_tokens, its text reaches a stop string, or it is cancelled; its cache rows are dropped
+  and padding columns no row needs any more are trimmed.
+- A failure in a forward pass fails the requests in it (an "error" event each), not the engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llm_assets.lib.posttrain.chat_data import end_token_id
+
+MIN_TEMPERATURE = 1e-2  # below it decoding is greedy: the distribution is a point mass anyway
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue holds max_queue requests already."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]  # the rendered prompt (chat_data.prompt_ids for chats)
+    max_new_tokens: int
+    temperature: float = 0.0  # below MIN_TEMPERATURE: greedy
+    top_p: float = 1.0  # nucleus sampling mass; 1 = the whole distribution
+    seed: int | None = None  # sampling seed; None = a random one
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
+
+
+class Sequence:
+    """One request in the engine: its reply so far and where it reports to."""
+
+    def __init__(self, request: GenerationRequest, on_event: Callable[[str, object], None], engine: BatchEngine):
+        self.request, self.on_event, self.engine = request, on_event, engine
+        self.generated: list[int] = []  # chosen token ids, a final stop token included
+        self.text = ""  # the reply decoded (stop token and special tokens left out, cut at a stop string)
+        self.emitted = 0  # characters of text already sent as "text" events
+        self.finish_reason: str | None = None  # stop | length | error | cancelled
+        self.cancelled = False
+        self.sample = request.temperature >= MIN_TEMPERATURE
+        self.generator = None
+        if self.sample:
+            self.generator = torch.Generator(engine.device)
+            self.generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
+        # a stop string may be split over tokens: hold back that many characters until the reply ends
+        self.holdback = max((len(s) for s in request.stop), default=1) - 1
+
+    def cancel(self) -> None:
+        """Stop generating for this request (thread-safe: the engine drops it at its next step)."""
+        self.cancelled = True
+
+    def choose(self, logits: torch.Tensor) -> None:
+        """Pick the next token from this row's logits (vocab,), record it, report, maybe finish."""
+        token = self.engine.pick(self, logits)
+        self.generated.append(token)
+        if token in self.engine.stop_ids:
+            return self.finish("stop")
+        self.text = self.engine.tokenizer.decode(self.generated, skip_special_tokens=True)
+        cut = min((i for s in self.request.stop if (i := self.text.find(s, max(0, self.emitted - len(s)))) >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self.finish("stop")
+        if len(self.generated) >= self.request.max_new_tokens:
+            return self.finish("length")
+        end = len(self.text) - self.holdback
+        if self.text.endswith("\ufffd"):  # half a UTF-8 character: its other bytes are still to come
+            end = min(end, len(self.text) - 1)
+        self._emit(end)
+
+    def _emit(self, end: int) -> None:
+        if end > self.emitted:
+            self.on_event("text", self.text[self.emitted:end])
+            self.emitted = end
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self._emit(len(self.text))
+        self.on_event("done", reason)
+
+    def fail(self, error: BaseException) -> None:
+        self.finish_reason = "error"
+        self.on_event("error", f"{type(error).__name__}: {error}")
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, heads, T, head_dim) or (B, T) padded with zeros on the left of T to `width`."""
+    extra = width - t.shape[-2 if t.dim() == 4 else -1]
+    return F.pad(t, (0, 0, extra, 0) if t.dim() == 4 else (extra, 0)) if extra else t
+
+
+class BatchEngine:
+    """The batching loop over one model on a thread of its own; see the module docstring."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64,
+                 on_step: Callable[[int], None] | None = None):
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError(f"max_batch_size, max_queue: must be >= 1 and >= 0 (got {max_batch_size}, {max_queue})")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch_size, self.max_queue, self.on_step = max_batch_size, max_queue, on_step
+        self.device = next(model.parameters()).device
+        config = model.generation_config
+        self.penalty = float(config.repetition_penalty or 1.0)
+        self.ngram = int(config.no_repeat_ngram_size or 0)
+        eos = config.eos_token_id
+        self.stop_ids = {end_token_id(tokenizer), tokenizer.eos_token_id,
+                         *([eos] if isinstance(eos, int) else list(eos or []))}
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoding steps by batch size
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.rows: list[Sequence] = []
+        self.cache = None  # transformers DynamicCache, one row per sequence in self.rows
+        self.mask: torch.Tensor | None = None  # (rows, width): 1 over each row's tokens, 0 over its left padding
+        self.closed = False
+        self._cond = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="batching", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[str, object], None]) -> Sequence:
+        if request.max_new_tokens < 1 or not request.prompt_ids:
+            raise ValueError("max_new_tokens: must be at least 1, and the prompt must have a token")
+        with self._cond:
+            if self.closed:
+                raise RuntimeError("the batching engine is closed")
+            free = max(0, self.max_batch_size - len(self.rows))  # places the next step fills from the queue
+            if len(self.waiting) >= self.max_queue + free:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for a place in a batch of "
+                                f"{self.max_batch_size} (the queue limit is {self.max_queue}); retry later")
+            seq = Sequence(request, on_event, self)
+            self.waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new requests; the thread ends once the running and waiting ones are done."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify()
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self.waiting and not self.rows and not self.closed:
+                    self._cond.wait()
+                if self.closed and not self.waiting and not self.rows:
+                    return
+                joining = []
+                while self.waiting and len(self.rows) + len(joining) < self.max_batch_size:
+                    seq = self.waiting.popleft()
+                    if not seq.cancelled:
+                        joining.append(seq)
+            with torch.no_grad():
+                for seq in joining:
+                    self._join(seq)
+                self._drop_finished()
+                if self.rows:
+                    self._step()
+
+    def pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """The next token for `seq` from its logits (vocab,), as transformers' generate would."""
+        from transformers import (NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                                  TemperatureLogitsWarper, TopPLogitsWarper)
+
+        scores = logits.float()[None]  # (1, vocab)
+        if self.penalty != 1.0 or self.ngram:
+            ids = torch.tensor([seq.request.prompt_ids + seq.generated], device=scores.device)
+            if self.penalty != 1.0:
+                scores = RepetitionPenaltyLogitsProcessor(self.penalty)(ids, scores)
+            if self.ngram:
+                scores = NoRepeatNGramLogitsProcessor(self.ngram)(ids, scores)
+        if not seq.sample:
+            return int(scores.argmax())
+        scores = TemperatureLogitsWarper(seq.request.temperature)(None, scores)
+        if seq.request.top_p < 1.0:
+            scores = TopPLogitsWarper(seq.request.top_p)(None, scores)
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=seq.generator))
+
+    def _join(self, seq: Sequence) -> None:
+        """Prefill `seq` alone, choose its first token and stack its cache under the batch's."""
+        try:
+            out = self.model(input_ids=torch.tensor([seq.request.prompt_ids], device=self.device), use_cache=True)
+            seq.choose(out.logits[0, -1])
+        except Exception as e:  # this request fails, with the reason; the others go on
+            seq.fail(e)
+            return
+        if seq.finish_reason is not None:
+            return
+        length = len(seq.request.prompt_ids)
+        if not self.rows:
+            self.rows, self.cache = [seq], out.cache
+            self.mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+            return
+        width = max(self.mask.shape[1], length)
+        for mine, theirs in zip(self.cache.layers, out.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        ones = torch.ones((1, length), dtype=torch.long, device=self.device)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(ones, width)])
+        self.rows.append(seq)
+
+    def _step(self) -> None:
+        """One token for every row: one forward pass over the batch."""
+        rows = self.rows
+        tokens = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
+        mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], dim=1)
+        try:
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                             cache=self.cache, use_cache=True)
+        except Exception as e:  # which row broke it cannot be told: every request in the step fails
+            for s in rows:
+                s.fail(e)
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        self.mask = mask
+        self.batch_sizes[len(rows)] += 1
+        if self.on_step is not None:
+            self.on_step(len(rows))
+        for s, logits in zip(rows, out.logits[:, -1]):
+            try:
+                s.choose(logits)
+            except Exception as e:  # a failure while picking or decoding fails its request only
+                s.fail(e)
+
+    def _drop_finished(self) -> None:
+        """Take finished and cancelled rows out of the batch, and padding no row needs any more."""
+        keep = [i for i, s in enumerate(self.rows) if s.finish_reason is None and not s.cancelled]
+        for s in self.rows:
+            if s.cancelled and s.finish_reason is None:
+                s.finish_reason = "cancelled"
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        first = int(self.mask.any(0).nonzero()[0])  # leading columns that are padding in every row
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+def collect(engine: BatchEngine, requests: Seq[GenerationRequest], timeout: float = 120.0) -> list[Sequence]:
+    """Submit every request at once and wait for all of them (for tests, benchmarks and scripts)."""
+    done = threading.Semaphore(0)
+    seqs = [engine.submit(r, lambda kind, _v: kind in ("done", "error") and done.release()) for r in requests]
+    for _ in seqs:
+        if not done.acquire(timeout=timeout):
+            raise TimeoutError(f"no reply within {timeout} s")
+    return seqs

@@ -1,0 +1,111 @@
+"""The batching engine: replies batched equal replies alone and transformers' own generate."""
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from llm_assets.lib.posttrain.chat_data import prompt_ids
+from llm_assets.lib.posttrain.generation import greedy_config
+from llm_assets.lib.pretrain.model_dir import load_model
+from llm_assets.lib.release.batching import MIN_TEMPERATURE, BatchEngine, GenerationRequest, QueueFull, collect
+
+PROMPTS = ["Explain f().", "What does `csv.reader(lines, dialect)` return when lines is empty?", "Hi",
+           "Write a function that splits text into words and counts them.", "heapq?", "Describe bisect.insort."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_base_dir):
+    """The tiny model with a generation_config that penalizes repeats (what tuned model dirs ship)."""
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    model = load_model(tiny_base_dir)
+    model.generation_config = greedy_config(tok, 12, repetition_penalty=1.3, no_repeat_ngram_size=3)
+    return model, tok
+
+
+def asks(tok, max_new_tokens=(12, 5, 9, 12, 3, 7), **kw):
+    return [GenerationRequest(prompt_ids(tok, [{"role": "user", "content": p}]), n, **kw)
+            for p, n in zip(PROMPTS, max_new_tokens)]
+
+
+def test_greedy_replies_batched_equal_replies_alone_and_transformers_generate(tiny):
+    model, tok = tiny
+    requests = asks(tok)
+    batched = BatchEngine(model, tok, max_batch_size=4)  # 6 requests, 4 places: two join mid-flight
+    alone = BatchEngine(model, tok, max_batch_size=1)
+    try:
+        together = [s.generated for s in collect(batched, requests)]
+        one_by_one = [collect(alone, [r])[0].generated for r in requests]
+    finally:
+        batched.close(), alone.close()
+    assert together == one_by_one
+    assert max(batched.batch_sizes) == 4 and set(alone.batch_sizes) == {1}
+    stop = {tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id, tok.pad_token_id}
+    for request, ids in zip(requests, together):  # what transformers' generate picks, with the same config
+        x = torch.tensor([request.prompt_ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=model.generation_config,
+                             max_new_tokens=request.max_new_tokens)
+        hf = out[0, x.shape[1]:].tolist()
+        assert [t for t in ids if t not in stop] == [t for t in hf if t not in stop][:len(ids)], request
+
+
+def test_seeded_sampling_is_the_same_batched_and_alone_and_tiny_temperatures_are_greedy(tiny):
+    model, tok = tiny
+    engine = BatchEngine(model, tok, max_batch_size=6)
+    try:
+        sampled = [s.generated for s in collect(engine, asks(tok, temperature=0.9, top_p=0.9, seed=7))]
+        again = [collect(engine, [r])[0].generated for r in asks(tok, temperature=0.9, top_p=0.9, seed=7)]
+        greedy = [s.generated for s in collect(engine, asks(tok))]
+        tiny_t = [s.generated for s in collect(engine, asks(tok, temperature=MIN_TEMPERATURE / 1e298))]
+    finally:
+        engine.close()
+    assert sampled == again and sampled != greedy
+    assert tiny_t == greedy
+
+
+def test_stop_strings_cut_the_reply_and_text_arrives_in_pieces(tiny):
+    model, tok = tiny
+    engine = BatchEngine(model, tok)
+    pieces = []
+    try:
+        full = collect(engine, asks(tok)[:1])[0]
+        stop = full.text[3:5]
+        done = threading.Event()
+        seq = engine.submit(GenerationRequest(asks(tok)[0].prompt_ids, 12, stop=(stop,)),
+                            lambda kind, v: pieces.append((kind, v)) or (kind == "done" and done.set()))
+        assert done.wait(60)
+    finally:
+        engine.close()
+    assert seq.finish_reason == "stop" and seq.text == full.text[:full.text.index(stop)]
+    assert "".join(v for k, v in pieces if k == "text") == seq.text and pieces[-1] == ("done", "stop")
+
+
+def test_a_full_queue_raises_and_a_cancelled_request_leaves_the_batch(tiny):
+    model, tok = tiny
+    engine = BatchEngine(model, tok, max_batch_size=1, max_queue=1)
+    started, events = threading.Event(), []
+    try:
+        first = engine.submit(GenerationRequest(asks(tok)[0].prompt_ids, 10_000),
+                              lambda kind, v: started.set() or events.append(kind))
+        assert started.wait(60)  # first is running: the one place is taken
+        second = engine.submit(GenerationRequest(asks(tok)[1].prompt_ids, 3), lambda *a: None)
+        with pytest.raises(QueueFull, match="queue limit"):
+            engine.submit(GenerationRequest(asks(tok)[2].prompt_ids, 3), lambda *a: None)
+        first.cancel()
+        engine.close(timeout=60)
+    finally:
+        first.cancel()
+        engine.close()
+    assert first.finish_reason == "cancelled" and len(first.generated) < 10_000 and "done" not in events
+    assert second.finish_reason == "length" and len(second.generated) == 3
+
+
+def test_a_failing_forward_pass_is_an_error_event_and_the_engine_goes_on(tiny):
+    model, tok = tiny
+    engine = BatchEngine(model, tok)
+    try:
+        bad, good = collect(engine, [GenerationRequest([10**6], 3), asks(tok)[0]])
+    finally:
+        engine.close()
+    assert bad.finish_reason == "error" and good.finish_reason in ("length", "stop")
