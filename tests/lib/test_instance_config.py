@@ -2,6 +2,8 @@
 existing file left alone unless --postgres asks to switch. That Dagster loads both files and stores
 runs in PostgreSQL is tests/test_postgres_instance.py's part."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -50,3 +52,10 @@ def test_written_when_missing_kept_when_edited_replaced_by_postgres(tmp_path):
     write_dagster_yaml(tmp_path)  # a later plain `init` does not switch back
     assert storage_kind(tmp_path) == "postgres"
     assert [p.name for p in tmp_path.iterdir()] == ["dagster.yaml"]  # no temp file left beside it
+
+
+def test_the_ready_config_is_what_init_writes():
+    """configs/scale_out/dagster.postgres.yaml, for machines that copy the file instead of running
+    `llm-assets init --postgres env:DAGSTER_PG_URL`, is that command's output byte for byte."""
+    ready = Path(__file__).resolve().parents[2] / "configs" / "scale_out" / "dagster.postgres.yaml"
+    assert ready.read_text() == dagster_yaml("env:DAGSTER_PG_URL")

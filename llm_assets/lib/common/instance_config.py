@@ -21,7 +21,7 @@ import yaml
 from llm_assets.lib.common.atomic import write_text_atomically
 
 HEADER = """\
-# Written by `llm-assets init`{how}. {storage}
+# Written by `llm-assets init{how}`. {storage}
 telemetry:
   enabled: false
 nux:
@@ -42,7 +42,8 @@ concurrency:
 SQLITE_NOTE = ("SQLite storage under this directory (the default);\n# `llm-assets init --postgres URL` "
                "puts it in PostgreSQL to share the instance between machines.")
 POSTGRES_NOTE = ("Run, event-log and schedule storage in PostgreSQL\n# (dagster-postgres): every "
-                 "machine with this file shares one instance. Logs of steps stay on the machine that ran them.")
+                 "machine with this file shares one instance; a step's captured stdout/stderr\n# stay on "
+                 "the machine that ran it.")
 ENV_PREFIX = "env:"  # `--postgres env:NAME`: the URL is read from $NAME when the instance loads
 # SQLAlchemy 2.1 reads a bare postgresql:// as the psycopg (3) driver, which dagster-postgres does not
 # install; it depends on psycopg2. The file names the driver, so any SQLAlchemy 2.x loads it.
@@ -74,8 +75,11 @@ def dagster_yaml(postgres_url: str | None = None) -> str:
     """The file's text: SQLite storage (None) or PostgreSQL storage at `postgres_url`."""
     if postgres_url is None:
         return HEADER.format(how="", storage=SQLITE_NOTE)
-    storage = yaml.safe_dump({"storage": {"postgres": {"postgres_url": postgres_url_value(postgres_url)}}},
-                             sort_keys=False)
+    value = postgres_url_value(postgres_url)
+    storage = yaml.safe_dump({"storage": {"postgres": {"postgres_url": value}}}, sort_keys=False)
+    if isinstance(value, dict):
+        storage = (f"# ${value['env']} holds {DRIVER_SCHEME}USER:PASSWORD@HOST:5432/DB on every machine"
+                   f" (the driver named).\n{storage}")
     return HEADER.format(how=" --postgres", storage=POSTGRES_NOTE) + storage
 
 
