@@ -3,6 +3,7 @@ release gates that need the whole comparison."""
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -12,6 +13,7 @@ from llm_assets.lib.evaluate import evaluation
 from llm_assets.lib.posttrain import posttrain_data, reward
 from llm_assets.lib.pretrain.model_dir import context_length, merged_dir
 from llm_assets.lib.release import quantize
+from llm_assets.lib.release import release as release_lib
 from llm_assets.lib.tokenizer import packing
 from llm_assets.lib.common.report import figure_markdown, markdown_table
 from llm_assets.lib.common.settings import settings_of
@@ -33,6 +35,7 @@ class EvalReportConfig(dg.Config, evaluation.EvalSettings):
     min_rouge_ratio: float = Field(1.0, ge=0, description="Gate: the aligned model's ROUGE-L must be at least this multiple of the LoRA model's.")
     max_empty_generations: int = Field(0, ge=0, description="Gate: prompts for which the quantized model may generate empty text.")
     max_token_run: int = Field(3, ge=1, description="Gate: the longest run of one repeated token allowed in a generation of the aligned or quantized model.")
+    model_version: str = Field("", description="Also evaluate this released version as the row `release`, beside the candidates: a version under data/releases/, `current` (what the release pointer serves) or `canary` (the pointer's canary); empty: none. The gates never look at it.")
 
 
 def _plot(rows: dict[str, evaluation.ModelFigures]) -> str:
@@ -43,7 +46,7 @@ def _plot(rows: dict[str, evaluation.ModelFigures]) -> str:
     for ax, (key, title) in zip(axes, [("val_perplexity", "validation perplexity"),
                                        ("preference_accuracy", "held-out preference accuracy"),
                                        ("latency_ms_per_token_p50", "latency, ms per token (p50)")]):
-        ax.bar(names, [getattr(rows[n], key) for n in names], color=["#9aa5b1", "#4f6bed", "#2f9e44", "#e8590c"][: len(names)])
+        ax.bar(names, [getattr(rows[n], key) for n in names], color=["#9aa5b1", "#4f6bed", "#2f9e44", "#e8590c", "#ae3ec9"][: len(names)])
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     return figure_markdown(fig, "model comparison")
@@ -69,11 +72,13 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
     generation config and plain greedy), the reward model's score of them and the aligned model's
     win rate over the LoRA model, repetition, latency per token (p50/p95), tokens/s, peak memory,
     parameters and size on disk; the issue's quality bars beside them. `report.json` (figures,
-    samples, gates, bars) and `report.md` (the same, readable)."""
+    samples, gates, bars) and `report.md` (the same, readable). With `model_version`, a released
+    version (the current release, the canary, or a named one) is measured too, as the row `release`."""
     from transformers import AutoTokenizer
 
     settings = settings_of(config, evaluation.EvalSettings)
     settings.validate()
+    released = _released_version(lake, config.model_version)  # before the expensive part: a wrong name fails at once
     aligned = merged_dir(lake.artifact_dir("aligned_checkpoint"))
     seq_len = context_length(aligned)  # windows and examples as long as the models' context
     tokenizer = AutoTokenizer.from_pretrained(aligned)
@@ -83,12 +88,14 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
         posttrain_data.read_preferences(lake.artifact_dir("preference_dataset"), "validation"), tokenizer, settings, seq_len)
     models = {"base": lake.artifact_dir("base_checkpoint"), "lora": merged_dir(lake.artifact_dir("lora_checkpoint")),
               "aligned": aligned, "quantized": lake.artifact_dir("quantized_model")}
+    if released is not None:
+        models["release"] = Path(released["path"])
     judge = reward.load_reward_model(lake.artifact_dir("reward_model"))
     rows, texts = {}, {}
     for name, path in models.items():
         rows[name], texts[name] = evaluation.evaluate_model(
             lambda p=path: quantize.load_for_inference(p), path, tokenizer, data, settings,
-            parameters=rows["aligned"].parameters if name == "quantized" else None, judge=judge)
+            parameters=rows["aligned"].parameters if name in ("quantized", "release") else None, judge=judge)
         context.log.info(f"{name}: {json.dumps(asdict(rows[name]))}")
     win = reward.win_rate(*judge, data.prompt_chats, texts["aligned"], texts["lora"])
     gates = _gates(rows, win, config)
@@ -105,6 +112,7 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
     out = lake.artifact_dir("eval_report")
     with lake.write("eval_report") as tmp:
         report = {"models": {n: str(p) for n, p in models.items()}, "settings": {"seq_len": seq_len, **settings.model_dump()},
+                  "release_version": released and released["version"],
                   "figures": {name: asdict(row) for name, row in rows.items()}, "aligned_win_rate_over_lora": win,
                   "gates": gates, "quality_bars": bars, "samples": samples}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -119,6 +127,7 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
             **artifact_metadata(out, version),
             **flat,  # numbers: the UI charts each across materializations
             "aligned_win_rate_over_lora": win,
+            **({"release_version": released["version"]} if released else {}),
             "quality_bars_met": sum(b["met"] for b in bars),
             "comparison": dg.MetadataValue.md(table),
             "quality_bars": dg.MetadataValue.md(bars_md),
@@ -130,6 +139,23 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
         check_results=[dg.AssetCheckResult(check_name=g["name"], passed=g["passed"], metadata={
             "threshold": g["threshold"], "observed": g["observed"], "rule": g["rule"]}) for g in gates],
     )
+
+
+def _released_version(lake: LakeResource, wanted: str) -> dict | None:
+    """{version, path} of the released version eval_report should add (model_version), or None."""
+    if not wanted:
+        return None
+    pointer = release_lib.current_release(lake.paths.releases)
+    if wanted in ("current", "canary"):
+        found = pointer if wanted == "current" else (pointer or {}).get("canary")
+        if found is None:
+            raise dg.Failure(description=f"model_version {wanted!r}: the release pointer names no {wanted} release "
+                                         f"({release_lib.pointer_path(lake.paths.releases)})")
+        return {"version": found["version"], "path": found["path"]}
+    if wanted not in release_lib.released_versions(lake.paths.releases):
+        raise dg.Failure(description=f"model_version {wanted!r} was never released (released: "
+                                     f"{', '.join(release_lib.released_versions(lake.paths.releases)) or 'none'})")
+    return {"version": wanted, "path": str(lake.paths.releases / wanted)}
 
 
 def _gates(rows: dict[str, evaluation.ModelFigures], win: float, config: EvalReportConfig) -> list[dict]:

@@ -93,3 +93,26 @@ def test_a_failed_gate_keeps_the_previous_release(released, tiny_config):
                           "quantized_perplexity_within_budget")
     assert current_release(project / "data/releases") == before
     assert history(project / "data/releases")[-1]["event"] == "refused"
+
+
+def test_eval_report_measures_a_released_version_beside_the_candidates(released, tiny_config):
+    project, instance, first = released
+    assert first.success
+    current = current_release(project / "data/releases")
+    cfg = tiny_config(["eval_report"])
+    cfg["ops"]["eval_report"]["config"].update(min_win_rate=0.0, min_rouge_ratio=0.0, max_empty_generations=3,
+                                               max_token_run=1000, model_version="current")
+    assert materialize(project, cfg, ["eval_report"], instance).success
+    e = metadata(instance, "eval_report")
+    report = json.loads((project / "data/lake/eval_report/report.json").read_text())
+    assert e["release_version"] == report["release_version"] == current["version"]
+    assert set(report["figures"]) == {"base", "lora", "aligned", "quantized", "release"}
+    assert "| release |" in e["comparison"] and all("release" in s for s in report["samples"])
+    # the release is a copy of the quantized model: the same weights score the same perplexity
+    assert e["release_val_perplexity"] == pytest.approx(e["quantized_val_perplexity"], rel=1e-6)
+    assert e["release_parameters"] == e["aligned_parameters"]
+
+    cfg["ops"]["eval_report"]["config"]["model_version"] = "canary"
+    result = materialize(project, cfg, ["eval_report"], instance)
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "the release pointer names no canary release" in failure.step_failure_data.user_failure_data.description
