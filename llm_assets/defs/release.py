@@ -11,8 +11,10 @@ from llm_assets.lib.evaluate import evaluation
 from llm_assets.lib.pretrain.model_dir import context_length, load_model, merged_dir, weights_bytes
 from llm_assets.lib.release import quantize
 from llm_assets.lib.common import versioning
+from llm_assets.lib.release import candidates
 from llm_assets.lib.release import release as release_lib
 from llm_assets.lib.common.report import markdown_table
+from llm_assets.lib.common.settings import settings_of
 from llm_assets.lib.tokenizer import packing
 
 PPL_GATE = "quantized_perplexity_within_budget"
@@ -78,34 +80,50 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, l
     )
 
 
-class ReleaseConfig(dg.Config, release_lib.ReleaseSettings):
-    """lib/release/release.py's release settings (canary_share)."""
+class ReleaseConfig(dg.Config, release_lib.ReleaseSettings, candidates.RuleSettings):
+    """lib/release/release.py's release settings (canary_share) and the rule picking the candidate
+    (lib/release/candidates.py: release_rule)."""
 
 
-@dg.asset(group_name="release", kinds={"dvc"}, deps=["eval_report", "quantized_model"])
+def _candidates(lake: LakeResource, report: dict, rule: str) -> tuple[candidates.Candidate, list[candidates.Candidate]]:
+    """(the candidate `rule` picks, every candidate considered). The default rule takes the quantized
+    model with its gate and all of eval_report's gates, as before rules existed."""
+    if rule == "quantized":
+        q = json.loads((lake.artifact_dir("quantized_model") / "quantization.json").read_text())
+        figures = report["figures"]["quantized"]
+        chosen = candidates.Candidate("quantized", "quantized_model", figures["tokens_per_second"], figures["disk_bytes"],
+                                      [release_lib.Gate(**q["gate"]), *(release_lib.Gate(**g) for g in report["gates"])])
+        return chosen, [chosen]
+    found = [candidates.candidate(name, json.loads((lake.artifact_dir(asset) / gate_file).read_text())["gate"], report)
+             for name, (asset, gate_file) in candidates.CANDIDATES.items() if name in report.get("candidates", {})]
+    return candidates.pick(rule, found), found
+
+
+@dg.asset(group_name="release", kinds={"dvc"}, deps=["eval_report", "quantized_model", "distilled_model", "pruned_model"])
 def release(context: dg.AssetExecutionContext, config: ReleaseConfig, lake: LakeResource) -> dg.MaterializeResult:
-    """Points `data/releases/current.json` (what `llm-assets serve` loads) at a copy of the quantized
-    model, only when every gate passed: the blocking checks stop a run before this step, and this
+    """Points `data/releases/current.json` (what `llm-assets serve` loads) at a copy of the candidate
+    `release_rule` picks (by default the quantized model; fastest_passing / smallest_passing choose
+    among eval_report's candidates, each through its own gates), only when every gate passed: the blocking checks stop a run before this step, and this
     step re-reads the gates from the artifacts, so a release started on its own cannot skip them.
     A refusal fails the step, keeps the previous release and is logged in `history.jsonl`. With
     `canary_share` > 0 the candidate becomes the canary beside the current release instead (the
     server routes that share of requests to it; `llm-assets rollback` withdraws it)."""
-    quantized = lake.artifact_dir("quantized_model")
-    report = lake.artifact_dir("eval_report")
-    q = json.loads((quantized / "quantization.json").read_text())
-    r = json.loads((report / "report.json").read_text())
-    gates = [release_lib.Gate(**q["gate"]), *(release_lib.Gate(**g) for g in r["gates"])]
-    recorded = versioning.current_version(lake.root, "quantized_model")  # the hash of the files being copied
+    settings_of(config, candidates.RuleSettings).validate()
+    r = json.loads((lake.artifact_dir("eval_report") / "report.json").read_text())
+    chosen, found = _candidates(lake, r, config.release_rule)
+    model_dir, gates = lake.artifact_dir(chosen.asset), chosen.gates
+    recorded = versioning.current_version(lake.root, chosen.asset)  # the hash of the files being copied
     if recorded is None:
-        raise dg.Failure(description="quantized_model has no recorded DVC version; materialize it first")
+        raise dg.Failure(description=f"{chosen.asset} has no recorded DVC version; materialize it first")
     version = recorded.md5
     releases = lake.paths.releases
     previous = release_lib.current_release(releases)
+    info = {"model": chosen.asset, "release_rule": config.release_rule,
+            "eval_report_md5": getattr(versioning.current_version(lake.root, "eval_report"), "md5", None)}
+    if chosen.name == "quantized":
+        info["method"] = json.loads((model_dir / "quantization.json").read_text())["method"]
     try:
-        record = release_lib.publish(quantized, releases, version, gates, {
-            "model": "quantized_model", "method": q["method"],
-            "eval_report_md5": getattr(versioning.current_version(lake.root, "eval_report"), "md5", None)},
-            canary_share=config.canary_share)
+        record = release_lib.publish(model_dir, releases, version, gates, info, canary_share=config.canary_share)
     except release_lib.GatesFailed as e:
         raise dg.Failure(description=str(e), metadata={
             "current_release": previous["version"] if previous else "none",
@@ -120,6 +138,12 @@ def release(context: dg.AssetExecutionContext, config: ReleaseConfig, lake: Lake
             "canary_share": record.get("canary", {}).get("share", 0.0),
             "pointer": dg.MetadataValue.path(str(release_lib.pointer_path(releases))),
             "gates": dg.MetadataValue.md(markdown_table(["gate", "result", "threshold", "observed", "rule"], rows)),
+            "model": chosen.asset,
+            "release_rule": config.release_rule,
+            "candidates": dg.MetadataValue.md(markdown_table(
+                ["candidate", "tokens/s", "disk (B)", "gates", "released"],
+                [(c.name, c.tokens_per_second, c.disk_bytes, "pass" if c.passed else
+                  "FAIL: " + ", ".join(g.name for g in c.gates if not g.passed), c is chosen) for c in found])),
         },
         data_version=dg.DataVersion(record["version"] + (f"+canary-{record['canary']['version']}" if "canary" in record else "")),
     )
