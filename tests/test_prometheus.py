@@ -40,7 +40,7 @@ def test_promtool_passes_the_scrape_config_the_rules_and_their_unit_tests():
 def dashboard_queries() -> list[str]:
     dash = json.loads(DASHBOARD.read_text())
     assert dash["title"] and {p["title"] for p in dash["panels"]} >= {
-        "Requests per second by status", "Latency percentiles", "Generated tokens per second",
+        "Requests per second by endpoint and status", "Latency percentiles", "Generated tokens per second",
         "Errors per second by reason", "Version share (release and canary)"}
     return [t["expr"] for p in dash["panels"] for t in p["targets"]]
 
@@ -123,12 +123,12 @@ def test_prometheus_scrapes_the_server_and_answers_through_its_http_api(stack):
     wait_for(lambda: query(url, 'llm_requests_total{job="llm-assets"}'), "scrape of llm_requests_total")
     up = query(url, 'up{job="llm-assets"}')
     assert [s["value"][1] for s in up] == ["1"]
-    requests = {s["metric"]["status"]: float(s["value"][1]) for s in query(url, "llm_requests_total")}
-    assert requests == {"200": 3.0, "422": 1.0}
+    requests = query(url, 'sum by (status) (llm_requests_total{endpoint="generate"})')
+    assert {s["metric"]["status"]: float(s["value"][1]) for s in requests} == {"200": 3.0, "422": 1.0}
     assert float(query(url, "sum(llm_generated_tokens_total)")[0]["value"][1]) > 0
     assert [(s["metric"]["source"], s["value"][1]) for s in query(url, "llm_drift_detected")] == [("serving", "1")]
     routed = query(url, "llm_routed_requests_total")
-    assert [(s["metric"]["route"], s["value"][1]) for s in routed] == [("release", "4")]  # 422 after routing counts too
+    assert [(s["metric"]["route"], s["value"][1]) for s in routed] == [("release", "3")]  # the 422 is refused before routing
 
     def drift_alert_fires():
         alerts = httpx.get(f"{url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
