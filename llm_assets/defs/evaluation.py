@@ -13,6 +13,7 @@ from llm_assets.lib.evaluate import evaluation
 from llm_assets.lib.posttrain import posttrain_data, reward
 from llm_assets.lib.pretrain.model_dir import context_length, merged_dir
 from llm_assets.lib.release import quantize
+from llm_assets.lib.release import candidates as candidates_lib
 from llm_assets.lib.release import release as release_lib
 from llm_assets.lib.tokenizer import packing
 from llm_assets.lib.common.report import figure_markdown, markdown_table
@@ -35,6 +36,7 @@ class EvalReportConfig(dg.Config, evaluation.EvalSettings):
     min_rouge_ratio: float = Field(1.0, ge=0, description="Gate: the aligned model's ROUGE-L must be at least this multiple of the LoRA model's.")
     max_empty_generations: int = Field(0, ge=0, description="Gate: prompts for which the quantized model may generate empty text.")
     max_token_run: int = Field(3, ge=1, description="Gate: the longest run of one repeated token allowed in a generation of the aligned or quantized model.")
+    candidates: list[str] = Field([], description="Release candidates evaluated and gated beside the quantized model (which always is), for release's release_rule: distilled | pruned (each must be materialized). Empty: the quantized model alone, as before.")
     model_version: str = Field("", description="Also evaluate this released version as the row `release`, beside the candidates: a version under data/releases/, `current` (what the release pointer serves) or `canary` (the pointer's canary); empty: none. The gates never look at it.")
 
 
@@ -56,7 +58,7 @@ def _plot(rows: dict[str, evaluation.ModelFigures]) -> str:
     group_name="evaluation",
     kinds={"pytorch", "dvc"},
     deps=["base_checkpoint", "lora_checkpoint", "aligned_checkpoint", "quantized_model", "reward_model",
-          "sft_dataset", "preference_dataset", "tokenized_shards"],
+          "sft_dataset", "preference_dataset", "tokenized_shards", "distilled_model", "pruned_model"],
     check_specs=[
         dg.AssetCheckSpec(ALIGNMENT_GATE, asset="eval_report", blocking=True,
                           description="Judged by the reward model, the aligned model's greedy replies win on at least min_win_rate of held-out prompts against the LoRA model's, and their ROUGE-L is not below the LoRA model's."),
@@ -87,7 +89,7 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
         posttrain_data.read_chats(lake.artifact_dir("sft_dataset"), "validation"),
         posttrain_data.read_preferences(lake.artifact_dir("preference_dataset"), "validation"), tokenizer, settings, seq_len)
     models = {"base": lake.artifact_dir("base_checkpoint"), "lora": merged_dir(lake.artifact_dir("lora_checkpoint")),
-              "aligned": aligned, "quantized": lake.artifact_dir("quantized_model")}
+              "aligned": aligned, "quantized": lake.artifact_dir("quantized_model"), **_candidate_dirs(lake, config.candidates)}
     if released is not None:
         models["release"] = Path(released["path"])
     judge = reward.load_reward_model(lake.artifact_dir("reward_model"))
@@ -99,6 +101,8 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
         context.log.info(f"{name}: {json.dumps(asdict(rows[name]))}")
     win = reward.win_rate(*judge, data.prompt_chats, texts["aligned"], texts["lora"])
     gates = _gates(rows, win, config)
+    candidates = {name: {"gates": _gates(rows, win, config, name)} for name in ["quantized", *config.candidates]}
+    candidates_md = _candidates_table(lake, rows, candidates)
     bars = _quality_bars(lake, rows, win, config)
     samples = [{"prompt": tokenizer.decode(data.prompts[i], skip_special_tokens=True), "reference": data.references[i],
                 **{name: texts[name][i] for name in models}} for i in range(min(settings.samples, len(data.prompts)))]
@@ -114,12 +118,12 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
         report = {"models": {n: str(p) for n, p in models.items()}, "settings": {"seq_len": seq_len, **settings.model_dump()},
                   "release_version": released and released["version"],
                   "figures": {name: asdict(row) for name, row in rows.items()}, "aligned_win_rate_over_lora": win,
-                  "gates": gates, "quality_bars": bars, "samples": samples}
+                  "gates": gates, "candidates": candidates, "quality_bars": bars, "samples": samples}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(
             f"# Evaluation report\n\n{table}\n\nAligned over LoRA, judged by the reward model: {win:.1%}\n\n"
             "## Gates\n\n" + markdown_table(["gate", "passed", "threshold", "observed", "rule"], [tuple(g.values()) for g in gates])
-            + f"\n\n## Quality bars\n\n{bars_md}\n\n## Samples\n\n{sample_md}\n")
+            + f"\n\n## Release candidates\n\n{candidates_md}\n\n## Quality bars\n\n{bars_md}\n\n## Samples\n\n{sample_md}\n")
     version = lake.record("eval_report")
     flat = {f"{name}_{key}": value for name, row in rows.items() for key, value in asdict(row).items()}
     return dg.MaterializeResult(
@@ -130,6 +134,7 @@ def eval_report(context: dg.AssetExecutionContext, config: EvalReportConfig, lak
             **({"release_version": released["version"]} if released else {}),
             "quality_bars_met": sum(b["met"] for b in bars),
             "comparison": dg.MetadataValue.md(table),
+            "candidates": dg.MetadataValue.md(candidates_md),
             "quality_bars": dg.MetadataValue.md(bars_md),
             "plot": dg.MetadataValue.md(_plot(rows)),
             "samples": dg.MetadataValue.md(sample_md),
@@ -158,22 +163,45 @@ def _released_version(lake: LakeResource, wanted: str) -> dict | None:
     return {"version": wanted, "path": str(lake.paths.releases / wanted)}
 
 
-def _gates(rows: dict[str, evaluation.ModelFigures], win: float, config: EvalReportConfig) -> list[dict]:
-    """The release gates: what alignment is for (preferred replies, no loss of overlap with the
-    references), non-empty and non-looping generations of the candidate."""
+def _candidate_dirs(lake: LakeResource, names: list[str]) -> dict:
+    """{name: model directory} of the extra release candidates (lib/release/candidates.py)."""
+    unknown = [n for n in names if n not in candidates_lib.CANDIDATES or n == "quantized"]
+    if unknown:
+        raise dg.Failure(description=f"candidates: unknown {unknown}; choose among "
+                                     f"{sorted(set(candidates_lib.CANDIDATES) - {'quantized'})}")
+    return {n: lake.artifact_dir(candidates_lib.CANDIDATES[n][0]) for n in names}
+
+
+def _candidates_table(lake: LakeResource, rows: dict[str, evaluation.ModelFigures], found: dict) -> str:
+    """The release candidates side by side: size, speed, quality and every gate (its own and these)."""
+    def gates(name: str) -> str:
+        asset, gate_file = candidates_lib.CANDIDATES[name]
+        own = json.loads((lake.artifact_dir(asset) / gate_file).read_text())["gate"]
+        failed = [g["name"] for g in [own, *found[name]["gates"]] if not g["passed"]]
+        return "pass" if not failed else "FAIL: " + ", ".join(failed)
+    return markdown_table(["candidate", "disk (B)", "tokens/s", "val ppl", "ROUGE-L", "gates"],
+                          [(n, rows[n].disk_bytes, rows[n].tokens_per_second, rows[n].val_perplexity, rows[n].rouge_l,
+                            gates(n)) for n in found])
+
+
+def _gates(rows: dict[str, evaluation.ModelFigures], win: float, config: EvalReportConfig,
+           candidate: str = "quantized") -> list[dict]:
+    """The release gates of a candidate (the quantized model: eval_report's blocking checks): what
+    alignment is for (preferred replies, no loss of overlap with the references), non-empty and
+    non-looping generations of the candidate."""
     aligned, lora = rows["aligned"], rows["lora"]
-    loop = max(rows["aligned"].max_token_run, rows["quantized"].max_token_run)
+    loop = max(rows["aligned"].max_token_run, rows[candidate].max_token_run)
     return [
         {"name": ALIGNMENT_GATE,
          "passed": win >= config.min_win_rate and aligned.rouge_l >= config.min_rouge_ratio * lora.rouge_l,
          "threshold": f"win rate {config.min_win_rate:.2f}; ROUGE-L {config.min_rouge_ratio * lora.rouge_l:.4f}",
          "observed": f"win rate {win:.3f}; ROUGE-L {aligned.rouge_l:.4f}",
          "rule": "reward-model win rate of aligned over LoRA >= min_win_rate and aligned ROUGE-L >= min_rouge_ratio x LoRA's"},
-        {"name": GENERATION_GATE, "passed": rows["quantized"].empty_generations <= config.max_empty_generations,
-         "threshold": config.max_empty_generations, "observed": rows["quantized"].empty_generations,
-         "rule": "empty generations of the quantized model <= max_empty_generations"},
+        {"name": GENERATION_GATE, "passed": rows[candidate].empty_generations <= config.max_empty_generations,
+         "threshold": config.max_empty_generations, "observed": rows[candidate].empty_generations,
+         "rule": f"empty generations of the {candidate} model <= max_empty_generations"},
         {"name": LOOP_GATE, "passed": loop <= config.max_token_run, "threshold": config.max_token_run, "observed": loop,
-         "rule": "longest run of one token in an aligned or quantized generation <= max_token_run"},
+         "rule": f"longest run of one token in an aligned or {candidate} generation <= max_token_run"},
     ]
 
 
