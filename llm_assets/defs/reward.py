@@ -1,11 +1,11 @@
 """Group `training`: reward_model, the instruction-tuned model with a scalar head trained on the
 preference pairs (TRL's RewardTrainer). eval_report judges the aligned model's replies with it.
 
-It trains in the step's own process, checkpoints to `data/lake/.work/reward_model/` so a re-run
-after a crash resumes, and the artifact appears only once training and scoring have finished.
+It trains in the step's own process (under torchrun with `nproc_per_node` > 1), checkpoints to
+`data/lake/.work/reward_model/` so a re-run after a crash resumes, and the artifact appears only
+once training and scoring have finished.
 """
 
-import json
 import math
 from dataclasses import asdict
 
@@ -13,15 +13,17 @@ import dagster as dg
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
+from llm_assets.defs.training import TorchrunConfig, post_train
 from llm_assets.lib.common.report import lines_png, markdown_table, png_markdown
 from llm_assets.lib.common.settings import settings_of
 from llm_assets.lib.posttrain import posttrain_data
-from llm_assets.lib.posttrain.reward import RewardSettings, rewards_scatter_markdown, train_reward_model
+from llm_assets.lib.posttrain.reward import RewardSettings, rewards_scatter_markdown
 from llm_assets.lib.pretrain.model_dir import merged_dir
 
 
-class RewardModelConfig(dg.Config, RewardSettings):
-    """reward_model's launchpad: the settings of lib/posttrain/reward.py plus the check's bar."""
+class RewardModelConfig(TorchrunConfig, RewardSettings):
+    """reward_model's launchpad: the settings of lib/posttrain/reward.py, the process count and the
+    check's bar."""
 
     min_accuracy: float = Field(0.6, description="Check (WARN): held-out pairwise accuracy the reward model "
                                                  "should reach (0.5 = no better than a coin).")
@@ -46,7 +48,8 @@ def _loss_curve(history: list[dict], best_step: int) -> str:
         description="The reward model scores the chosen reply above the rejected one on at least min_accuracy "
                     "of the held-out preference pairs.")],
 )
-def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, lake: LakeResource) -> dg.MaterializeResult:
+def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, lake: LakeResource,
+                 pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """A reward model: the instruction-tuned (LoRA, merged) model with a scalar head, fully fine-tuned
     with TRL's RewardTrainer so the chosen reply of a preference pair scores above the rejected one.
     A plain `AutoModelForSequenceClassification` directory with its tokenizer; metadata shows the
@@ -57,9 +60,9 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, l
     train, held_out = (posttrain_data.read_preferences(data, s) for s in ("train", "validation"))
     out = lake.artifact_dir("reward_model")
     with lake.write("reward_model") as staging:
-        result = train_reward_model(settings, merged_dir(lake.artifact_dir("lora_checkpoint")), train, held_out,
-                                    lake.work_dir("reward_model"), staging,
-                                    log=lambda event: context.log.info(json.dumps(event)))
+        result = post_train(context, pipes_subprocess_client, config.nproc_per_node, "reward", settings,
+                            sft_dir=merged_dir(lake.artifact_dir("lora_checkpoint")), train_pairs=train,
+                            eval_pairs=held_out, work_dir=lake.work_dir("reward_model"), out_dir=staging)
     version = lake.record("reward_model")
     m = result.metrics
     rows = [("held-out pairwise accuracy", f"{m.eval_accuracy:.1%}"),
@@ -75,6 +78,7 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, l
         metadata={
             **artifact_metadata(out, version),
             **asdict(m),  # every figure a number or text: the UI charts the numbers across runs
+            "processes": config.nproc_per_node,
             "summary": dg.MetadataValue.md(markdown_table(["figure", "value"], rows)),
             "held_out_rewards": dg.MetadataValue.md(rewards_scatter_markdown(
                 result.chosen_rewards, result.rejected_rewards,

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_assets.lib.pretrain.model_dir import load_model
 from llm_assets.lib.posttrain.align import (AlignSettings, encode_pairs, encode_splits, preference_scores, prompt_messages,
-                                            train_align)
+                                            read_result, train_align)
 from llm_assets.lib.posttrain.preferences import PreferencePair
 
 # Learnable: every chosen reply follows one pattern ("Return x plus i."), every rejected one breaks it.
@@ -94,6 +94,7 @@ def test_dpo_with_sft_term_trains_a_new_adapter_on_the_reference_and_merges(tiny
                                 "aligned_preference_accuracy_summed"]
     assert flat["aligned_preference_accuracy"] == result.scores["aligned"].accuracy
     assert json.dumps(flat) == json.dumps(m.as_dict())  # same keys, order and values (NaN too)
+    assert read_result(out) == result  # what the asset reads back after a torchrun run
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert adapter and all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     ref = load_file(tiny_base_dir / "model.safetensors")

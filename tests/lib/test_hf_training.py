@@ -13,9 +13,10 @@ from transformers import Trainer, TrainingArguments
 
 from llm_assets.lib.posttrain.chat_data import PadCollator
 from llm_assets.lib.posttrain.hf_training import (ProgressLog, ScheduleSettings, common_arguments, fit,
-                                                  planned_steps, prepare_work_dir, run_identity,
+                                                  is_main_process, per_device_batch, planned_steps,
+                                                  prepare_work_dir, read_run_files, run_identity,
                                                   schedule_callbacks, selection_summary, trainer_arguments,
-                                                  uses_bf16, validate_schedule, write_run_files)
+                                                  uses_bf16, validate_schedule, world_size, write_run_files)
 from llm_assets.lib.pretrain.model import build_model
 
 EXAMPLES = [{"input_ids": [1, 5, 6, 7, 8], "labels": [-100, -100, 6, 7, 8]}] * 8
@@ -144,3 +145,18 @@ def test_run_files(tmp_path):
     assert json.loads((tmp_path / "training_config.json").read_text()) == {"lr": 1e-3, "path": str(tmp_path)}
     lines = (tmp_path / "log_history.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"step": 1}, {"step": 2}]
+    assert read_run_files(tmp_path) == ({"eval_loss": 1.5}, [{"step": 1}, {"step": 2}])
+
+
+def test_a_step_keeps_batch_size_examples_split_over_the_processes(tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE, RANK) each process takes its share of a step; rank 0 is the main one."""
+    assert (world_size(), is_main_process(), per_device_batch(16)) == (1, True, 16)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert (world_size(), is_main_process(), per_device_batch(16)) == (2, False, 8)
+    args = trainer_arguments(ScheduleSettings(batch_size=8, max_steps=10), tmp_path, n_train=40)
+    assert args["per_device_train_batch_size"] == args["per_device_eval_batch_size"] == 4
+    assert args["max_steps"] == planned_steps(ScheduleSettings(batch_size=8, max_steps=10), 40) == 5  # unchanged
+    with pytest.raises(ValueError, match="^batch_size: 7 examples a step do not split evenly over 2 processes"):
+        per_device_batch(7)
+    assert per_device_batch(12, world=3) == 4

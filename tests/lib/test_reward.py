@@ -10,8 +10,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from llm_assets.lib.posttrain.preferences import PreferencePair
 from llm_assets.lib.posttrain.reward import (RewardSettings, conversation, encode_conversation, fitting_pairs,
-                                             load_reward_model, make_trainer, reward_scores, rewards_scatter_markdown,
-                                             train_reward_model, win_rate)
+                                             load_reward_model, make_trainer, read_result, reward_scores,
+                                             rewards_scatter_markdown, train_reward_model, win_rate)
 
 # Learnable: the chosen reply always answers the question, the rejected one never does.
 PAIRS = [PreferencePair(f"Explain what `mod.f{i}(x)` does.", f"Return x plus {i}.",
@@ -55,6 +55,7 @@ def test_the_output_is_a_plain_sequence_classifier_with_its_run_files(trained, t
     held = json.loads((out / "held_out_rewards.json").read_text())
     assert [r["source"] for r in held] == [p.source for p in PAIRS[32:]]
     assert (out / "log_history.jsonl").read_text().count("\n") == len(result.history)
+    assert read_result(out) == result  # what the asset reads back after a torchrun run
     # a full fine-tune: the head is new and the body moved too
     trained_w, base_w = load_file(out / "model.safetensors"), load_file(tiny_base_dir / "model.safetensors")
     assert "score.weight" in trained_w and "score.weight" not in base_w

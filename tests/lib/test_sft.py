@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llm_assets.lib.posttrain.adapters import attach_adapter, merge_into_fp32
 from llm_assets.lib.pretrain.model_dir import load_model
 from llm_assets.lib.posttrain.chat_data import encode_chat, pad_batch
-from llm_assets.lib.posttrain.sft import SftSettings, encode_splits, train_sft
+from llm_assets.lib.posttrain.sft import SftSettings, encode_splits, read_result, train_sft
 
 CHATS = [[{"role": "user", "content": f"Explain what `mod.f{i}(x, y={i})` does."},
           {"role": "assistant", "content": f"Return x plus {i} times y, rounded down."}] for i in range(24)]
@@ -41,6 +41,7 @@ def test_lora_trains_adapter_only_and_saves_adapter_and_merged_model(tiny_base_d
     assert 0 < m.trainable_parameters < m.total_parameters
     assert m.trainable_share == pytest.approx(m.trainable_parameters / m.total_parameters)
     assert json.loads((out / "metrics.json").read_text()) == asdict(m)
+    assert read_result(out) == result  # what the asset reads back after a torchrun run
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -244,6 +244,15 @@ class AlignMetrics:
                 flat[name] = value
         return flat
 
+    @classmethod
+    def from_dict(cls, flat: dict, models: list[str]) -> AlignMetrics:
+        """as_dict's inverse; `models` are the names the per-model fields were spread over."""
+        return cls(**{f.name: {m: flat[f"{m}_{f.name}"] for m in models} if f.name in PER_MODEL else flat[f.name]
+                      for f in fields(cls)})
+
+
+PER_MODEL = ("preference_accuracy", "preference_accuracy_summed")  # AlignMetrics' fields holding a figure per model
+
 
 @dataclass(frozen=True)
 class AlignResult:
@@ -324,10 +333,11 @@ def method_accuracy(s: AlignSettings, best: dict, aligned_accuracy: float, kto_a
 
 def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[PreferencePair],
                 eval_pairs: list[PreferencePair], work_dir: Path, out_dir: Path, log: hf_training.Log = print,
-                compare: dict[str, Path] | None = None, online: OnlineData | None = None) -> AlignResult:
+                compare: dict[str, Path] | None = None, online: OnlineData | None = None) -> AlignResult | None:
     """Align the model in `sft_dir` (a merged, plain model), write out_dir atomically, and return
     the run's figures, the held-out preference scores of the aligned model and of every model in
-    `compare` ({"base": dir, ...}), the reference (`sft_dir`) as "lora", and the loss history.
+    `compare` ({"base": dir, ...}), the reference (`sft_dir`) as "lora", and the loss history
+    (None on the other ranks of a DDP run: rank 0 writes and returns).
     An online objective (grpo) trains on `online` instead of the pairs, which still measure it."""
     from datasets import disable_progress_bars
     from transformers import AutoTokenizer
@@ -362,6 +372,8 @@ def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[Prefer
     else:
         trainer = preference_methods.build_trainer(s, model, tokenizer, work_dir, train_records, eval_records)
     trained, train_seconds, history = hf_training.fit(trainer, resume_from, log)
+    if not hf_training.is_main_process():
+        return None  # DDP: every rank holds the same trained adapter; rank 0 alone merges, scores and writes
     planned = hf_training.planned_steps(s, len(online.train_chats) if s.online else len(train_records))
     summary = (hf_training.selection_summary(history, planned, online_rl.SELECTION_METRIC, True, "reward")
                if s.online else hf_training.selection_summary(history, planned))
@@ -385,3 +397,11 @@ def train_align(settings: AlignSettings, sft_dir: Path, train_pairs: list[Prefer
             "peft_config": adapters.peft_config(s.adapter).to_dict()}, history)
     log({"event": "done", **metrics.as_dict()})
     return AlignResult(metrics, scores, history)
+
+
+def read_result(out_dir: Path) -> AlignResult:
+    """The AlignResult train_align returned, read back from the files it wrote in out_dir."""
+    metrics, history = hf_training.read_run_files(Path(out_dir))
+    scores = {name: PreferenceScores(**v) for name, v in
+              json.loads((Path(out_dir) / "preference_scores.json").read_text()).items()}
+    return AlignResult(AlignMetrics.from_dict(metrics, list(scores)), scores, history)

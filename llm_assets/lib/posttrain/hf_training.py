@@ -54,12 +54,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from pydantic import Field
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -82,7 +84,8 @@ class ScheduleSettings(Settings):
     epochs: float = Field(1.0, description="Passes over the training examples (fractions allowed); max_steps caps them.")
     max_steps: int = Field(200, description="A cap on optimizer steps: steps = min(max_steps, "
                                             "ceil(epochs x training examples / batch_size)).")
-    batch_size: int = Field(16, description="Examples (or preference pairs) per optimizer step (per device).")
+    batch_size: int = Field(16, description="Examples (or preference pairs) per optimizer step, split evenly over "
+                                            "the training processes (nproc_per_node): more processes, same schedule.")
     lr: float = Field(1e-3, description="Peak AdamW learning rate, linear warmup then cosine decay to 0 "
                                         "(adapters take far higher rates than full fine-tuning).")
     warmup_ratio: float = Field(0.05, description="Share of the planned steps spent in linear warmup, in [0, 1).")
@@ -129,6 +132,34 @@ def planned_steps(s: ScheduleSettings, n_train: int) -> int:
     return max(1, min(s.max_steps, math.ceil(round(s.epochs * n_train / s.batch_size, 6))))
 
 
+def world_size() -> int:
+    """Training processes: the process group's size, or torchrun's WORLD_SIZE before the Trainer
+    creates the group (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes the run's files and logs."""
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+
+def wait_for_all() -> None:
+    """A barrier across the training processes (nothing without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def per_device_batch(batch_size: int, world: int | None = None) -> int:
+    """batch_size split over the `world` processes (default: world_size()): every process takes an
+    equal share of each step, so a step holds batch_size examples however many processes train (the
+    schedule does not change)."""
+    world = world or world_size()
+    if batch_size % world:
+        raise ValueError(f"batch_size: {batch_size} examples a step do not split evenly over {world} processes "
+                         "(nproc_per_node)")
+    return batch_size // world
+
+
 def training_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -156,6 +187,9 @@ def common_arguments(work_dir: Path, seed: int, save_steps: int, logging_steps: 
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
+        # DDP: every trainable parameter takes part in each step; transformers would otherwise search
+        # a PEFT model for unused ones, an extra pass over the graph every step
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -166,8 +200,8 @@ def trainer_arguments(s: ScheduleSettings, work_dir: Path, n_train: int) -> dict
     return dict(
         **common_arguments(work_dir, s.seed, s.eval_every, s.log_every, s.precision),
         max_steps=steps,
-        per_device_train_batch_size=s.batch_size,
-        per_device_eval_batch_size=s.batch_size,
+        per_device_train_batch_size=per_device_batch(s.batch_size),
+        per_device_eval_batch_size=per_device_batch(s.batch_size),
         learning_rate=s.lr,
         lr_scheduler_type="cosine",
         warmup_steps=round(s.warmup_ratio * steps),  # an int: transformers reads a float < 1 as a ratio
@@ -229,17 +263,19 @@ def run_identity(described: dict, files: Iterable[Path]) -> str:
 
 
 def prepare_work_dir(work_dir: Path, run_id: str, log: Log) -> str | None:
-    """The checkpoint to resume from (None to start fresh); clears checkpoints of another run."""
-    work_dir.mkdir(parents=True, exist_ok=True)
+    """The checkpoint to resume from (None to start fresh); clears checkpoints of another run.
+    Under DDP rank 0 alone clears, and every rank then finds the same checkpoint (or none)."""
     marker, trainer_dir = work_dir / "run_id", work_dir / "trainer"
-    found = marker.read_text().strip() if marker.is_file() else None
-    if found != run_id:
-        if trainer_dir.exists():
-            log({"event": "start_over", "message": f"checkpoints in {trainer_dir} belong to another run "
-                 f"(settings, data or base changed: {found} != {run_id}); starting over"})
-            shutil.rmtree(trainer_dir)
-        marker.write_text(run_id)
-        return None
+    if is_main_process():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        found = marker.read_text().strip() if marker.is_file() else None
+        if found != run_id:
+            if trainer_dir.exists():
+                log({"event": "start_over", "message": f"checkpoints in {trainer_dir} belong to another run "
+                     f"(settings, data or base changed: {found} != {run_id}); starting over"})
+                shutil.rmtree(trainer_dir)
+            marker.write_text(run_id)
+    wait_for_all()
     last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
     if last:
         log({"event": "resume", "message": f"resuming from {last}"})
@@ -251,6 +287,13 @@ def write_run_files(out: Path, metrics: dict, config: dict, history: list[dict])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
     (out / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+
+
+def read_run_files(out: Path) -> tuple[dict, list[dict]]:
+    """(metrics, history) as write_run_files wrote them: how a stage trained in other processes
+    (workers/posttrain.py) gives its result back."""
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    return json.loads((out / "metrics.json").read_text()), history
 
 
 class ProgressLog(TrainerCallback):

@@ -82,8 +82,8 @@ def grpo_trainer(s, model, tokenizer, work_dir: Path, train_chats: list[list[dic
         funcs.append(reward_model_reward(reward_model_dir))
         weights.append(s.reward_model_weight)
     arguments = hf_training.trainer_arguments(s, work_dir, len(train_chats))
-    arguments.update(per_device_train_batch_size=s.batch_size * s.num_generations,
-                     per_device_eval_batch_size=s.batch_size * s.num_generations,
+    per_device = hf_training.per_device_batch(s.batch_size) * s.num_generations  # replies, this process's share
+    arguments.update(per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
                      metric_for_best_model=SELECTION_METRIC, greater_is_better=True)
     config = GRPOConfig(**arguments, beta=s.objective_beta, num_generations=s.num_generations,
                         temperature=s.temperature, max_completion_length=s.max_completion_length,

@@ -270,9 +270,10 @@ def save_reward_model(trainer, tokenizer, out: Path) -> None:
 
 def train_reward_model(settings: RewardSettings, sft_dir: Path, train_pairs: list[PreferencePair],
                        eval_pairs: list[PreferencePair], work_dir: Path, out_dir: Path,
-                       log: hf_training.Log = print) -> RewardResult:
+                       log: hf_training.Log = print) -> RewardResult | None:
     """Train a reward model on the instruction-tuned model in `sft_dir` (a merged, plain model),
-    write out_dir atomically, and return its figures and held-out rewards."""
+    write out_dir atomically, and return its figures and held-out rewards (None on the other ranks
+    of a DDP run: rank 0 writes and returns)."""
     from datasets import disable_progress_bars
     from transformers import AutoTokenizer
 
@@ -292,6 +293,8 @@ def train_reward_model(settings: RewardSettings, sft_dir: Path, train_pairs: lis
     accuracy_before = pairwise_accuracy(*pair_rewards(trainer.model, tokenizer, held))
     log({"event": "start", "train_pairs": len(train), "eval_pairs": len(held), "eval_accuracy_before": accuracy_before})
     trained, train_seconds, history = hf_training.fit(trainer, resume_from, log)
+    if not hf_training.is_main_process():
+        return None  # DDP: every rank holds the same trained model; rank 0 alone scores and writes
     selection = hf_training.selection_summary(history, hf_training.planned_steps(s, len(train)))
 
     with atomic_dir(out_dir) as tmp:
@@ -315,6 +318,13 @@ def train_reward_model(settings: RewardSettings, sft_dir: Path, train_pairs: lis
                                                            "run_id": run}, history)
     log({"event": "done", **asdict(metrics)})
     return RewardResult(metrics, chosen, rejected, history)
+
+
+def read_result(out_dir: Path) -> RewardResult:
+    """The RewardResult train_reward_model returned, read back from the files it wrote in out_dir."""
+    metrics, history = hf_training.read_run_files(Path(out_dir))
+    rows = json.loads((Path(out_dir) / "held_out_rewards.json").read_text())
+    return RewardResult(RewardMetrics(**metrics), [r["chosen"] for r in rows], [r["rejected"] for r in rows], history)
 
 
 def rewards_scatter_markdown(chosen: Sequence[float], rejected: Sequence[float], title: str) -> str:

@@ -166,9 +166,10 @@ def make_trainer(model, s: SftSettings, work_dir: Path, train_ex: list[dict], ev
 
 def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict]], eval_chats: list[list[dict]],
               work_dir: Path, out_dir: Path, log: hf_training.Log = print,
-              sources: tuple[list[str], list[str]] | None = None) -> SftResult:
-    """Fine-tune, write out_dir atomically, and return the run's figures and loss history.
-    `sources` name the chats of each split in the metrics (those truncated or dropped as too long)."""
+              sources: tuple[list[str], list[str]] | None = None) -> SftResult | None:
+    """Fine-tune, write out_dir atomically, and return the run's figures and loss history (None on
+    the other ranks of a DDP run: rank 0 writes and returns). `sources` name the chats of each split
+    in the metrics (those truncated or dropped as too long)."""
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -193,6 +194,8 @@ def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict
     resume_from = hf_training.prepare_work_dir(work_dir, run, log)
     trainer = make_trainer(model, s, work_dir, train_ex, eval_ex, pad_id)
     trained, train_seconds, history = hf_training.fit(trainer, resume_from, log)
+    if not hf_training.is_main_process():
+        return None  # DDP: every rank holds the same trained model; rank 0 alone merges, scores and writes
 
     with atomic_dir(out_dir) as tmp:
         # the Trainer loaded the best checkpoint's adapter into `model` (load_best_model_at_end)
@@ -238,3 +241,9 @@ def train_sft(settings: SftSettings, base_dir: Path, train_chats: list[list[dict
             "run_id": run}, history)
     log({"event": "done", **asdict(metrics)})
     return SftResult(metrics, history)
+
+
+def read_result(out_dir: Path) -> SftResult:
+    """The SftResult train_sft returned, read back from the files it wrote in out_dir."""
+    metrics, history = hf_training.read_run_files(Path(out_dir))
+    return SftResult(SftMetrics(**metrics), history)
