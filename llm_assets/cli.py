@@ -55,11 +55,17 @@ def check_postgres(postgres_url: str) -> None:
     import tempfile
 
     import dagster as dg
+    from dagster_postgres.utils import DagsterPostgresException
 
     with tempfile.TemporaryDirectory() as scratch:
         write_dagster_yaml(Path(scratch), postgres_url)
-        with dg.DagsterInstance.from_config(scratch) as instance:
-            instance.get_runs_count()
+        try:
+            with dg.DagsterInstance.from_config(scratch) as instance:
+                instance.get_runs_count()
+        except DagsterPostgresException as e:
+            # dagster-postgres retried; its cause says why (refused, unknown host, bad password).
+            cause = str(e.__cause__ or e).strip().splitlines()[0]
+            raise SystemExit(f"--postgres: cannot open the database ({cause}); dagster.yaml left as it was") from None
 
 
 def cmd_init(args: argparse.Namespace) -> int:

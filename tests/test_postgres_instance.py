@@ -91,3 +91,23 @@ def test_init_postgres_then_materialize_ingest_and_tick_sensors_on_it(project, p
     assert stored == {f'["{name}"]': 1 for name in [*DATA, "incoming_batch"]}
     assert rows(postgres_url, "SELECT count(*) FROM runs") == [(2,)]
     assert not list(home.rglob("*.db"))  # no SQLite storage beside dagster.yaml
+
+
+def test_init_postgres_refuses_a_bad_url_and_an_unreachable_database_leaving_the_file(project, tmp_path):
+    from dagster_procs import free_port
+
+    home = tmp_path / "dagster_home"
+    env = {**os.environ, "LLM_ASSETS_PROJECT_DIR": str(project), "DAGSTER_HOME": str(home)}
+    init = [str(CLI), "init", "--postgres"]
+    assert subprocess.run([str(CLI), "init"], cwd=project, env=env, capture_output=True, timeout=120).returncode == 0
+    before = (home / "dagster.yaml").read_text()
+    bad = subprocess.run([*init, "mysql://u@h/d"], cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected postgresql://USER" in bad.stderr and "Traceback" not in bad.stderr
+    bare = subprocess.run([*init, "env:PG_URL"], cwd=project, env={**env, "PG_URL": "postgresql://u@h/d"},
+                          capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and "$PG_URL must name the driver: postgresql+psycopg2://u@h/d" in bare.stderr
+    nobody = f"postgresql://dagster@127.0.0.1:{free_port()}/dagster"  # nothing listens there
+    down = subprocess.run([*init, nobody], cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 1 and "cannot open the database" in down.stderr and "Connection refused" in down.stderr
+    assert "Traceback" not in down.stderr
+    assert (home / "dagster.yaml").read_text() == before
