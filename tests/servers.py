@@ -22,7 +22,9 @@ from pathlib import Path
 
 from dagster_procs import free_port
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian's layout: /usr/lib/postgresql/<major>/bin (not on PATH); the newest installed (15 on bookworm).
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]),
+             default=Path("/usr/lib/postgresql/15/bin/pg_ctl")).parent
 PG_USER = "dagster"  # the cluster's superuser; trust authentication on loopback only
 
 
@@ -73,7 +75,7 @@ def _as_owner(cmd: list) -> list[str]:
 
 @contextlib.contextmanager
 def postgres_server(db: str = "dagster") -> Iterator[str]:
-    """PostgreSQL 15: `initdb` in a temporary directory, `pg_ctl start` on a free loopback port with
+    """PostgreSQL (15 here): `initdb` in a temporary directory, `pg_ctl start` on a free loopback port with
     the socket in that directory, one empty database `db`; `pg_ctl stop` and the directory removed."""
     import psycopg2
 
