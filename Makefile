@@ -18,7 +18,8 @@ install: $(VENV)/.installed
 
 demo: install
 	$(CLI) init
-	$(CLI) materialize --config configs/demo.yaml
+	@# everything but monitoring and the compressed candidates (configs/compress.yaml runs those)
+	$(CLI) materialize --config configs/demo.yaml --select 'not group:monitoring and not key:distilled_model and not key:pruned_model'
 	@# serve the release on loopback, send it 40 training-like prompts, stop it (the log is flushed) ...
 	$(PY) -m llm_assets.serving.load --requests 40 --concurrency 4
 	@# ... and compare that traffic with the training prompts
