@@ -170,7 +170,8 @@ def pruned_copy(model, keep_groups: list[torch.Tensor], keep_channels: list[torc
 
 @dataclass(frozen=True)
 class PruneMetrics:
-    """metrics.json of a pruned model; perplexities on the held-out windows the caller passes."""
+    """metrics.json of a pruned model; perplexities on eval_examples evenly spaced windows of the
+    validation stream, KL on the held-out examples of the recovery run."""
 
     heads_before: int  # query heads per block
     heads_after: int
