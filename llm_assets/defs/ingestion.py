@@ -1,6 +1,7 @@
 """Group `data`, the batches that arrive after the corpus was built: incoming_batch, one dynamic
 partition per file dropped into data/incoming/ (incoming_data_sensor adds the partitions)."""
 
+import functools
 import hashlib
 
 import dagster as dg
@@ -22,8 +23,9 @@ def ingested_batches(instance: dg.DagsterInstance) -> set[str]:
     return set(instance.get_materialized_partitions(dg.AssetKey("incoming_batch")))
 
 
-class IncomingBatchConfig(CleanConfig):
-    """The cleaning thresholds are clean_corpus's (set both alike); dedup takes the shards' own."""
+class IncomingBatchConfig(CleanConfig, ingest.IndexSettings):
+    """The cleaning thresholds are clean_corpus's (set both alike); dedup takes the shards' own.
+    lsh_storage shares one index among the workers that ingest batches."""
 
     jsonl_text_field: str = Field("text", description="Field holding the document text in .jsonl files.")
     parquet_text_column: str = Field("text", description="Column holding the document text in .parquet files.")
@@ -48,13 +50,13 @@ def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfi
     docs = ingest.read_batch_file(path, key, config.jsonl_text_field, config.parquet_text_column)
     shards = lake.artifact_dir("deduped_shards")
     params = dedup.read_params(shards)
-    index = ingest.CorpusIndex(params)
+    index = ingest.CorpusIndex(params, config.lsh_storage, ingest.corpus_id(shards))
     lake_dir = lake.artifact_dir("incoming_batch")
-    earlier = ingest.read_batches(lake_dir, exclude=key)  # a re-run of this batch must not match itself
-    for table in (dedup.read_split(shards, "train"), dedup.read_split(shards, "validation"), earlier):
-        index.add(table.column("doc_id").to_pylist(), table.column("text").to_pylist())
+    # the corpus and earlier batches come from their persisted signatures: only this batch is hashed;
+    # a re-run of this batch must not match itself, hence the exclude
+    load = functools.partial(ingest.known_signatures, shards, lake_dir, params, exclude=key)
     rules = settings_of(config, clean.CleanRules)
-    result = ingest.ingest(docs, index, rules, params)
+    result = ingest.ingest(docs, index, rules, params, batch=key, load=load)
     info = {"key": key, "file": str(path), "documents_in": result.documents_in,
             "documents": len(result.kept), "removed_by_cleaning": result.documents_in - result.clean_report.documents_out,
             "duplicates": len(result.duplicates), "run_id": context.run_id}
@@ -78,6 +80,7 @@ def incoming_batch(context: dg.AssetExecutionContext, config: IncomingBatchConfi
             **{f"removed_{rule}": n for rule, n in result.clean_report.removed.items()},
             "duplicates_of_corpus_or_batch": len(result.duplicates),
             "batches_ingested": len(ingest.batch_dirs(lake_dir)),
+            "lsh_index": "shared (Redis)" if config.lsh_storage else "in memory",
             "duplicates": dg.MetadataValue.md(markdown_table(["document", "duplicate of", "kind", "jaccard"], examples)),
         },
         check_results=[dg.AssetCheckResult(

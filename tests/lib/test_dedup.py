@@ -1,13 +1,17 @@
 import json
 import random
+
+import numpy as np
 import sysconfig
 from pathlib import Path
 
 import pytest
 
 from llm_assets.lib.data.corpus import CorpusSources, Document, collect_documents
-from llm_assets.lib.data.dedup import (DedupParams, TooFewDocumentsError, deduplicate, read_duplicates, read_manifest,
-                                      read_params, read_split, shard_files, split_of, write_shards)
+from llm_assets.lib.data.dedup import (SIGNATURES, DedupParams, Signatures, TooFewDocumentsError, deduplicate,
+                                      read_duplicates, read_manifest, read_params, read_signatures, read_split,
+                                      shard_files, split_of, text_sha256, write_shards, write_signatures)
+from llm_assets.lib.data.minhash import signatures
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -174,3 +178,27 @@ def test_dedup_works_across_the_pieces_of_split_files(tmp_path):
     # one copy of each piece is kept: the one with the smaller doc_id ("-" sorts before ".")
     assert all(d.doc_id.startswith("raw/book-2nd-edition.txt#chars=") for d in result.kept)
     assert set(result.split.values()) == {"train", "validation"} and result.split_grain == "cluster"
+
+
+def test_the_kept_documents_signatures_are_written_beside_the_shards(tmp_path, corpus):
+    params = DedupParams(validation_fraction=0.3, num_perm=64)
+    result = deduplicate(corpus, params)
+    write_shards(result, tmp_path, target_mb=1.0, params=params)
+    sigs = read_signatures(tmp_path / SIGNATURES, params)
+    texts = [d.text for d in result.kept]
+    assert sigs.doc_ids == [d.doc_id for d in result.kept]
+    assert sigs.sha256 == [text_sha256(t) for t in texts]
+    np.testing.assert_array_equal(sigs.values, signatures(texts, num_perm=64))
+    with pytest.raises(ValueError, match="num_perm.*materialize the asset that wrote them again"):
+        read_signatures(tmp_path / SIGNATURES, DedupParams())  # 128 positions: not comparable
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_signatures_round_trip_empty_and_bad_shapes(tmp_path):
+    params = DedupParams()
+    empty = Signatures([], [], np.zeros((0, 128), np.uint64))
+    write_signatures(tmp_path / "s.parquet", empty, params)
+    back = read_signatures(tmp_path / "s.parquet", params)
+    assert back.doc_ids == [] and back.values.shape == (0, 128)
+    with pytest.raises(ValueError, match="expected \\(1, 128\\)"):
+        write_signatures(tmp_path / "s.parquet", Signatures(["a"], [b"x" * 32], np.zeros((1, 64), np.uint64)), params)

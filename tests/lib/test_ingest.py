@@ -1,15 +1,18 @@
 """Incoming batches: which files are ready, batch keys, and cleaning + dedup against the corpus."""
 
+import functools
 import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 from llm_assets.lib.data import ingest
 from llm_assets.lib.data.clean import CleanRules, NoDocumentsLeftError
 from llm_assets.lib.data.corpus import CorpusFormatError, Document
-from llm_assets.lib.data.dedup import DedupParams
+from llm_assets.lib.data.dedup import SIGNATURES, DedupParams, deduplicate, text_sha256, write_shards
+from llm_assets.lib.data.minhash import signatures
 
 
 def words(seed: int, n: int = 80) -> str:
@@ -126,3 +129,38 @@ def test_malformed_batch_file_names_file_and_line(tmp_path):
     f.write_text('{"text": "fine", "path": "pkg/mod.py"}\n')
     [d] = ingest.read_batch_file(f, "bad.jsonl-1")
     assert d.doc_id == "incoming/bad.jsonl-1#L1:pkg/mod.py"  # a named .py document yields instruction pairs
+
+
+def test_known_signatures_are_read_not_hashed_and_older_artifacts_are_hashed(tmp_path):
+    params = DedupParams(validation_fraction=0.5)
+    shards, lake = tmp_path / "shards", tmp_path / "lake"
+    shards.mkdir()
+    write_shards(deduplicate([doc(f"c{i}", words(i)) for i in range(1, 7)], params), shards, 1.0, params)
+    for key, seeds in (("k1", [10, 11]), ("k2", [12])):
+        result = ingest.ingest([doc(f"{key}/{s}", words(s)) for s in seeds], ingest.CorpusIndex(params),
+                               CleanRules(), params)
+        (lake / key).mkdir(parents=True)
+        ingest.write_batch(result, lake / key, {"key": key})
+    (lake / "k2" / SIGNATURES).unlink()  # a batch ingested before signatures were kept: hashed from its text
+    corpus, k1, k2 = ingest.known_signatures(shards, lake, params)
+    assert sorted(corpus.doc_ids) == [f"c{i}" for i in range(1, 7)] and k1.doc_ids == ["k1/10", "k1/11"]
+    assert k2.doc_ids == ["k2/12"] and k2.sha256 == [text_sha256(words(12))]
+    np.testing.assert_array_equal(k2.values, signatures([words(12)]))
+    np.testing.assert_array_equal(k1.values, signatures([words(10), words(11)]))
+    assert [s.doc_ids for s in ingest.known_signatures(shards, lake, params, exclude="k1")][1] == ["k2/12"]
+
+    # ingesting from them finds the same duplicates as adding the texts
+    batch = [doc("n1", words(3)), doc("n2", words(11).replace("the end of the text.", "the end of this text.")),
+             doc("n3", words(99))]
+    load = functools.partial(ingest.known_signatures, shards, lake, params)
+    result = ingest.ingest(batch, ingest.CorpusIndex(params), CleanRules(), params, batch="k3", load=load)
+    assert [d.doc_id for d in result.kept] == ["n3"]
+    assert [d[:3] for d in result.duplicates] == [("n1", "c3", "exact"), ("n2", "k1/11", "near")]
+    assert result.signatures.doc_ids == ["n3"] and result.signatures.values.shape == (1, 128)
+
+
+def test_lsh_storage_must_be_a_redis_url():
+    with pytest.raises(ValueError, match="lsh_storage must be '' .in memory. or redis://host:port/db"):
+        ingest.CorpusIndex(DedupParams(), "localhost:6379")
+    assert ingest.redis_connection("redis://127.0.0.1:6390/2") == {"host": "127.0.0.1", "port": 6390, "db": 2}
+    assert ingest.IndexSettings().lsh_storage == ""  # in memory unless set

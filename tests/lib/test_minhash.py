@@ -10,12 +10,15 @@ import pytest
 
 from llm_assets.lib.data.minhash import (
     EMPTY,
+    _parts,
+    cores,
     estimate_jaccard,
     is_empty,
     reference_signature,
     shingles,
     signatures,
 )
+from llm_assets.lib.data.near_dup import near_duplicate_clusters
 
 EDGE_TEXTS = [
     "",
@@ -130,7 +133,7 @@ def test_deterministic_per_seed():
 @pytest.mark.parametrize(
     "kwargs",
     [{"num_perm": 100}, {"num_perm": 1}, {"num_perm": 0}, {"num_perm": 2**17}, {"k": 0}, {"seed": -1},
-     {"chunk_bytes": 0}],
+     {"chunk_bytes": 0}, {"workers": 0}, {"part_chars": 0}],
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -142,3 +145,26 @@ def test_non_str_text_raises():
         signatures(["fine", b"bytes"])
     with pytest.raises(ValueError, match="shapes"):
         estimate_jaccard(np.zeros(4, np.uint64), np.zeros(8, np.uint64))
+
+
+def test_all_cores_give_the_one_core_signatures_and_decisions():
+    files = stdlib_files(40, max_bytes=40_000)
+    near = [t.replace("def ", "def  x", 1) for t in files[:10]]  # one word changed: near duplicates
+    texts = files + near + EDGE_TEXTS
+    bounds = _parts(texts, part_chars=30_000, max_parts=16)
+    assert len(bounds) > 3 and bounds[0] == 0 and bounds[-1] == len(texts)  # so the pool is used below
+    one = signatures(texts, workers=1)
+    pooled = signatures(texts, workers=2, part_chars=30_000)
+    np.testing.assert_array_equal(one, pooled)  # bit for bit, so every decision agrees
+    clusters = near_duplicate_clusters(one)
+    assert len(clusters) >= 8 and near_duplicate_clusters(pooled) == clusters
+    np.testing.assert_array_equal(signatures(texts), one)  # default: every core
+    assert cores() >= 1
+
+
+def test_parts_are_contiguous_and_balanced():
+    texts = ["x" * n for n in [10, 500, 20, 20, 300, 150, 1, 0]]
+    assert _parts(texts, part_chars=2000, max_parts=8) == [0, 8]  # under 2 parts: one
+    bounds = _parts(texts, part_chars=250, max_parts=8)
+    assert bounds == sorted(set(bounds)) and bounds[0] == 0 and bounds[-1] == len(texts) and len(bounds) == 4
+    assert _parts([], part_chars=10, max_parts=4) == [0, 0]

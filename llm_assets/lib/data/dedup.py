@@ -4,8 +4,8 @@ Parquet shards of a target size.
     >>> import tempfile
     >>> from pathlib import Path
     >>> from llm_assets.lib.data.corpus import Document
-    >>> from llm_assets.lib.data.dedup import (DedupParams, deduplicate, read_duplicates,
-    ...                                        read_manifest, read_params, read_split, write_shards)
+    >>> from llm_assets.lib.data.dedup import (SIGNATURES, DedupParams, deduplicate, read_duplicates, read_manifest,
+    ...                                        read_params, read_signatures, read_split, write_shards)
     >>> text = " ".join(f"word{i}" for i in range(200))
     >>> texts = {"a": text, "b": text, "c": text.replace("word100", "changed"), "d": "other " * 50}
     >>> docs = [Document(k, "user", k, t, len(t)) for k, t in texts.items()]
@@ -17,17 +17,22 @@ Parquet shards of a target size.
     >>> out_dir = Path(tempfile.mkdtemp())
     >>> manifest = write_shards(result, out_dir, target_mb=8.0, params=DedupParams(validation_fraction=0.5))
     >>> sorted(p.name for p in out_dir.iterdir())
-    ['duplicates.parquet', 'manifest.json', 'train-00000.parquet', 'validation-00000.parquet']
+    ['duplicates.parquet', 'manifest.json', 'signatures.parquet', 'train-00000.parquet', 'validation-00000.parquet']
     >>> read_split(out_dir, "train")["doc_id"].to_pylist(), read_duplicates(out_dir).num_rows
     (['a'], 2)
     >>> read_manifest(out_dir)["splits"]["validation"]["documents"], read_params(out_dir).validation_fraction
     (1, 0.5)
+    >>> read_signatures(out_dir / SIGNATURES, DedupParams()).doc_ids    # so later batches hash only themselves
+    ['a', 'd']
 
 1. Exact duplicates: identical normalized text (sha256); the smallest doc_id is kept.
 2. Near duplicates among the exact-unique documents: MinHash signatures (`minhash.signatures`) fed to
    datasketch's LSH index (`near_dup.near_duplicate_clusters`); pairs whose estimated Jaccard
    similarity of word 5-gram shingles reaches the threshold are merged into clusters (union-find).
    Each cluster keeps its smallest doc_id (the documents are sorted by doc_id first).
+   The kept documents' signatures and text hashes go beside the shards (`signatures.parquet`,
+   `write_signatures` / `read_signatures`), so an incoming batch is compared with the corpus without
+   hashing the corpus again.
 3. Split: a document goes to validation when a hash of its cluster id (the kept doc_id) falls under
    the validation fraction. Only one member per cluster survives, and the decision depends on the
    cluster, not on the member, so duplicates can never straddle train and validation.
@@ -57,9 +62,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ConfigDict, Field
@@ -85,7 +92,7 @@ DUPLICATE_SCHEMA = pa.schema(
         ("jaccard", pa.float64()),  # estimated Jaccard with the kept document (1.0 for exact)
     ]
 )
-MANIFEST, DUPLICATES = "manifest.json", "duplicates.parquet"
+MANIFEST, DUPLICATES, SIGNATURES = "manifest.json", "duplicates.parquet", "signatures.parquet"
 SPLIT_GRAINS = ("cluster", "document", "paragraph")  # coarsest first; see the module docstring
 
 
@@ -115,6 +122,15 @@ class Duplicate:
     jaccard: float
 
 
+@dataclass(frozen=True)
+class Signatures:
+    """What the index of kept documents needs, without their text."""
+
+    doc_ids: list[str]
+    sha256: list[bytes]  # of each text's UTF-8: the exact-duplicate key
+    values: np.ndarray  # uint64 (docs, num_perm) MinHash signatures (`minhash.signatures`)
+
+
 @dataclass
 class DedupResult:
     kept: list[Document]
@@ -124,6 +140,8 @@ class DedupResult:
     documents_in: int
     split_grain: str = "cluster"  # one of SPLIT_GRAINS
     split_reason: str = ""  # why a finer grain than "cluster" was needed
+    signatures: Signatures | None = None  # of `kept`, in its order, made with `params`
+    params: DedupParams | None = None
 
     @property
     def exact_duplicates(self) -> int:
@@ -154,15 +172,16 @@ def deduplicate(docs: list[Document], params: DedupParams) -> DedupResult:
         raise ValueError(f"threshold must be in (0, 1], got {params.threshold}")
     if not 0.0 <= params.validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {params.validation_fraction}")
-    kept, cluster_size, duplicates = _remove_duplicates(docs, params)
-    result = DedupResult(kept, cluster_size, duplicates, {}, len(docs))
+    kept, cluster_size, duplicates, sigs = _remove_duplicates(docs, params)
+    result = DedupResult(kept, cluster_size, duplicates, {}, len(docs), signatures=sigs, params=params)
     return _assign_splits(result, params)
 
 
-def _remove_duplicates(docs: list[Document], params: DedupParams,
-                       ordered: bool = False) -> tuple[list[Document], dict[str, int], list[Duplicate]]:
-    """(kept documents, kept doc_id -> cluster size, removed duplicates). Each cluster keeps its first
-    member in doc_id order, or in the given order when `ordered` (the kept ones stay in it)."""
+def _remove_duplicates(docs: list[Document], params: DedupParams, ordered: bool = False
+                       ) -> tuple[list[Document], dict[str, int], list[Duplicate], Signatures]:
+    """(kept documents, kept doc_id -> cluster size, removed duplicates, the kept ones' signatures).
+    Each cluster keeps its first member in doc_id order, or in the given order when `ordered` (the
+    kept ones stay in it)."""
     docs = docs if ordered else sorted(docs, key=lambda d: d.doc_id)
     duplicates: list[Duplicate] = []
 
@@ -170,7 +189,7 @@ def _remove_duplicates(docs: list[Document], params: DedupParams,
     unique: list[Document] = []
     exact_count: dict[str, int] = {}
     for doc in docs:
-        key = hashlib.sha256(doc.text.encode()).digest()
+        key = text_sha256(doc.text)
         if key in first_by_text:
             kept = first_by_text[key]
             duplicates.append(Duplicate(doc.doc_id, kept.doc_id, "exact", 1.0))
@@ -179,6 +198,7 @@ def _remove_duplicates(docs: list[Document], params: DedupParams,
             first_by_text[key] = doc
             unique.append(doc)
             exact_count[doc.doc_id] = 1
+    shas = list(first_by_text)  # in the order of `unique`
 
     sigs = signatures([d.text for d in unique], num_perm=params.num_perm, k=params.shingle_size, seed=params.seed)
     removed: set[int] = set()
@@ -196,7 +216,9 @@ def _remove_duplicates(docs: list[Document], params: DedupParams,
         Duplicate(d.doc_id, near_of[d.kept_doc_id], "exact", d.jaccard) if d.kept_doc_id in near_of else d
         for d in duplicates
     ]
-    return [d for i, d in enumerate(unique) if i not in removed], cluster_size, duplicates
+    keep = [i for i in range(len(unique)) if i not in removed]
+    kept_sigs = Signatures([unique[i].doc_id for i in keep], [shas[i] for i in keep], sigs[keep])
+    return [unique[i] for i in keep], cluster_size, duplicates, kept_sigs
 
 
 def _assign_splits(result: DedupResult, params: DedupParams) -> DedupResult:
@@ -235,7 +257,7 @@ def _split_lone_document(result: DedupResult, params: DedupParams) -> DedupResul
                       n_bytes=len(doc.text[s:e].encode()))
               for s, e in paragraph_spans(doc.text, max(1, math.ceil(len(doc.text) * fraction)))]
     # in text order: a repeated paragraph is kept where it first appears
-    kept, cluster_size, duplicates = _remove_duplicates(pieces, params, ordered=True)
+    kept, cluster_size, duplicates, sigs = _remove_duplicates(pieces, params, ordered=True)
     if len(kept) < 2:
         raise TooFewDocumentsError(
             f"a train/validation split needs at least 2 documents after deduplication; there is 1 ({doc.doc_id}, "
@@ -247,7 +269,7 @@ def _split_lone_document(result: DedupResult, params: DedupParams) -> DedupResul
               f"or pieces, {len(kept)} distinct, the last {n_val} held out for validation")
     # documents_in counts the lone document as its pieces, so duplicate_rate stays a share of what was deduplicated
     return DedupResult(kept, cluster_size, result.duplicates + duplicates, split,
-                       result.documents_in - 1 + len(pieces), "paragraph", reason)
+                       result.documents_in - 1 + len(pieces), "paragraph", reason, sigs, params)
 
 
 def _tail_count(sizes: list[int], fraction: float) -> int:
@@ -308,8 +330,50 @@ def write_shards(result: DedupResult, out_dir: Path, target_mb: float, params: D
         schema=DUPLICATE_SCHEMA,
     )
     pq.write_table(dup_table, out_dir / DUPLICATES, compression="zstd")
+    if result.signatures is not None:
+        write_signatures(out_dir / SIGNATURES, result.signatures, result.params)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def text_sha256(text: str) -> bytes:
+    """The exact-duplicate key of a text (32 bytes)."""
+    return hashlib.sha256(text.encode()).digest()
+
+
+def _minhash_params(params: DedupParams) -> dict:
+    """What a signature depends on: signatures made with other values cannot be compared."""
+    return {"num_perm": params.num_perm, "shingle_size": params.shingle_size, "seed": params.seed}
+
+
+def write_signatures(path: Path, sigs: Signatures, params: DedupParams) -> None:
+    """`sigs` as Parquet (doc_id, sha256, signature) with the MinHash parameters in its schema
+    metadata, written whole or not at all (a temporary file beside it, then renamed)."""
+    path = Path(path)
+    num_perm = params.num_perm
+    if sigs.values.shape != (len(sigs.doc_ids), num_perm) or len(sigs.sha256) != len(sigs.doc_ids):
+        raise ValueError(f"{len(sigs.doc_ids)} doc_ids, {len(sigs.sha256)} sha256 and signatures of shape "
+                         f"{sigs.values.shape}: expected ({len(sigs.doc_ids)}, {num_perm})")
+    flat = pa.array(np.ascontiguousarray(sigs.values, dtype=np.uint64).reshape(-1), type=pa.uint64())
+    table = pa.table({"doc_id": pa.array(sigs.doc_ids, pa.string()),
+                      "sha256": pa.array(sigs.sha256, pa.binary(32)),
+                      "signature": pa.FixedSizeListArray.from_arrays(flat, num_perm)})
+    table = table.replace_schema_metadata({"minhash": json.dumps(_minhash_params(params), sort_keys=True)})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read_signatures(path: Path, params: DedupParams) -> Signatures:
+    """What `write_signatures` wrote; fails when they were made with other MinHash parameters."""
+    table = pq.read_table(path)
+    recorded = json.loads((table.schema.metadata or {}).get(b"minhash", b"null"))
+    if recorded != _minhash_params(params):
+        raise ValueError(f"{path}: signatures made with {recorded}, not {_minhash_params(params)}; "
+                         f"materialize the asset that wrote them again")
+    values = table.column("signature").combine_chunks().flatten().to_numpy()
+    return Signatures(table.column("doc_id").to_pylist(), table.column("sha256").to_pylist(),
+                      values.reshape(-1, params.num_perm).astype(np.uint64, copy=False))
 
 
 def read_manifest(shard_dir: Path) -> dict:

@@ -35,7 +35,10 @@ prints pairwise estimated Jaccard similarities.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -48,13 +51,12 @@ _LEN_MIX = 0xD6E8FEB86659FD93  # mixes the word length into its hash
 _TOKEN = re.compile(rb"[a-z0-9_\x80-\xff]+")
 
 # Byte -> lowered byte value for word bytes ([a-z0-9_], A-Z lowered, any byte >= 0x80), 0 otherwise.
-_WORD_BYTES = np.zeros(256, dtype=np.uint64)
+_WORD_BYTES = np.zeros(256, dtype=np.uint8)
 for _c in b"abcdefghijklmnopqrstuvwxyz0123456789_":
     _WORD_BYTES[_c] = _c
 for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ":
     _WORD_BYTES[_c] = _c + 32
 _WORD_BYTES[0x80:] = np.arange(0x80, 0x100)
-_IS_WORD = _WORD_BYTES != 0  # (256,) bool
 
 
 def _encode(text: str) -> bytes:
@@ -129,18 +131,27 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def _densify(sig: np.ndarray, seed: int) -> None:
-    """Fill empty buckets of each (n, P) row in place; all-empty rows stay empty."""
+    """Fill empty buckets of each (n, P) row in place; all-empty rows stay empty.
+
+    Each empty bucket j walks its probe row order[j] until it meets a filled bucket. All walks step
+    together, one probe position per round, and a walk leaves once it has found its bucket; a
+    document with f filled buckets needs about P / f rounds, so the work is the empty buckets times
+    their expected walk, not (rows, P, P).
+    """
     num_perm = sig.shape[1]
     filled = sig != EMPTY
     count = filled.sum(axis=1)
-    rows = np.flatnonzero((count > 0) & (count < num_perm))
+    partial = (count > 0) & (count < num_perm)
+    row, col = np.nonzero(~filled & partial[:, None])  # empty buckets of rows with a filled one
     order = _probe_order(num_perm, seed)
-    step = max(1, (1 << 24) // (num_perm * num_perm))  # keeps the (rows, P, P) mask <= 16 MiB
-    for lo in range(0, len(rows), step):
-        r = rows[lo : lo + step]
-        first = np.argmax(filled[r][:, order], axis=2)  # (r, P): first non-empty probe of bucket j
-        src = order[np.arange(num_perm), first]  # (r, P) bucket to copy from
-        sig[r] = np.take_along_axis(sig[r], src, axis=1)
+    for step in range(1, num_perm):  # order[j, 0] == j is empty: start at the second probe
+        if len(row) == 0:
+            break
+        src = order[col, step]
+        hit = filled[row, src]
+        # sources are filled buckets, which are never written: the order of writes does not matter
+        sig[row[hit], col[hit]] = sig[row[hit], src[hit]]
+        row, col = row[~hit], col[~hit]
 
 
 def _chunk(encs: list[bytes], k: int, bits: int, seed: int, out: np.ndarray, work: np.ndarray) -> None:
@@ -150,24 +161,25 @@ def _chunk(encs: list[bytes], k: int, bits: int, seed: int, out: np.ndarray, wor
     """
     joined = b"\0" + b"\0".join(encs) + b"\0"  # NUL is not a word byte: words never cross docs
     n = len(joined)
-    buf = np.frombuffer(joined, dtype=np.uint8)
-    is_word = _IS_WORD[buf]  # (n,) bool
-    edges = np.flatnonzero(is_word[1:] != is_word[:-1]) + 1  # alternate word start, word end
-    starts, ends = edges[0::2], edges[1::2]  # word = bytes [start, end); start >= 1
-    if len(starts) == 0:
+    lowered = _WORD_BYTES[np.frombuffer(joined, dtype=np.uint8)]  # (n,) uint8, 0 = not a word byte
+    is_word = lowered != 0
+    edges = np.flatnonzero(is_word[1:] != is_word[:-1])  # alternate (word start - 1, word end - 1)
+    if len(edges) == 0:
         return
     pw, inv = _powers(len(work))  # one size per call: the cache hits
-    v = work[:n]
-    np.take(_WORD_BYTES, buf, out=v)
-    v *= pw[:n]
+    v = np.multiply(lowered, pw[:n], out=work[:n])
     np.cumsum(v, out=v)  # v[i] = sum_{j<=i} byte_j * B^j mod 2^64
-    words = v[ends - 1] - v[starts - 1]  # (words,) = sum over the word of byte * B^pos
+    at_edges = v[edges]
+    words = at_edges[1::2] - at_edges[0::2]  # (words,) = sum over the word of byte * B^pos
+    edges += 1
+    starts, ends = edges[0::2], edges[1::2]  # word = bytes [start, end); start >= 1
     words *= inv[starts]  # shift to B^0 at the word start: position independent
     words += (ends - starts).astype(np.uint64) * np.uint64(_LEN_MIX)
     _mix(words)
 
     doc_first_byte = np.cumsum([1] + [len(e) + 1 for e in encs[:-1]])  # (docs,)
-    word_doc = np.searchsorted(doc_first_byte, starts, side="right") - 1  # (words,)
+    per_doc = np.diff(np.searchsorted(starts, doc_first_byte), append=len(starts))  # words of each doc
+    word_doc = np.repeat(np.arange(len(encs)), per_doc)  # (words,)
     mult, offset = _shingle_params(k, seed)
     nw = len(words)
     parts, part_docs = [], []
@@ -178,7 +190,6 @@ def _chunk(encs: list[bytes], k: int, bits: int, seed: int, out: np.ndarray, wor
         inside = word_doc[: nw - k + 1] == word_doc[k - 1 :]
         parts.append(sh[inside])
         part_docs.append(word_doc[: nw - k + 1][inside])
-    per_doc = np.bincount(word_doc, minlength=len(encs))
     short = np.flatnonzero((per_doc > 0) & (per_doc < k))  # docs with one all-words shingle
     if len(short):
         first = (np.cumsum(per_doc) - per_doc)[short]
@@ -198,22 +209,80 @@ def _chunk(encs: list[bytes], k: int, bits: int, seed: int, out: np.ndarray, wor
 
 
 def signatures(
-    texts: Sequence[str], num_perm: int = 128, k: int = 5, seed: int = 1, *, chunk_bytes: int = 1 << 18
+    texts: Sequence[str], num_perm: int = 128, k: int = 5, seed: int = 1, *, chunk_bytes: int = 1 << 18,
+    workers: int | None = None, part_chars: int = 1 << 20,
 ) -> np.ndarray:
     """OPH MinHash signatures, uint64 (len(texts), num_perm); deterministic for a given seed.
 
     num_perm must be a power of two (buckets are the top bits of a shingle hash). chunk_bytes only
-    trades memory for speed: signatures do not depend on it or on which texts share a call.
+    trades memory for speed: signatures do not depend on it or on which texts share a call, so they
+    do not depend on the process either. `workers` processes (None: every core this process may
+    use; 1: this process only) take contiguous parts of about `part_chars` characters; an input of
+    under two parts stays in this process, where starting workers would cost more than they save.
     """
-    bits = _check_args(num_perm, k, seed)
+    _check_args(num_perm, k, seed)
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None (every core), got {workers!r}")
+    if part_chars < 1:
+        raise ValueError(f"part_chars must be positive, got {part_chars!r}")
+    for i, text in enumerate(texts):  # checked here, so the error names the index in `texts`
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    workers = cores() if workers is None else workers
+    bounds = _parts(texts, part_chars, max_parts=8 * workers) if workers > 1 else [0, len(texts)]
+    if len(bounds) <= 2:
+        return _signatures(texts, num_perm, k, seed, chunk_bytes)
+    pool = _pool(workers)
+    futures = [pool.submit(_signatures, texts[lo:hi], num_perm, k, seed, chunk_bytes)
+               for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return np.concatenate([f.result() for f in futures])
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _parts(texts: Sequence[str], part_chars: int, max_parts: int) -> list[int]:
+    """Bounds [0, ..., len(texts)] of contiguous parts of about equal characters, at least
+    part_chars each (one part when the texts hold fewer than 2 x part_chars)."""
+    sizes = np.cumsum([len(t) for t in texts], dtype=np.int64)
+    total = int(sizes[-1]) if len(sizes) else 0
+    n = min(total // part_chars, max_parts)
+    if n < 2:
+        return [0, len(texts)]
+    cuts = np.searchsorted(sizes, total * np.arange(1, n) / n)  # a part ends after the text crossing i/n
+    return sorted({0, *(int(c) + 1 for c in cuts), len(texts)})
+
+
+_POOL: tuple[int, int, ProcessPoolExecutor] | None = None  # (owner pid, workers, pool), kept for reuse
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool of `workers`, started once per process and size, then reused: starting one
+    costs about as much as hashing 30 MB. forkserver, not fork: callers (Dagster) run threads,
+    and a forked copy of a held lock never unlocks; the server preloads numpy and this module,
+    so each worker is a cheap fork of it."""
+    global _POOL
+    if _POOL is not None and _POOL[:2] == (os.getpid(), workers):
+        return _POOL[2]
+    if _POOL is not None and _POOL[0] == os.getpid():
+        _POOL[2].shutdown(wait=True)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    _POOL = (os.getpid(), workers, ProcessPoolExecutor(workers, mp_context=context))
+    return _POOL[2]
+
+
+def _signatures(texts: Sequence[str], num_perm: int, k: int, seed: int, chunk_bytes: int) -> np.ndarray:
+    """`signatures` in this process (arguments checked by it)."""
+    bits = num_perm.bit_length() - 1
     sig = np.full((len(texts), num_perm), EMPTY, dtype=np.uint64)
     work = np.empty(chunk_bytes + 2, dtype=np.uint64)
     lo, size, encs = 0, 0, []
     for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
         enc = _encode(text)
         if encs and size + len(enc) + 1 > chunk_bytes:
             _chunk(encs, k, bits, seed, sig[lo:i], work)

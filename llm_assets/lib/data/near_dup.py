@@ -21,7 +21,8 @@ Rows without shingles (all `minhash.EMPTY`) never join a cluster: two empty docu
 near-duplicates of each other, nor of anything else.
 
 `storage_config` goes to `MinHashLSH` unchanged, e.g. `{"type": "redis", "redis": {"host":
-"localhost", "port": 6379}}` keeps the index in Redis (install `redis`; untested here).
+"localhost", "port": 6379}}` keeps this one-off index in Redis. The index that several workers
+share while ingesting batches is `ingest.CorpusIndex` (setting `lsh_storage`).
 
 Run on its own: `python -m llm_assets.lib.data.near_dup FILE...` prints the clusters of the files.
 """
