@@ -1,72 +1,93 @@
-"""Load on the model server: 200 requests from 16 concurrent clients against `llm-assets serve` on
-loopback; prints p50/p95 latency, throughput and errors, checks every request reached the serving
-log, and compares throughput with the same generations done in-process without HTTP (the baseline,
-measured in the same run): the ratio is what the HTTP layer, batching-free queueing and logging cost.
+"""Load on the model server: the same requests sent to one `llm-assets serve` on loopback, first one at
+a time, then from 16 concurrent clients. Prints both throughputs and their ratio (what batched
+generation buys: the target is >= 3x), p50/p95 latency of each run, the batch sizes the server
+reached (its llm_batch_size histogram), and checks every request reached the serving log.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 200] [--concurrency 16] [--max-new-tokens 32]
+    .venv/bin/python benchmarks/serve_load.py [--requests 96] [--concurrency 16] [--max-new-tokens 32] [--model DIR]
 
-Serves the current release (after `make demo`), or the quantized candidate when there is none.
+Serves the current release (after `make demo`), or the quantized candidate when there is none, or
+--model. Requests are greedy, so both runs generate the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[1]
+BUCKET = re.compile(r'^llm_batch_size_bucket\{le="([^"]+)"\} (\S+)$', re.M)
+
+
+def batch_histogram(url: str) -> dict[str, float]:
+    """Decoding steps whose batch had at most `le` requests, by `le` (cumulative, as Prometheus keeps it)."""
+    return {le: float(n) for le, n in BUCKET.findall(httpx.get(f"{url}/metrics").text)}
+
+
+def batch_sizes(before: dict[str, float], after: dict[str, float]) -> str:
+    """The steps of one run by batch-size bucket, e.g. '1: 10, 2-4: 3, 9-16: 120'."""
+    edges = sorted((float(le), le) for le in after)
+    rows, below, low = [], 0.0, 1
+    for value, le in edges:
+        cumulative = after[le] - before.get(le, 0.0)
+        if cumulative - below > 0:
+            top = "+" if value == float("inf") else int(value)
+            rows.append(f"{low if low == top else f'{low}-{top}'}: {int(cumulative - below)}")
+        below, low = cumulative, int(value) + 1 if value != float("inf") else low
+    return ", ".join(rows) or "none"
+
+
+def run(url: str, prompts: list[str], concurrency: int, max_new_tokens: int) -> tuple[dict, str]:
+    from llm_assets.serving.load import send, summarize
+
+    before = batch_histogram(url)
+    start = time.perf_counter()
+    results = send(url, prompts, concurrency, max_new_tokens)
+    stats = summarize(results, time.perf_counter() - start)
+    return stats, batch_sizes(before, batch_histogram(url))
 
 
 def main() -> None:
-    import torch
-    from transformers import AutoTokenizer
-
     from llm_assets.lib.common.paths import ProjectPaths
-    from llm_assets.lib.release.quantize import load_for_inference
-    from llm_assets.lib.posttrain.chat_data import end_token_id, prompt_ids
-    from llm_assets.lib.release.release import current_release
     from llm_assets.lib.monitor.serving_log import read_log
-    from llm_assets.serving.load import ServerProcess, sft_prompts, send, summarize
+    from llm_assets.lib.release.release import current_release
+    from llm_assets.serving.load import ServerProcess, sft_prompts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--model", type=Path, help="serve this model directory (default: the release, else "
+                                                   "data/lake/quantized_model)")
     args = parser.parse_args()
     paths = ProjectPaths(ROOT)
     release = current_release(paths.releases)
-    model_dir = Path(release["path"]) if release else paths.artifact("quantized_model")
+    model_dir = args.model or (None if release else paths.artifact("quantized_model"))
     pool = sft_prompts(ROOT, 400)
     prompts = [pool[i % len(pool)] for i in range(args.requests)]
     logged_before = read_log(paths.serving).num_rows
 
-    with ServerProcess(ROOT, None if release else model_dir) as url:
-        start = time.perf_counter()  # from the first request to the last answer: start-up excluded
-        results = send(url, prompts, args.concurrency, args.max_new_tokens)
-        http = summarize(results, time.perf_counter() - start)
+    with ServerProcess(ROOT, model_dir, ["--max-batch-size", str(args.concurrency)]) as url:
+        run(url, prompts[:2], 1, args.max_new_tokens)  # warm-up, not counted
+        alone, alone_batches = run(url, prompts, 1, args.max_new_tokens)
+        together, together_batches = run(url, prompts, args.concurrency, args.max_new_tokens)
     logged = read_log(paths.serving).num_rows - logged_before
+    answered = alone["ok"] + together["ok"] + 2
 
-    # baseline: the same prompts, generated one after another in this process
-    model = load_for_inference(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    stop = [end_token_id(tok), tok.eos_token_id]
-    start, n_tokens = time.perf_counter(), 0
-    with torch.no_grad():
-        for p in prompts:
-            x = torch.tensor([prompt_ids(tok, [{"role": "user", "content": p}])])
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
-                                 do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)
-            n_tokens += out.shape[1] - x.shape[1]
-    direct_tps = n_tokens / (time.perf_counter() - start)
-
-    print(f"model: {model_dir}")
-    print(f"HTTP   {http['requests']} requests, {args.concurrency} clients: {http['errors']} errors, "
-          f"latency p50 {http['latency_p50_s']:.3f} s, p95 {http['latency_p95_s']:.3f} s, "
-          f"{http['requests_per_second']:.1f} requests/s, {http['tokens_per_second']:.1f} tokens/s")
-    print(f"direct {len(prompts)} generations in-process, one at a time: {direct_tps:.1f} tokens/s")
-    print(f"ratio HTTP/direct tokens/s: {http['tokens_per_second'] / direct_tps:.3f}")
-    print(f"serving log: {logged} of {http['ok']} answered requests logged "
-          f"({'all' if logged == http['ok'] else 'MISSING SOME'})")
+    print(f"model: {model_dir or release['path']}")
+    for name, stats, batches in (("one at a time", alone, alone_batches),
+                                 (f"{args.concurrency} clients", together, together_batches)):
+        print(f"{name:>14}: {stats['requests']} requests, {stats['errors']} errors, "
+              f"{stats['requests_per_second']:.2f} requests/s, {stats['tokens_per_second']:.1f} tokens/s, "
+              f"latency p50 {stats['latency_p50_s']:.3f} s, p95 {stats['latency_p95_s']:.3f} s; "
+              f"decoding steps by batch size: {batches}")
+    ratio = together["tokens_per_second"] / alone["tokens_per_second"]
+    print(f"ratio {args.concurrency} clients / one at a time (tokens/s): {ratio:.2f}x (target >= 3x)")
+    print(f"serving log: {logged} of {answered} answered requests logged "
+          f"({'all' if logged == answered else 'MISSING SOME'})")
 
 
 if __name__ == "__main__":
