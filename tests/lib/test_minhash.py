@@ -11,6 +11,8 @@ import pytest
 from llm_assets.lib.data.minhash import (
     EMPTY,
     _parts,
+    _pool,
+    _signatures,
     cores,
     estimate_jaccard,
     is_empty,
@@ -156,6 +158,10 @@ def test_all_cores_give_the_one_core_signatures_and_decisions():
     one = signatures(texts, workers=1)
     pooled = signatures(texts, workers=2, part_chars=30_000)
     np.testing.assert_array_equal(one, pooled)  # bit for bit, so every decision agrees
+    # whichever parts the pool's process hashed (this process takes those it has not finished):
+    # a worker process gives the same signatures
+    in_worker = _pool(1).submit(_signatures, texts, 128, 5, 1, 1 << 18).result(timeout=120)
+    np.testing.assert_array_equal(in_worker, one)
     clusters = near_duplicate_clusters(one)
     assert len(clusters) >= 8 and near_duplicate_clusters(pooled) == clusters
     np.testing.assert_array_equal(signatures(texts), one)  # default: every core

@@ -38,7 +38,8 @@ import functools
 import multiprocessing
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -216,9 +217,9 @@ def signatures(
 
     num_perm must be a power of two (buckets are the top bits of a shingle hash). chunk_bytes only
     trades memory for speed: signatures do not depend on it or on which texts share a call, so they
-    do not depend on the process either. `workers` processes (None: every core this process may
-    use; 1: this process only) take contiguous parts of about `part_chars` characters; an input of
-    under two parts stays in this process, where starting workers would cost more than they save.
+    do not depend on the process either. `workers` cores (None: every core this process may use;
+    1: this process only) share contiguous parts of about `part_chars` characters: this process
+    and a pool of `workers - 1` (`_shared_work`); an input of under two parts stays here.
     """
     _check_args(num_perm, k, seed)
     if chunk_bytes < 1:
@@ -231,13 +232,51 @@ def signatures(
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
     workers = cores() if workers is None else workers
-    bounds = _parts(texts, part_chars, max_parts=8 * workers) if workers > 1 else [0, len(texts)]
+    bounds = _parts(texts, part_chars, max_parts=16 * workers) if workers > 1 else [0, len(texts)]
     if len(bounds) <= 2:
         return _signatures(texts, num_perm, k, seed, chunk_bytes)
-    pool = _pool(workers)
-    futures = [pool.submit(_signatures, texts[lo:hi], num_perm, k, seed, chunk_bytes)
-               for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return np.concatenate([f.result() for f in futures])
+    parts = [texts[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return np.concatenate(_shared_work(parts, workers, (num_perm, k, seed, chunk_bytes)))
+
+
+def _shared_work(parts: list[Sequence[str]], workers: int, args: tuple) -> list[np.ndarray]:
+    """Signatures of each part, by this process and a pool of `workers - 1`.
+
+    A thread hands the pool parts from the back while this process hashes from the front, until
+    they meet. A part the pool has not finished when this process reaches it is hashed here, unless
+    the pool is known to be up (it finished a part) and has started it, then it is awaited. So a
+    pool still starting (as long as hashing tens of MB) never delays the result.
+    """
+    futures: list[Future | None] = [None] * len(parts)
+    taken = [False] * len(parts)  # parts this process has reached
+    lock = threading.Lock()
+
+    def hand_out() -> None:
+        pool = _pool(workers - 1)  # starting it blocks this thread, not the hashing
+        for i in reversed(range(len(parts))):
+            with lock:
+                if taken[i]:
+                    return
+            future = pool.submit(_signatures, parts[i], *args)
+            with lock:
+                futures[i] = future
+                if taken[i]:  # reached meanwhile and hashed here
+                    future.cancel()
+                    return
+
+    threading.Thread(target=hand_out, name="minhash-hand-out", daemon=True).start()
+    results = []
+    for i, part in enumerate(parts):
+        with lock:
+            taken[i], future = True, futures[i]
+        pool_up = any(f is not None and f.done() and not f.cancelled() for f in futures)
+        if future is not None and (future.done() or (pool_up and not future.cancel())):
+            results.append(future.result())
+            continue
+        if future is not None:
+            future.cancel()  # not started: the pool skips it; started by a starting pool: hashed twice
+        results.append(_signatures(part, *args))
+    return results
 
 
 def cores() -> int:
@@ -258,22 +297,24 @@ def _parts(texts: Sequence[str], part_chars: int, max_parts: int) -> list[int]:
 
 
 _POOL: tuple[int, int, ProcessPoolExecutor] | None = None  # (owner pid, workers, pool), kept for reuse
+_POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool of `workers`, started once per process and size, then reused: starting one
-    costs about as much as hashing 30 MB. forkserver, not fork: callers (Dagster) run threads,
-    and a forked copy of a held lock never unlocks; the server preloads numpy and this module,
-    so each worker is a cheap fork of it."""
+    """A process pool of `workers`, started once per process and size, then reused (starting one
+    costs about as much as hashing tens of MB). forkserver, not fork: callers (Dagster) run
+    threads, and a forked copy of a held lock never unlocks; the server preloads numpy and this
+    module, so each worker is a cheap fork of it."""
     global _POOL
-    if _POOL is not None and _POOL[:2] == (os.getpid(), workers):
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL[:2] == (os.getpid(), workers):
+            return _POOL[2]
+        if _POOL is not None and _POOL[0] == os.getpid():
+            _POOL[2].shutdown(wait=False, cancel_futures=True)
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        _POOL = (os.getpid(), workers, ProcessPoolExecutor(workers, mp_context=context))
         return _POOL[2]
-    if _POOL is not None and _POOL[0] == os.getpid():
-        _POOL[2].shutdown(wait=True)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    _POOL = (os.getpid(), workers, ProcessPoolExecutor(workers, mp_context=context))
-    return _POOL[2]
 
 
 def _signatures(texts: Sequence[str], num_perm: int, k: int, seed: int, chunk_bytes: int) -> np.ndarray:
