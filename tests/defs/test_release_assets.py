@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from helpers import POST, UPSTREAM, lock_md5, materialize, metadata
 from llm_assets.cli import refused_gates
 from llm_assets.lib.release.quantize import load_quantized
-from llm_assets.lib.release.release import current_release, history
+from llm_assets.lib.release.release import Gate, current_release, history, publish, rollback
 
 RELEASE = ["reward_model", "quantized_model", "eval_report", "release"]
 
@@ -65,6 +65,27 @@ def test_gates_pass_and_the_release_points_at_the_quantized_model(released):
     assert (project / "data/releases" / current["version"] / "model.safetensors").is_file()
     assert {g["name"] for g in current["gates"]} == {
         "quantized_perplexity_within_budget", "aligned_beats_lora", "generation_non_empty", "replies_do_not_loop"}
+
+
+def test_release_with_a_canary_share_makes_the_candidate_the_canary(released, tmp_path):
+    project, instance, first = released
+    assert first.success
+    releases = project / "data/releases"
+    candidate = current_release(releases)["version"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    publish(tmp_path / "old", releases, "old", [Gate("g", True, 0, 0)], {})  # another release is current
+    try:
+        cfg = {"ops": {"release": {"config": {"canary_share": 0.25}}}}
+        assert materialize(project, cfg, ["release"], instance).success
+        pointer = current_release(releases)
+        assert pointer["version"] == "old"
+        assert pointer["canary"] == {"version": candidate, "path": str(releases / candidate), "share": 0.25}
+        md = metadata(instance, "release")
+        assert (md["version"], md["canary_version"], md["canary_share"]) == ("old", candidate, 0.25)
+        assert history(releases)[-1]["event"] == "canary"
+    finally:
+        rollback(releases, candidate)  # the tests below start from the candidate, released
 
 
 def test_a_failed_gate_keeps_the_previous_release(released, tiny_config):
