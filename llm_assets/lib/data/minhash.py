@@ -51,13 +51,10 @@ _B_INV = pow(_B, -1, 2**64)
 _LEN_MIX = 0xD6E8FEB86659FD93  # mixes the word length into its hash
 _TOKEN = re.compile(rb"[a-z0-9_\x80-\xff]+")
 
-# Byte -> lowered byte value for word bytes ([a-z0-9_], A-Z lowered, any byte >= 0x80), 0 otherwise.
-_WORD_BYTES = np.zeros(256, dtype=np.uint8)
-for _c in b"abcdefghijklmnopqrstuvwxyz0123456789_":
-    _WORD_BYTES[_c] = _c
-for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ":
-    _WORD_BYTES[_c] = _c + 32
-_WORD_BYTES[0x80:] = np.arange(0x80, 0x100)
+# Byte -> lowered byte value for word bytes ([a-z0-9_], A-Z lowered, any byte >= 0x80), 0 otherwise;
+# a `bytes.translate` table (faster than a numpy lookup).
+_WORD_BYTES = bytes(c + 32 if 65 <= c <= 90 else c if (97 <= c <= 122 or 48 <= c <= 57 or c == 95 or c >= 0x80)
+                    else 0 for c in range(256))
 
 
 def _encode(text: str) -> bytes:
@@ -162,13 +159,15 @@ def _chunk(encs: list[bytes], k: int, bits: int, seed: int, out: np.ndarray, wor
     """
     joined = b"\0" + b"\0".join(encs) + b"\0"  # NUL is not a word byte: words never cross docs
     n = len(joined)
-    lowered = _WORD_BYTES[np.frombuffer(joined, dtype=np.uint8)]  # (n,) uint8, 0 = not a word byte
+    lowered = np.frombuffer(joined.translate(_WORD_BYTES), dtype=np.uint8)  # (n,) 0 = not a word byte
     is_word = lowered != 0
     edges = np.flatnonzero(is_word[1:] != is_word[:-1])  # alternate (word start - 1, word end - 1)
     if len(edges) == 0:
         return
     pw, inv = _powers(len(work))  # one size per call: the cache hits
-    v = np.multiply(lowered, pw[:n], out=work[:n])
+    v = work[:n]
+    np.copyto(v, lowered)  # widen, then multiply in place: faster than a mixed-type multiply
+    v *= pw[:n]
     np.cumsum(v, out=v)  # v[i] = sum_{j<=i} byte_j * B^j mod 2^64
     at_edges = v[edges]
     words = at_edges[1::2] - at_edges[0::2]  # (words,) = sum over the word of byte * B^pos
