@@ -306,7 +306,8 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     module, so each worker is a cheap fork of it."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is not None and _POOL[:2] == (os.getpid(), workers):
+        # a pool whose worker died (killed, out of memory) is broken for good: start another
+        if _POOL is not None and _POOL[:2] == (os.getpid(), workers) and not getattr(_POOL[2], "_broken", False):
             return _POOL[2]
         if _POOL is not None and _POOL[0] == os.getpid():
             _POOL[2].shutdown(wait=False, cancel_futures=True)
