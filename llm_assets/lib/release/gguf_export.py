@@ -223,3 +223,21 @@ def ms_per_token(llm, prompts: list[list[int]], n: int) -> list[float]:
         greedy(llm, p, n)
         out.append(1000 * (time.perf_counter() - start) / n)
     return out
+
+
+def measure(files: dict[str, Path], windows: np.ndarray, prompts: list[list[int]], n_ctx: int,
+            s: GgufSettings) -> dict[str, dict]:
+    """{type: size, validation perplexity, ms/token (p50) and tokens/s} of each exported file, run by
+    llama.cpp with `s.threads` threads; every type scores the same windows and continues the same prompts."""
+    if max(map(len, prompts)) + s.speed_tokens > n_ctx:
+        raise ValueError(f"speed_tokens: {s.speed_tokens} tokens after a prompt do not fit the context ({n_ctx})")
+    figures = {}
+    for gguf_type, path in files.items():
+        llm = load(path, n_ctx, s.threads)
+        try:
+            ms = float(np.median(ms_per_token(llm, prompts, s.speed_tokens)))
+            figures[gguf_type] = {"disk_bytes": Path(path).stat().st_size, "val_perplexity": perplexity(llm, windows),
+                                  "ms_per_token_p50": ms, "tokens_per_second": 1000 / ms}
+        finally:
+            llm.close()
+    return figures

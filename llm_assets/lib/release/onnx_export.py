@@ -180,3 +180,15 @@ class OnnxLM:
             self.greedy(p, n)
             out.append(1000 * (time.perf_counter() - start) / n)
         return out
+
+
+def measure(files: dict[str, Path], windows: np.ndarray, prompts: list[list[int]], s: OnnxSettings) -> dict[str, dict]:
+    """{variant: size, validation perplexity, ms/token (p50) and tokens/s} of each graph in ONNX Runtime;
+    every variant scores the same windows and continues the same prompts."""
+    figures = {}
+    for variant, path in files.items():
+        lm = OnnxLM(path, s.threads)
+        ms = float(np.median(lm.ms_per_token(prompts, s.speed_tokens)))
+        figures[variant] = {"disk_bytes": Path(path).stat().st_size, "val_perplexity": lm.perplexity(windows),
+                            "ms_per_token_p50": ms, "tokens_per_second": 1000 / ms}
+    return figures
