@@ -56,6 +56,16 @@ def test_pruned_model_loads_and_recovery_lowers_its_perplexity(tiny_teacher, tmp
     assert sum(p.numel() for p in model.parameters()) == m.parameters_after
 
 
+def test_kept_heads_divide_the_width_as_transformers_requires():
+    from transformers import LlamaConfig
+
+    demo = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, intermediate_size=704)
+    assert keep_counts(demo, 0.25, 0.25) == (2, 512)  # 3 heads would not divide 256: LlamaConfig refuses to save it
+    assert keep_counts(demo, 0.5, 0.0) == (2, 704) and keep_counts(demo, 0.9, 0.9) == (1, 64)
+    gqa = LlamaConfig(hidden_size=384, num_attention_heads=6, num_key_value_heads=3, intermediate_size=1024)
+    assert keep_counts(gqa, 0.34, 0.0) == (2, 1024)  # 2 groups of 2 query heads: 4 divides 384
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="head_share"):
         PruneSettings(head_share=1.0).validate()

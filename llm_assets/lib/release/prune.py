@@ -33,7 +33,8 @@ held-out text stays for measuring the result, which would be flattered if it had
 A head's unit is the input of o_proj in its slice; an FFN channel's the input of down_proj.
 
 Every block loses the same number of heads and channels because a Llama config has one
-num_attention_heads and one intermediate_size: which ones differs per block. With grouped-query
+num_attention_heads and one intermediate_size: which ones differs per block. The kept head count
+divides hidden_size (transformers checks that on save; keep_counts). With grouped-query
 attention a key-value head goes with its group of query heads. The FFN keeps a multiple of 32
 channels (bitsandbytes' 4-bit kernel needs it, so a pruned model can still be quantized). The
 surgery writes a new config (num_attention_heads, num_key_value_heads, head_dim, intermediate_size)
@@ -130,9 +131,13 @@ def kept(scores: torch.Tensor, n_keep: int) -> list[torch.Tensor]:
 
 
 def keep_counts(config, head_share: float, ffn_share: float) -> tuple[int, int]:
-    """(key-value groups, FFN channels) each block keeps."""
-    _, kv, _ = _geometry(config)
-    groups = max(1, round(kv * (1 - head_share)))
+    """(key-value groups, FFN channels) each block keeps. transformers' LlamaConfig refuses to save
+    a head count that does not divide hidden_size (even with head_dim set), so the groups kept are
+    the most, at most kv x (1 - head_share) rounded, whose heads divide it: 4 heads of a 256-wide
+    model keep 2 at head_share 0.25."""
+    _, kv, group = _geometry(config)
+    target = max(1, round(kv * (1 - head_share)))
+    groups = max(g for g in range(1, target + 1) if config.hidden_size % (g * group) == 0)
     ffn = config.intermediate_size
     channels = ffn if ffn_share == 0 else max(32, round(ffn * (1 - ffn_share) / 32) * 32)
     return groups, min(channels, ffn)
