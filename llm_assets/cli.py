@@ -382,7 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     paths = ProjectPaths(project_dir())
     flags = {"max_prompt_tokens": args.max_prompt_tokens, "max_new_tokens_cap": args.max_new_tokens,
-             "max_batch_size": args.max_batch_size, "max_queue": args.max_queue,
+             "max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "torch_threads": args.threads,
              "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None}  # a flag left out keeps the default
     settings = ServeSettings(releases_dir=paths.releases, log_dir=paths.serving, drift_dir=paths.artifact("drift_report"),
                              model_dir=Path(args.model).resolve() if args.model else None,
@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, help="ServeSettings.max_new_tokens_cap: cap on a request's max_new_tokens")
     p.add_argument("--max-batch-size", type=int, help="ServeSettings.max_batch_size: requests decoded together")
     p.add_argument("--max-queue", type=int, help="ServeSettings.max_queue: requests waiting once the batch is full; more get 429")
+    p.add_argument("--threads", type=int, help="ServeSettings.torch_threads: torch CPU threads (0: every core)")
     p.add_argument("--api-key", help="ServeSettings.api_key: bearer token clients must send (default: $LLM_ASSETS_API_KEY; "
                    "none: no authentication, warned about off loopback)")
     p.set_defaults(fn=cmd_serve)

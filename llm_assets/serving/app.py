@@ -113,6 +113,9 @@ class ServeSettings(BaseModel):
                                     "connection is closed (with a 408).")
     api_key: str | None = Field(None, description=f"Bearer token every request but /health and /metrics must carry "
                                 f"(`--api-key` or ${API_KEY_ENV}); none: no authentication (loopback use).")
+    torch_threads: int = Field(1, ge=0, description="torch CPU threads of `llm-assets serve` (0: torch's default, "
+                               "every core). Small models decode fastest on one: with two, the demo model served "
+                               "16 clients 2.5x slower on a 2-core machine (benchmarks/serve_load.py).")
     log_flush_rows: int = Field(64, ge=1, description="Write a serving-log part once this many rows wait.")
     log_flush_seconds: float = Field(5.0, gt=0, description="Write a serving-log part once the oldest waiting row "
                                      "is this many seconds old.")
@@ -203,6 +206,7 @@ class Ask(NamedTuple):
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stream: bool = False  # the reply is sent as it comes (else all at once: no event per token)
 
 
 class Ticket:
@@ -343,7 +347,7 @@ class ModelServer:
         ids, served = await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, self.prepare, ask)
         request.state.model_version = served.version
         ticket = Ticket(ask, served, ids)
-        wanted = GenerationRequest(ids, ask.max_new_tokens, ask.temperature, ask.top_p, ask.seed, ask.stop)
+        wanted = GenerationRequest(ids, ask.max_new_tokens, ask.temperature, ask.top_p, ask.seed, ask.stop, ask.stream)
         try:
             ticket.seq = self.engine_for(served).submit(wanted, ticket.on_event)
         except QueueFull as e:
@@ -400,7 +404,7 @@ class ModelServer:
 
     def ask_generate(self, req: GenerateRequest, endpoint: str) -> Ask:
         return Ask(endpoint, req.prompt, [{"role": "user", "content": req.prompt}], None, req.max_new_tokens,
-                   req.temperature)
+                   req.temperature, stream=endpoint == "stream")
 
     async def generate(self, req: GenerateRequest, request: Request):
         ticket = await self.admit(request, self.ask_generate(req, "generate"))
@@ -477,6 +481,8 @@ def serve(settings: ServeSettings, host: str, port: int) -> None:
     """Run the server until SIGTERM/SIGINT (uvicorn's graceful shutdown flushes the request log)."""
     import uvicorn
 
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     config = uvicorn_config(create_app(settings), settings, host, port, log_level="info")  # sets up logging
     if (warning := exposure_warning(host, settings.api_key)) is not None:
         logging.getLogger("uvicorn.error").warning(warning)

@@ -31,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,20 +86,31 @@ class ServerProcess:
 
 
 def send(url: str, prompts: list[str], concurrency: int, max_new_tokens: int) -> list[dict]:
-    """POST /generate for every prompt from `concurrency` client threads; one result per prompt."""
+    """POST /generate for every prompt from `concurrency` client threads; one result per prompt.
+    Each thread keeps one connection open, as real clients do (a new httpx client per request costs
+    the load generator more CPU than a small model's reply)."""
+    local = threading.local()
 
     def one(prompt: str) -> dict:
         start = time.perf_counter()
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=300)
+            clients.append(local.client)
         try:
-            r = httpx.post(f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens}, timeout=300)
+            r = local.client.post(f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens})
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             return {"status": r.status_code, "seconds": time.perf_counter() - start, "prompt": prompt,
                     "text": body.get("text", "") if r.status_code == 200 else r.text, "tokens": body.get("completion_tokens", 0)}
         except httpx.HTTPError as e:
             return {"status": 0, "seconds": time.perf_counter() - start, "prompt": prompt, "text": str(e), "tokens": 0}
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        return list(pool.map(one, prompts))
+    clients: list[httpx.Client] = []
+    try:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(one, prompts))
+    finally:
+        for client in clients:
+            client.close()
 
 
 def summarize(results: list[dict], wall_seconds: float) -> dict:

@@ -168,11 +168,11 @@ def add_openai_routes(app, server) -> None:
         messages = [m.model_dump() for m in req.messages]
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
         return await answer(request, req, Ask("chat_completions", last_user, messages, None, req.max_new_tokens(cap),
-                                              req.temperature, req.top_p, req.seed, req.stops()))
+                                              req.temperature, req.top_p, req.seed, req.stops(), req.stream))
 
     async def completions(req: CompletionRequest, request: Request):
         return await answer(request, req, Ask("completions", req.prompt, None, req.prompt, req.max_new_tokens(cap),
-                                              req.temperature, req.top_p, req.seed, req.stops()))
+                                              req.temperature, req.top_p, req.seed, req.stops(), req.stream))
 
     async def answer(request: Request, req: _Sampling, ask):
         ticket = await server.admit(request, ask)

@@ -81,6 +81,26 @@ def test_stop_strings_cut_the_reply_and_text_arrives_in_pieces(tiny):
     assert "".join(v for k, v in pieces if k == "text") == seq.text and pieces[-1] == ("done", "stop")
 
 
+def test_a_request_that_does_not_stream_gets_its_text_once_at_the_end(tiny):
+    model, tok = tiny
+    engine = BatchEngine(model, tok)
+    events = []
+    try:
+        streamed = collect(engine, asks(tok))
+        quiet = [GenerationRequest(r.prompt_ids, r.max_new_tokens, stream=False) for r in asks(tok)]
+        done = threading.Semaphore(0)
+        seqs = [engine.submit(r, lambda kind, v, i=i: events.append((i, kind, v)) or (kind == "done" and done.release()))
+                for i, r in enumerate(quiet)]
+        assert all(done.acquire(timeout=60) for _ in seqs)
+    finally:
+        engine.close()
+    assert [s.text for s in seqs] == [s.text for s in streamed] and [s.generated for s in seqs] == [
+        s.generated for s in streamed]
+    for i, s in enumerate(seqs):
+        mine = [(kind, v) for j, kind, v in events if j == i]
+        assert mine == ([("text", s.text)] if s.text else []) + [("done", s.finish_reason)]
+
+
 def test_a_full_queue_raises_and_a_cancelled_request_leaves_the_batch(tiny):
     model, tok = tiny
     engine = BatchEngine(model, tok, max_batch_size=1, max_queue=1)

@@ -20,14 +20,15 @@ r"""Continuous batching for the model server: concurrent requests share every fo
 
 One engine thread per loaded model runs the loop; `submit` hands it a request from any thread and
 returns its `Sequence`, whose `on_event(kind, value)` callback is called on the engine thread with
-("text", the next piece of the reply), then ("done", finish reason: stop | length) or ("error",
+("text", the next piece of the reply; one piece at the end when the request does not stream), then ("done", finish reason: stop | length) or ("error",
 message). `Sequence.cancel()` (a client that went away) drops it at the next step.
 
 - Requests wait in a queue; once the batch is full, at most `max_queue` of them (past it `submit`
   raises QueueFull: the server's 429). Before each step, waiting requests join the running batch up to `max_batch_size`.
-- A joining request is prefilled alone (its prompt, no padding): that gives its KV cache and its
-  first token. Its cache is left-padded to the batch's width and stacked under the batch's, one row
-  per sequence (transformers' DynamicCache, edited per layer).
+- The requests joining at a step are prefilled together (their prompts left-padded, the padding
+  masked): that gives their KV caches and first tokens. Their cache rows are left-padded to the
+  batch's width and stacked under the batch's, one row per sequence (transformers' DynamicCache,
+  edited per layer).
 - A step feeds every row's last token at once: input (B, 1), attention mask (B, W+1) with 0 over
   each row's left padding, position ids = each row's own length, so a row's logits do not depend on
   its neighbours (up to float rounding; the tests compare greedy replies batched and alone).
@@ -69,6 +70,7 @@ class GenerationRequest:
     top_p: float = 1.0  # nucleus sampling mass; 1 = the whole distribution
     seed: int | None = None  # sampling seed; None = a random one
     stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
+    stream: bool = True  # report the text as it comes; False: one "text" event with all of it, at the end
 
 
 class Sequence:
@@ -99,6 +101,10 @@ class Sequence:
         self.generated.append(token)
         if token in self.engine.stop_ids:
             return self.finish("stop")
+        if not self.request.stream and not self.request.stop:  # the text is needed only at the end
+            if len(self.generated) >= self.request.max_new_tokens:
+                self.finish("length")
+            return
         self.text = self.engine.tokenizer.decode(self.generated, skip_special_tokens=True)
         cut = min((i for s in self.request.stop if (i := self.text.find(s, max(0, self.emitted - len(s)))) >= 0),
                   default=-1)
@@ -119,6 +125,9 @@ class Sequence:
 
     def finish(self, reason: str) -> None:
         self.finish_reason = reason
+        if not self.request.stream and not self.request.stop:
+            reply = self.generated[:-1] if reason == "stop" else self.generated  # the stop token is no text
+            self.text = self.engine.tokenizer.decode(reply, skip_special_tokens=True)
         self._emit(len(self.text))
         self.on_event("done", reason)
 
@@ -194,8 +203,8 @@ class BatchEngine:
                     if not seq.cancelled:
                         joining.append(seq)
             with torch.no_grad():
-                for seq in joining:
-                    self._join(seq)
+                if joining:
+                    self._join(joining)
                 self._drop_finished()
                 if self.rows:
                     self._step()
@@ -219,28 +228,49 @@ class BatchEngine:
             scores = TopPLogitsWarper(seq.request.top_p)(None, scores)
         return int(torch.multinomial(scores.softmax(-1), 1, generator=seq.generator))
 
-    def _join(self, seq: Sequence) -> None:
-        """Prefill `seq` alone, choose its first token and stack its cache under the batch's."""
+    def _join(self, seqs: list[Sequence]) -> None:
+        """Prefill the joining requests together, choose their first tokens and stack their cache
+        rows under the batch's. When the shared prefill fails, each is tried alone, so one bad
+        request fails only itself."""
+        width = max(len(s.request.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.request.prompt_ids):] = torch.tensor(s.request.prompt_ids)
+            mask[i, width - len(s.request.prompt_ids):] = 1
         try:
-            out = self.model(input_ids=torch.tensor([seq.request.prompt_ids], device=self.device), use_cache=True)
-            seq.choose(out.logits[0, -1])
-        except Exception as e:  # this request fails, with the reason; the others go on
-            seq.fail(e)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             use_cache=True)
+        except Exception as e:
+            if len(seqs) > 1:
+                for s in seqs:
+                    self._join([s])
+            else:
+                seqs[0].fail(e)
             return
-        if seq.finish_reason is not None:
-            return
-        length = len(seq.request.prompt_ids)
+        for s, logits in zip(seqs, out.logits[:, -1]):
+            try:
+                s.choose(logits)
+            except Exception as e:  # a failure while picking or decoding fails its request only
+                s.fail(e)
+        keep = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+        if keep:
+            self._stack(out.cache, mask, keep, [seqs[i] for i in keep])
+
+    def _stack(self, cache, mask: torch.Tensor, keep: list[int], seqs: list[Sequence]) -> None:
+        """Add rows `keep` of a prefill's cache (and its attention mask) under the batch's."""
+        if len(keep) < mask.shape[0]:
+            cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            mask = mask[keep]
         if not self.rows:
-            self.rows, self.cache = [seq], out.cache
-            self.mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+            self.rows, self.cache, self.mask = seqs, cache, mask
             return
-        width = max(self.mask.shape[1], length)
-        for mine, theirs in zip(self.cache.layers, out.cache.layers):
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        ones = torch.ones((1, length), dtype=torch.long, device=self.device)
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(ones, width)])
-        self.rows.append(seq)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+        self.rows = self.rows + seqs
 
     def _step(self) -> None:
         """One token for every row: one forward pass over the batch."""
