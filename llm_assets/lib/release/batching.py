@@ -25,8 +25,9 @@ message). `Sequence.cancel()` (a client that went away) drops it at the next ste
 
 - Requests wait in a queue; once the batch is full, at most `max_queue` of them (past it `submit`
   raises QueueFull: the server's 429). Before each step, waiting requests join the running batch up to `max_batch_size`.
-- The requests joining at a step are prefilled together (their prompts left-padded, the padding
-  masked): that gives their KV caches and first tokens. Their cache rows are left-padded to the
+- The requests joining at a step (the waiting ones that fit, once enough have gathered:
+  `_join_now`) are prefilled together (their prompts left-padded, the padding masked): that gives
+  their KV caches and first tokens. Their cache rows are left-padded to the
   batch's width and stacked under the batch's, one row per sequence (transformers' DynamicCache,
   edited per layer).
 - A step feeds every row's last token at once: input (B, 1), attention mask (B, W+1) with 0 over
@@ -47,6 +48,7 @@ from __future__ import annotations
 import collections
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
 
@@ -56,6 +58,11 @@ import torch.nn.functional as F
 from llm_assets.lib.posttrain.chat_data import end_token_id
 
 MIN_TEMPERATURE = 1e-2  # below it decoding is greedy: the distribution is a point mass anyway
+# While a batch runs, waiting requests join once they ask for this share of the free places, or the
+# oldest has waited this long: a prefill of four prompts cost 1.3x one (demo model, nf4, one thread),
+# and an engine joining each arrival alone spent most of its time prefilling (benchmarks/serve_load.py).
+JOIN_SHARE = 0.25
+JOIN_WAIT_S = 0.05
 
 
 class QueueFull(RuntimeError):
@@ -83,6 +90,7 @@ class Sequence:
         self.emitted = 0  # characters of text already sent as "text" events
         self.finish_reason: str | None = None  # stop | length | error | cancelled
         self.cancelled = False
+        self.submitted = time.monotonic()
         self.sample = request.temperature >= MIN_TEMPERATURE
         self.generator = None
         if self.sample:
@@ -198,7 +206,8 @@ class BatchEngine:
                 if self.closed and not self.waiting and not self.rows:
                     return
                 joining = []
-                while self.waiting and len(self.rows) + len(joining) < self.max_batch_size:
+                take = self.max_batch_size - len(self.rows) if self._join_now() else 0
+                while self.waiting and len(joining) < take:
                     seq = self.waiting.popleft()
                     if not seq.cancelled:
                         joining.append(seq)
@@ -208,6 +217,17 @@ class BatchEngine:
                 self._drop_finished()
                 if self.rows:
                     self._step()
+
+    def _join_now(self) -> bool:
+        """Whether waiting requests join at this step (under the lock). A prefill costs a few
+        decoding steps and costs hardly more for several prompts than for one, so while a batch
+        runs, arrivals gather until JOIN_SHARE of the free places are asked for or the oldest has
+        waited JOIN_WAIT_S; an idle engine takes a request at once."""
+        if not self.waiting:
+            return False
+        free = self.max_batch_size - len(self.rows)
+        return (not self.rows or len(self.waiting) >= max(1, int(free * JOIN_SHARE))
+                or time.monotonic() - self.waiting[0].submitted >= JOIN_WAIT_S)
 
     def pick(self, seq: Sequence, logits: torch.Tensor) -> int:
         """The next token for `seq` from its logits (vocab,), as transformers' generate would."""
@@ -240,7 +260,7 @@ class BatchEngine:
             mask[i, width - len(s.request.prompt_ids):] = 1
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=1)  # only the last position's logits are used
         except Exception as e:
             if len(seqs) > 1:
                 for s in seqs:
