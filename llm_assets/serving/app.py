@@ -41,7 +41,7 @@ Limits, each a clear 4xx before any model work (serving/guards.py for the first 
 - a prompt over `max_prompt_chars` characters (checked before tokenizing), or over
   `max_prompt_tokens` tokens, or `max_new_tokens` over `max_new_tokens_cap`: 422 (400 under /v1);
 - temperature or top_p not a finite number in range: 422 (400 under /v1), never a 500;
-- `max_queue` requests already waiting for a place in a batch: 429. No release to load: 503.
+- `max_queue` requests already waiting while the batch is full: 429. No release to load: 503.
 
 Tokenizing runs on a pool of its own, so a flood of long prompts cannot hold up `/health` (which
 uses the event loop's default pool). Every request that reaches the model is logged (status "ok",
@@ -106,7 +106,7 @@ class ServeSettings(BaseModel):
                                   "checked before tokenizing; well above what max_prompt_tokens tokens spell.")
     max_new_tokens_cap: int = Field(128, ge=1, description="Largest max_new_tokens a request may ask for; more gets 422.")
     max_batch_size: int = Field(16, ge=1, description="Requests decoded together in one forward pass.")
-    max_queue: int = Field(64, ge=0, description="Requests waiting for a place in a batch; one more gets 429.")
+    max_queue: int = Field(64, ge=0, description="Requests waiting once the batch is full; one more gets 429.")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body; a larger one gets 413 unread.")
     body_timeout_s: float = Field(30.0, gt=0, description="Seconds to receive a whole request body, else 408.")
     header_timeout_s: float = Field(10.0, gt=0, description="Seconds to receive a request's headers, else the "

@@ -24,7 +24,8 @@ returns its `Sequence`, whose `on_event(kind, value)` callback is called on the 
 message). `Sequence.cancel()` (a client that went away) drops it at the next step.
 
 - Requests wait in a queue; once the batch is full, at most `max_queue` of them (past it `submit`
-  raises QueueFull: the server's 429). Before each step, waiting requests join the running batch up to `max_batch_size`.
+  raises QueueFull: the server's 429). Before a step, waiting requests join the running batch, up
+  to `max_batch_size` rows.
 - The requests joining at a step (the waiting ones that fit, once enough have gathered:
   `_join_now`) are prefilled together (their prompts left-padded, the padding masked): that gives
   their KV caches and first tokens. Their cache rows are left-padded to the
