@@ -3,10 +3,12 @@ a time, then from 16 concurrent clients. Prints both throughputs and their ratio
 generation buys: the target is >= 3x), p50/p95 latency of each run, the batch sizes the server
 reached (its llm_batch_size histogram), and checks every request reached the serving log.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 96] [--concurrency 16] [--max-new-tokens 32] [--model DIR]
+    .venv/bin/python benchmarks/serve_load.py [--requests 96] [--concurrency 16] [--max-new-tokens 32] [--rounds 2]
+                                              [--model DIR]
 
 Serves the current release (after `make demo`), or the quantized candidate when there is none, or
---model. Requests are greedy, so both runs generate the same tokens.
+--model. Requests are greedy, so both runs generate the same tokens. The two runs take turns
+(--rounds times each), so a machine shared with other work slows both alike.
 """
 
 from __future__ import annotations
@@ -40,14 +42,25 @@ def batch_sizes(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(rows) or "none"
 
 
-def run(url: str, prompts: list[str], concurrency: int, max_new_tokens: int) -> tuple[dict, str]:
+def add(histogram: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
+    for le, n in after.items():
+        histogram[le] = histogram.get(le, 0.0) + n - before.get(le, 0.0)
+
+
+def runs(url: str, prompts: list[str], concurrency: int, max_new_tokens: int, rounds: int) -> list[tuple[dict, str]]:
+    """(summary, steps by batch size) of the prompts sent one at a time and from `concurrency`
+    clients, taking turns `rounds` times: load from other processes falls on both alike."""
     from llm_assets.serving.load import send, summarize
 
-    before = batch_histogram(url)
-    start = time.perf_counter()
-    results = send(url, prompts, concurrency, max_new_tokens)
-    stats = summarize(results, time.perf_counter() - start)
-    return stats, batch_sizes(before, batch_histogram(url))
+    found = {1: ([], 0.0, {}), concurrency: ([], 0.0, {})}
+    for _ in range(rounds):
+        for clients in (1, concurrency):
+            results, seconds, histogram = found[clients]
+            before, start = batch_histogram(url), time.perf_counter()
+            results += send(url, prompts, clients, max_new_tokens)
+            found[clients] = (results, seconds + time.perf_counter() - start, histogram)
+            add(histogram, before, batch_histogram(url))
+    return [(summarize(r, t), batch_sizes({}, h)) for r, t, h in found.values()]
 
 
 def main() -> None:
@@ -60,6 +73,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="turns each way (one at a time, then concurrent)")
     parser.add_argument("--model", type=Path, help="serve this model directory (default: the release, else "
                                                    "data/lake/quantized_model)")
     args = parser.parse_args()
@@ -71,11 +85,11 @@ def main() -> None:
     logged_before = read_log(paths.serving).num_rows
 
     with ServerProcess(ROOT, model_dir, ["--max-batch-size", str(args.concurrency)]) as url:
-        run(url, prompts[:2], 1, args.max_new_tokens)  # warm-up, not counted
-        alone, alone_batches = run(url, prompts, 1, args.max_new_tokens)
-        together, together_batches = run(url, prompts, args.concurrency, args.max_new_tokens)
+        runs(url, prompts[:2], 1, args.max_new_tokens, 1)  # warm-up, not counted
+        (alone, alone_batches), (together, together_batches) = runs(url, prompts, args.concurrency,
+                                                                     args.max_new_tokens, args.rounds)
     logged = read_log(paths.serving).num_rows - logged_before
-    answered = alone["ok"] + together["ok"] + 2
+    answered = alone["ok"] + together["ok"] + 4
 
     print(f"model: {model_dir or release['path']}")
     for name, stats, batches in (("one at a time", alone, alone_batches),

@@ -212,7 +212,7 @@ class BatchEngine:
                     seq = self.waiting.popleft()
                     if not seq.cancelled:
                         joining.append(seq)
-            with torch.no_grad():
+            with torch.inference_mode():
                 if joining:
                     self._join(joining)
                 self._drop_finished()
