@@ -3,7 +3,7 @@ a time, then from 16 concurrent clients. Prints both throughputs and their ratio
 generation buys: the target is >= 3x), p50/p95 latency of each run, the batch sizes the server
 reached (its llm_batch_size histogram), and checks every request reached the serving log.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 96] [--concurrency 16] [--max-new-tokens 32] [--rounds 2]
+    .venv/bin/python benchmarks/serve_load.py [--requests 96] [--concurrency 16] [--max-new-tokens 32] [--rounds 3]
                                               [--model DIR]
 
 Serves the current release (after `make demo`), or the quantized candidate when there is none, or
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="turns each way (one at a time, then concurrent)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each way (one at a time, then concurrent)")
     parser.add_argument("--model", type=Path, help="serve this model directory (default: the release, else "
                                                    "data/lake/quantized_model)")
     args = parser.parse_args()

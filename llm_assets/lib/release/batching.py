@@ -105,7 +105,7 @@ class Sequence:
         self.cancelled = True
 
     def choose(self, logits: torch.Tensor) -> None:
-        """Pick the next token from this row's logits (vocab,), record it, report, maybe finish."""
+        """Pick the next token from this row's penalized scores (vocab,), record it, report, maybe finish."""
         token = self.engine.pick(self, logits)
         self.generated.append(token)
         if token in self.engine.stop_ids:
@@ -230,18 +230,29 @@ class BatchEngine:
         return (not self.rows or len(self.waiting) >= max(1, int(free * JOIN_SHARE))
                 or time.monotonic() - self.waiting[0].submitted >= JOIN_WAIT_S)
 
-    def pick(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """The next token for `seq` from its logits (vocab,), as transformers' generate would."""
-        from transformers import (NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
-                                  TemperatureLogitsWarper, TopPLogitsWarper)
+    def penalized(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """(rows, vocab) float scores with generation_config's repetition penalty over each row's
+        prompt and reply, all rows at once (each row padded with its own first token: a repeat
+        changes nothing)."""
+        from transformers import RepetitionPenaltyLogitsProcessor
 
-        scores = logits.float()[None]  # (1, vocab)
-        if self.penalty != 1.0 or self.ngram:
+        scores = logits.float()
+        if self.penalty == 1.0:
+            return scores
+        rows = [s.request.prompt_ids + s.generated for s in seqs]
+        width = max(map(len, rows))
+        ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=scores.device)
+        return RepetitionPenaltyLogitsProcessor(self.penalty)(ids, scores)
+
+    def pick(self, seq: Sequence, scores: torch.Tensor) -> int:
+        """The next token for `seq` from its penalized scores (vocab,), as transformers' generate
+        would: no-repeat n-grams, then greedy, or temperature and top_p and a seeded draw."""
+        from transformers import NoRepeatNGramLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+        scores = scores[None]  # (1, vocab)
+        if self.ngram:
             ids = torch.tensor([seq.request.prompt_ids + seq.generated], device=scores.device)
-            if self.penalty != 1.0:
-                scores = RepetitionPenaltyLogitsProcessor(self.penalty)(ids, scores)
-            if self.ngram:
-                scores = NoRepeatNGramLogitsProcessor(self.ngram)(ids, scores)
+            scores = NoRepeatNGramLogitsProcessor(self.ngram)(ids, scores)
         if not seq.sample:
             return int(scores.argmax())
         scores = TemperatureLogitsWarper(seq.request.temperature)(None, scores)
@@ -269,7 +280,7 @@ class BatchEngine:
             else:
                 seqs[0].fail(e)
             return
-        for s, logits in zip(seqs, out.logits[:, -1]):
+        for s, logits in zip(seqs, self.penalized(seqs, out.logits[:, -1])):
             try:
                 s.choose(logits)
             except Exception as e:  # a failure while picking or decoding fails its request only
@@ -310,7 +321,7 @@ class BatchEngine:
         self.batch_sizes[len(rows)] += 1
         if self.on_step is not None:
             self.on_step(len(rows))
-        for s, logits in zip(rows, out.logits[:, -1]):
+        for s, logits in zip(rows, self.penalized(rows, out.logits[:, -1])):
             try:
                 s.choose(logits)
             except Exception as e:  # a failure while picking or decoding fails its request only
