@@ -143,35 +143,18 @@ def test_no_release_answers_503(tmp_path):
 
 
 def test_llm_assets_serve_process_flushes_its_log_on_sigterm(tmp_path, tiny_base_dir):
-    import os
     import signal
-    import socket
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "LLM_ASSETS_PROJECT_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "llm_assets.cli", "serve", "--port", str(port), "--model",
-                             str(tiny_base_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            for _ in range(300):
-                try:
-                    if client.get("/health").json()["status"] == "ok":
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            for i in range(5):
-                assert client.post("/generate", json={"prompt": f"q{i}", "max_new_tokens": 2}).status_code == 200
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says what stopped it
-    assert proc.returncode in (0, -signal.SIGTERM), out
-    assert "Application shutdown complete" in out
+    from llm_assets.serving.load import ServerProcess
+
+    server = ServerProcess(tmp_path, tiny_base_dir)  # waits for /health (up to 120 s on a busy machine)
+    with server as url, httpx.Client(base_url=url, timeout=30) as client:
+        for i in range(5):
+            assert client.post("/generate", json={"prompt": f"q{i}", "max_new_tokens": 2}).status_code == 200
+    # leaving the block sent SIGTERM; uvicorn shuts down gracefully, then re-raises SIGTERM so the
+    # exit status says what stopped it
+    assert server.proc.returncode in (0, -signal.SIGTERM), server.output
+    assert "Application shutdown complete" in server.output
     assert sorted(read_log(tmp_path / "data/serving")["prompt"].to_pylist()) == [f"q{i}" for i in range(5)]
 
 
