@@ -63,7 +63,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 from fastapi import FastAPI, Request
@@ -77,10 +76,12 @@ from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
 from llm_assets.lib.monitor.serving_log import ServingLog
 from llm_assets.lib.posttrain.chat_data import prompt_ids
 from llm_assets.lib.release.batching import BatchEngine, GenerationRequest, QueueFull
-from llm_assets.lib.release.release import current_release, pointer_path
+from llm_assets.lib.release.release import pointer_path
 from llm_assets.serving.drift_metrics import DriftCollector
 from llm_assets.serving.guards import Guard, error_response, header_timeout_protocol
+from llm_assets.serving.models import LoadedModel, Served, load_served
 from llm_assets.serving.openai_api import add_openai_routes, sse
+from llm_assets.serving.requests import ApiError, Ask, GenerationFailed, Ticket
 from llm_assets.serving.routing import CanaryRouter
 
 API_KEY_ENV = "LLM_ASSETS_API_KEY"
@@ -128,118 +129,6 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0, allow_inf_nan=False,
                                description="0 (or below 0.01) = greedy; otherwise sampling temperature.")
 
-
-class Served(NamedTuple):
-    """One loaded release; replaced as a whole, so a request never mixes two releases."""
-
-    model: Any
-    tokenizer: Any
-    version: str
-
-
-def load_served(path: Path, version: str) -> Served:
-    """A release's model and tokenizer, warmed up, ready to answer (the release and a canary alike)."""
-    from transformers import AutoTokenizer
-
-    from llm_assets.lib.release.quantize import load_for_inference
-
-    model = load_for_inference(path)
-    # One forward before any request: bitsandbytes repacks 4-bit weights for CPU inference
-    # in place on the first eval forward, and two requests doing that at once corrupt them.
-    with torch.no_grad():
-        model.eval()(input_ids=torch.tensor([[0, 1]], device=next(model.parameters()).device))
-    return Served(model, AutoTokenizer.from_pretrained(path), version)
-
-
-class LoadedModel:
-    """The model being served and where it came from; swapped when the release pointer moves."""
-
-    def __init__(self, settings: ServeSettings):
-        self.settings = settings
-        self.current: Served | None = None
-        self._pointer_stamp = None
-        self._lock = threading.Lock()
-
-    def _source(self) -> tuple[Path, str] | None:
-        if self.settings.model_dir is not None:
-            return Path(self.settings.model_dir), f"dir:{Path(self.settings.model_dir).name}"
-        release = current_release(self.settings.releases_dir)
-        return (Path(release["path"]), release["version"]) if release else None
-
-    def refresh(self) -> Served | None:
-        """Load the current release if it is not the one loaded (a stat per call when unchanged)."""
-        pointer = pointer_path(Path(self.settings.releases_dir))
-        stamp = pointer.stat().st_mtime_ns if pointer.is_file() else None
-        if self.current is not None and (self.settings.model_dir is not None or stamp == self._pointer_stamp):
-            return self.current
-        with self._lock:
-            source = self._source()
-            if source is None or (self.current is not None and source[1] == self.current.version):
-                self._pointer_stamp = stamp
-                return self.current
-            self.current = load_served(*source)
-            self._pointer_stamp = stamp
-            return self.current
-
-
-class ApiError(Exception):
-    """A request the server will not or cannot answer: status, metrics reason, message, field."""
-
-    def __init__(self, status: int, reason: str, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.reason, self.message, self.param = status, reason, message, param
-
-
-class GenerationFailed(Exception):
-    """Generation raised inside the engine; the message starts with the error class."""
-
-
-class Ask(NamedTuple):
-    """What an endpoint asks of the model, whichever API it came through."""
-
-    endpoint: str  # the metrics label
-    log_prompt: str  # what the serving log records as the prompt: the (last) user message
-    messages: list[dict] | None  # a chat, rendered with the project's chat template
-    text: str | None  # or plain text to continue
-    max_new_tokens: int
-    temperature: float
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stream: bool = False  # the reply is sent as it comes (else all at once: no event per token)
-
-
-class Ticket:
-    """An admitted request: its sequence in the batching engine and the events it sends back."""
-
-    def __init__(self, ask: Ask, served: Served, ids: list[int]):
-        self.ask, self.served, self.ids = ask, served, ids
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.start = time.perf_counter()
-        self.seq = None
-
-    def on_event(self, kind: str, value) -> None:
-        """Called on the engine's thread: hand the event to the request's coroutine."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed (shutdown): nobody is waiting any more
-            self.seq.cancel()
-
-    async def pieces(self):
-        """The reply's text as it comes; GenerationFailed when the engine reports an error."""
-        while True:
-            kind, value = await self.queue.get()
-            if kind == "text":
-                yield value
-            elif kind == "done":
-                return
-            else:
-                raise GenerationFailed(value)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.seq.generated)
 
 
 async def _client_gone(request: Request) -> None:

@@ -36,6 +36,8 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
+from llm_assets.serving.requests import Ask, GenerationFailed
+
 ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
@@ -154,7 +156,6 @@ DONE = sse("[DONE]")
 def add_openai_routes(app, server) -> None:
     """`/v1/models`, `/v1/chat/completions` and `/v1/completions` on the app, answered by the
     server's one generation path (app.ModelServer: admit, complete, outcome)."""
-    from llm_assets.serving.app import Ask, GenerationFailed  # app imports this module: import here
 
     cap = server.settings.max_new_tokens_cap
 
