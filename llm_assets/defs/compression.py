@@ -5,6 +5,7 @@ it is only not eligible for release (ReleaseConfig.rule); the demo's release doe
 In their own module beside release.py, which holds the quantized and exported models."""
 
 import json
+from functools import partial
 
 import dagster as dg
 import numpy as np
@@ -77,6 +78,20 @@ def _result(lake: LakeResource, asset: str, gate: str, found: dict, rows: list[t
             "threshold": g["threshold"], "observed": g["observed"], "rule": g["rule"]})])
 
 
+def _compressed(context, lake: LakeResource, config, asset: str, gate: str, report: str, label: str,
+                train) -> dg.MaterializeResult:
+    """`train(source, corpus, chats, work_dir, out_dir, log=)` a smaller model from the aligned one
+    into `asset`, measure it beside the aligned model, and write `report` (json) with its gate."""
+    source = merged_dir(lake.artifact_dir("aligned_checkpoint"))
+    corpus, chats = _text(lake)
+    with lake.write(asset) as tmp:
+        result = train(source, corpus, chats, lake.work_dir(asset), tmp, log=lambda e: context.log.info(json.dumps(e)))
+        found, rows = _measure(source, tmp, corpus, chats, config)
+        found["gate"]["name"] = gate
+        (tmp / report).write_text(json.dumps(found, indent=2))
+    return _result(lake, asset, gate, found, rows, result.metrics.__dict__, label)
+
+
 DISTILL_GATE = "distilled_perplexity_within_budget"
 PRUNE_GATE = "pruned_perplexity_within_budget"
 
@@ -88,15 +103,8 @@ def distilled_model(context: dg.AssetExecutionContext, config: DistillConfig, la
     """A smaller student (student_layers blocks, student_width wide) trained to match the aligned
     model's next-token distributions (KL at a temperature) on corpus windows and SFT chats; its size,
     speed, perplexity and ROUGE-L beside the aligned model's (`distillation.json`, metrics.json)."""
-    teacher = merged_dir(lake.artifact_dir("aligned_checkpoint"))
-    corpus, chats = _text(lake)
-    with lake.write("distilled_model") as tmp:
-        result = distill.distill(settings_of(config, distill.DistillSettings), teacher, corpus, chats,
-                                 lake.work_dir("distilled_model"), tmp, log=lambda e: context.log.info(json.dumps(e)))
-        found, rows = _measure(teacher, tmp, corpus, chats, config)
-        found["gate"]["name"] = DISTILL_GATE
-        (tmp / "distillation.json").write_text(json.dumps(found, indent=2))
-    return _result(lake, "distilled_model", DISTILL_GATE, found, rows, result.metrics.__dict__, "distilled")
+    return _compressed(context, lake, config, "distilled_model", DISTILL_GATE, "distillation.json", "distilled",
+                       partial(distill.distill, settings_of(config, distill.DistillSettings)))
 
 
 @dg.asset(group_name="release", kinds={"pytorch", "dvc"}, deps=TEXT, check_specs=[dg.AssetCheckSpec(
@@ -106,12 +114,5 @@ def pruned_model(context: dg.AssetExecutionContext, config: PruneConfig, lake: L
     """The aligned model with head_share of its attention heads and ffn_share of its FFN channels
     removed from every block (the least important by activation x gradient), then recovered by a
     short distillation from the unpruned model; speed and quality beside it (`pruning.json`)."""
-    source = merged_dir(lake.artifact_dir("aligned_checkpoint"))
-    corpus, chats = _text(lake)
-    with lake.write("pruned_model") as tmp:
-        result = prune.prune(settings_of(config, prune.PruneSettings), source, corpus, chats,
-                             lake.work_dir("pruned_model"), tmp, log=lambda e: context.log.info(json.dumps(e)))
-        found, rows = _measure(source, tmp, corpus, chats, config)
-        found["gate"]["name"] = PRUNE_GATE
-        (tmp / "pruning.json").write_text(json.dumps(found, indent=2))
-    return _result(lake, "pruned_model", PRUNE_GATE, found, rows, result.metrics.__dict__, "pruned")
+    return _compressed(context, lake, config, "pruned_model", PRUNE_GATE, "pruning.json", "pruned",
+                       partial(prune.prune, settings_of(config, prune.PruneSettings)))

@@ -69,17 +69,28 @@ def gguf_model(context: dg.AssetExecutionContext, config: GgufConfig, lake: Lake
         worst = max(f["val_perplexity"] for f in figures.values()) / aligned_ppl
         gate = {"name": GGUF_GATE, "passed": worst <= 1 + config.perplexity_budget, "threshold": 1 + config.perplexity_budget,
                 "observed": worst, "rule": "max over types of perplexity / aligned fp32 perplexity <= 1 + budget"}
-        found = {"source": str(source), "aligned_val_perplexity": aligned_ppl, "aligned_disk_bytes": weights_bytes(source),
-                 "types": figures, "gate": gate}
+        found = {**_beside(source, aligned_ppl), "types": figures, "gate": gate}
         (tmp / "gguf.json").write_text(json.dumps(found, indent=2))
-    version = lake.record("gguf_model")
+    return _recorded(lake, "gguf_model", found, figures, {"aligned_disk_bytes": found["aligned_disk_bytes"]},
+                     [dg.AssetCheckResult(check_name=GGUF_GATE, passed=gate["passed"], metadata={
+                         "threshold": gate["threshold"], "observed": worst, "rule": gate["rule"]})])
+
+
+def _beside(source, aligned_ppl: float) -> dict:
+    """The figures of the aligned model an export is measured against (the head of its json)."""
+    return {"source": str(source), "aligned_val_perplexity": aligned_ppl, "aligned_disk_bytes": weights_bytes(source)}
+
+
+def _recorded(lake: LakeResource, asset: str, found: dict, figures: dict, extra: dict,
+              checks: list | None = None) -> dg.MaterializeResult:
+    """Record `asset` with DVC; its metadata: figures per type, `extra`, and the comparison table."""
+    version = lake.record(asset)
+    aligned_ppl = found["aligned_val_perplexity"]
     return dg.MaterializeResult(
-        metadata={**artifact_metadata(lake.artifact_dir("gguf_model"), version), **_flat(figures),
-                  "aligned_val_perplexity": aligned_ppl, "aligned_disk_bytes": found["aligned_disk_bytes"],
+        metadata={**artifact_metadata(lake.artifact_dir(asset), version), **_flat(figures), **extra,
+                  "aligned_val_perplexity": aligned_ppl,
                   "comparison": dg.MetadataValue.md(_table(figures, aligned_ppl, found["aligned_disk_bytes"]))},
-        data_version=dg.DataVersion(version.md5),
-        check_results=[dg.AssetCheckResult(check_name=GGUF_GATE, passed=gate["passed"], metadata={
-            "threshold": gate["threshold"], "observed": worst, "rule": gate["rule"]})])
+        data_version=dg.DataVersion(version.md5), check_results=checks or [])
 
 
 @dg.asset(group_name="release", kinds={"onnx", "dvc"}, deps=SOURCES)
@@ -96,12 +107,6 @@ def onnx_model(context: dg.AssetExecutionContext, config: OnnxConfig, lake: Lake
         probe = windows[:2, :-1]
         diff = float(np.abs(onnx_export.OnnxLM(files["fp32"], s.threads).logits(probe.numpy())
                             - load_model(source).eval()(input_ids=probe).logits.detach().numpy()).max())
-        found = {"source": str(source), "aligned_val_perplexity": aligned_ppl, "aligned_disk_bytes": weights_bytes(source),
-                 "max_abs_logit_diff_fp32": diff, "variants": figures}
+        found = {**_beside(source, aligned_ppl), "max_abs_logit_diff_fp32": diff, "variants": figures}
         (tmp / "onnx.json").write_text(json.dumps(found, indent=2))
-    version = lake.record("onnx_model")
-    return dg.MaterializeResult(
-        metadata={**artifact_metadata(lake.artifact_dir("onnx_model"), version), **_flat(figures),
-                  "max_abs_logit_diff_fp32": diff, "aligned_val_perplexity": aligned_ppl,
-                  "comparison": dg.MetadataValue.md(_table(figures, aligned_ppl, found["aligned_disk_bytes"]))},
-        data_version=dg.DataVersion(version.md5))
+    return _recorded(lake, "onnx_model", found, figures, {"max_abs_logit_diff_fp32": diff})
