@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from llm_assets.cli import DAGSTER_YAML
+from llm_assets.serving.load import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin/, not the interpreter's resolved location
@@ -27,11 +27,6 @@ LOCATIONS_QUERY = """{ workspaceOrError { __typename ... on Workspace { location
   locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 
 
-def free_port() -> int:
-    # Binding port 0 lets the kernel pick; the small race until the webserver binds is acceptable.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DagsterProcesses:

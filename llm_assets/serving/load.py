@@ -42,6 +42,8 @@ from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
 
 
 def free_port() -> int:
+    """A free loopback port: binding port 0 lets the kernel pick (the small race until the server
+    binds it is acceptable)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
