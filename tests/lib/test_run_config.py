@@ -31,6 +31,13 @@ def test_later_files_win_per_asset_and_other_assets_are_dropped(two_files):
     assert merged["execution"] == {"config": {"multiprocess": {}}} and merged["loggers"] == {}
 
 
+def test_a_later_file_overrides_field_by_field(tmp_path):
+    demo = write(tmp_path / "demo.yaml", "ops:\n  aligned_checkpoint: {config: {objective: grpo, max_steps: 40}}\n")
+    mine = write(tmp_path / "steps.yaml", "ops:\n  aligned_checkpoint: {config: {max_steps: 120}}\n")
+    merged = merge([demo, mine], {"aligned_checkpoint"})
+    assert merged["ops"]["aligned_checkpoint"]["config"] == {"objective": "grpo", "max_steps": 120}
+
+
 def test_overrides_go_on_top_field_by_field(two_files):
     demo, _ = two_files
     merged = merge([demo], {"tokenizer", "raw_corpus"},

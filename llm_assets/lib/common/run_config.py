@@ -27,23 +27,28 @@ DEFAULT_AUTOMATION_CONFIG = "configs/demo.yaml"
 
 
 def merge(paths: list[str | Path], selected_ops: set[str], overrides: dict[str, dict] | None = None) -> dict:
-    """Later files override earlier ones per top-level section; `ops` keeps only selected assets;
+    """Later files override earlier ones field by field (as `dagster job launch -c a.yaml -c b.yaml`
+    does: a file setting one field of an asset keeps the others); `ops` keeps only selected assets;
     `overrides` ({asset: {field: value}}) go on top."""
     merged: dict = {}
     for path in paths:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a run-config file must be a mapping, got {type(data).__name__}")
-        for key, value in data.items():
-            if isinstance(value, dict):
-                merged.setdefault(key, {}).update(value)
-            else:
-                merged[key] = value
+        _deep_update(merged, data)
     if "ops" in merged:
         merged["ops"] = {k: v for k, v in merged["ops"].items() if k in selected_ops}
     for asset, fields in (overrides or {}).items():
         merged.setdefault("ops", {}).setdefault(asset, {}).setdefault("config", {}).update(fields)
     return merged
+
+
+def _deep_update(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = value
 
 
 def automation_paths(project_dir: Path) -> list[Path]:
