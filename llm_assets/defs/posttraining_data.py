@@ -37,7 +37,7 @@ class PreferenceDatasetConfig(dg.Config, RecordRules):
     temperature: float = Field(0.3, gt=0, description="ranked: sampling temperature (no top-k or top-p). Low: on the demo LoRA model, best-of-5 ROUGE-L was 0.193 at 0.3, 0.196 at 0.6 and 0.150 at 1.0 (greedy 0.131), and at 1.0 most samples are not text.")
     min_rouge_gap: float = Field(0.05, ge=0, le=1, description="ranked: a reply is rejected only when it scores at least this much ROUGE-L F1 below the best (closer replies are no preference to learn).")
     pairs_per_prompt: int = Field(1, ge=1, description="ranked: pairs per prompt at most: the best reply against each of the worst ones (more pairs from the same generations).")
-    batch_size: int = Field(16, ge=1, description="ranked, on_policy: prompts generated together (left-padded; the replies do not depend on it).")
+    batch_size: int = Field(64, ge=1, description="ranked, on_policy: prompts generated together (left-padded). 64 sampled the demo's replies 1.8x as fast as 16 (160 prompts x 4 samples: 13.5-15.4 s vs 25.3-26.0 s).")
     precision: str = Field("fp32", description="ranked, on_policy: fp32 | bf16 | auto (bf16 autocast where the device computes it natively) while generating. fp32 by default: exact and as fast here (bf16 decoding at batch 16 on the demo-size model measured no gain on this CPU).")
     user_dir: str = Field("data/preferences", description="Directory (relative to the project) of TRL `prompt/chosen/rejected` and HH-RLHF `chosen/rejected` `.jsonl` files.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of user records held out, chosen by a stable hash of each record.")
