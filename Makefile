@@ -36,10 +36,8 @@ browser:
 services:
 	command -v redis-server >/dev/null && command -v prometheus >/dev/null && { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server prometheus; }
 
-# A worker per core (at most 4), a test file per worker at a time (its module fixtures build once):
-# many tests wait on servers and subprocesses, and the other worker fills that time.
 test: install browser services
-	$(PY) -m pytest -ra -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -ra
 
 ui: install
 	$(CLI) init

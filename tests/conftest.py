@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from helpers import load_tiny_config, make_project
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (`make test` runs a worker per core), each worker and the processes its
-    tests start compute on one thread: two workers of two threads each on two cores spin against
-    each other in OpenMP."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["OMP_NUM_THREADS"] = "1"
-        import torch
-
-        torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files holding slow tests first, so the workers start them at once instead of one worker
-    finishing them alone at the end; within a file the written order stays (tests of one module
-    fixture may depend on it)."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(autouse=True, scope="session")

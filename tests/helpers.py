@@ -4,11 +4,8 @@ other (tests/test_every_module_tested.py checks)."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,13 +147,3 @@ def uvicorn_thread(app, **config):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-
-
-@contextmanager
-def one_ddp_at_a_time():
-    """Hold a lock shared by every pytest process of this user while a test runs torchrun:
-    `--standalone` finds its rendezvous port by binding port 0 and letting it go, so two runs that
-    two pytest-xdist workers start together can take the same port and wait on each other forever."""
-    with open(Path(tempfile.gettempdir()) / f"llm-assets-tests-ddp-{os.getuid()}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import lock_md5, materialize, metadata, one_ddp_at_a_time
+from helpers import lock_md5, materialize, metadata
 from llm_assets.lib.posttrain import posttrain_data
 from llm_assets.lib.posttrain.align import AlignSettings, OnlineData
 from llm_assets.lib.posttrain.preferences import PreferencePair
@@ -66,8 +66,7 @@ def runs(inputs):
     seen = {}
     for nproc in (1, 2):
         shutil.rmtree(inputs / "data/lake/.work", ignore_errors=True)  # train afresh, not resume the other run
-        with one_ddp_at_a_time():
-            result = materialize(inputs, run_config(nproc), ASSETS, instance)
+        result = materialize(inputs, run_config(nproc), ASSETS, instance)
         assert result.success
         logs = instance.all_logs(result.run_id)
         seen[nproc] = {a: (metadata(instance, a), files(inputs / f"data/lake/{a}"),

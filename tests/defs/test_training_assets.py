@@ -6,7 +6,7 @@ import dagster as dg
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import UPSTREAM, lock_md5, materialize, one_ddp_at_a_time
+from helpers import UPSTREAM, lock_md5, materialize
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,7 @@ def test_two_process_ddp_through_pipes(trained, tiny_config):
     project, instance, _ = trained
     cfg = tiny_config(["base_checkpoint"])
     cfg["ops"]["base_checkpoint"]["config"].update({"nproc_per_node": 2, "max_steps": 10, "checkpoint_every": 5})
-    with one_ddp_at_a_time():
-        result = materialize(project, cfg, ["base_checkpoint"], instance)
+    result = materialize(project, cfg, ["base_checkpoint"], instance)
     assert result.success
     md = instance.get_latest_materialization_event(dg.AssetKey("base_checkpoint")).asset_materialization.metadata
     assert md["processes"].value == 2 and md["steps"].value == 10

@@ -26,8 +26,6 @@ from llm_assets.lib.pretrain.pretrain import PretrainSettings, eval_starts, lr_f
 from llm_assets.lib.pretrain.run_metrics import PretrainMetrics
 from llm_assets.lib.tokenizer.packing import write_streams
 
-from helpers import one_ddp_at_a_time
-
 REPO = Path(__file__).resolve().parents[2]
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # ~25 ms a step, 60 steps. One thread keeps runs bit-reproducible across processes (and is polite).
@@ -258,9 +256,8 @@ def test_two_rank_ddp_run_writes_a_loadable_model(corpus, tmp_path):
     root = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "llm_assets.lib.pretrain.pretrain", *cli(s, corpus, root, tmp_path)]
-    with one_ddp_at_a_time():
-        done = subprocess.run(cmd, env={**child_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, timeout=300)
+    done = subprocess.run(cmd, env={**child_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     final = [e for e in events_of(done.stdout) if e["event"] == "done"]
     assert len(final) == 1  # only rank 0 reports
