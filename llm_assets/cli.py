@@ -3,7 +3,7 @@
     llm-assets init [--postgres URL]                 # Dagster home + DVC remote (idempotent)
     llm-assets materialize [--select SEL] [--config configs/demo.yaml]
     llm-assets ingest [--config configs/demo.yaml]   # each new file in data/incoming/ (no daemon)
-    llm-assets serve [--host 127.0.0.1] [--port 8000] [--model DIR]
+    llm-assets serve [--host 127.0.0.1] [--port 8000] [--model DIR] [--engine torch|llama.cpp]
     llm-assets status                                # latest versions, and what DVC sees
     llm-assets restore ASSET MD5                     # bring back an earlier artifact version
     llm-assets rollback [VERSION]                    # withdraw the canary, or serve the previous release
@@ -383,8 +383,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     paths = ProjectPaths(project_dir())
     flags = {"max_prompt_tokens": args.max_prompt_tokens, "max_new_tokens_cap": args.max_new_tokens,
              "max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "torch_threads": args.threads,
-             "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None}  # a flag left out keeps the default
+             "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
+             "engine": args.engine, "gguf_type": args.gguf_type}  # a flag left out keeps the default
     settings = ServeSettings(releases_dir=paths.releases, log_dir=paths.serving, drift_dir=paths.artifact("drift_report"),
+                             gguf_dir=paths.artifact("gguf_model"),
                              model_dir=Path(args.model).resolve() if args.model else None,
                              **{k: v for k, v in flags.items() if v is not None})
     # One batching thread per model uses every core (torch's default); SIGTERM/SIGINT shut down
@@ -427,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, help="ServeSettings.max_batch_size: requests decoded together")
     p.add_argument("--max-queue", type=int, help="ServeSettings.max_queue: requests waiting once the batch is full; more get 429")
     p.add_argument("--threads", type=int, help="ServeSettings.torch_threads: torch CPU threads (0: every core)")
+    p.add_argument("--engine", choices=["torch", "llama.cpp"], help="ServeSettings.engine: torch (default) or "
+                   "llama.cpp (the GGUF export of the served model, from gguf_model)")
+    p.add_argument("--gguf-type", help="ServeSettings.gguf_type: which GGUF file llama.cpp serves (default q8_0)")
     p.add_argument("--api-key", help="ServeSettings.api_key: bearer token clients must send (default: $LLM_ASSETS_API_KEY; "
                    "none: no authentication, warned about off loopback)")
     p.set_defaults(fn=cmd_serve)

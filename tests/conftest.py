@@ -114,3 +114,24 @@ def tiny_teacher(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     lines = [ln.strip() for ln in (stdlib / "shlex.py").read_text().splitlines() if len(ln.strip()) > 20]
     chats = [[{"role": "user", "content": a}, {"role": "assistant", "content": b}] for a, b in zip(lines[::2], lines[1::2])]
     return out, (train, valid), (chats[:-16], chats[-16:])
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_teacher: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(tiny_teacher's model directory with a repetition penalty of 1.3 in its generation_config,
+    a gguf_model directory exported from it at f16 with its gguf.json), for the llama.cpp engine."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from llm_assets.lib.release import gguf_export
+
+    model_dir = tmp_path_factory.mktemp("tiny_penalized")
+    shutil.copytree(tiny_teacher[0], model_dir, dirs_exist_ok=True)
+    config = GenerationConfig.from_pretrained(model_dir)
+    config.repetition_penalty = 1.3  # both engines must apply it
+    config.save_pretrained(model_dir)
+    gguf_dir = tmp_path_factory.mktemp("gguf_model")
+    gguf_export.export(model_dir, gguf_dir, ["f16"], threads=1)
+    gguf_export.write_record(gguf_dir, {"source": str(model_dir)})  # what the gguf_model asset records
+    return model_dir, gguf_dir

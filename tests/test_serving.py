@@ -46,7 +46,7 @@ def settings(tmp_path, releases, **kw):
 def test_generate_stream_health_metrics_and_every_request_logged(tmp_path, releases):
     app = create_app(settings(tmp_path, releases))
     with Server(app) as client:
-        assert client.get("/health").json() == {"status": "ok", "model_version": "v1"}
+        assert client.get("/health").json() == {"status": "ok", "model_version": "v1", "engine": "torch"}
         r = client.post("/generate", json={"prompt": "Explain what `f(x)` does.", "max_new_tokens": 5})
         assert r.status_code == 200
         body = r.json()
@@ -117,7 +117,7 @@ def test_a_failure_during_generation_is_logged_and_counted_the_same_on_both_endp
     app = create_app(settings(tmp_path, tmp_path / "no-releases", model_dir=broken_model_dir, max_batch_size=1,
                               max_queue=0))
     with Server(app) as client:
-        assert client.get("/health").json() == {"status": "ok", "model_version": "dir:broken"}
+        assert client.get("/health").json() == {"status": "ok", "model_version": "dir:broken", "engine": "torch"}
         r = client.post("/generate", json={"prompt": "plain", "max_new_tokens": 3})
         assert r.status_code == 500 and r.json()["detail"].startswith("generation failed: IndexError")
         with client.stream("POST", "/generate/stream", json={"prompt": "streamed", "max_new_tokens": 3}) as s:
@@ -137,7 +137,7 @@ def test_a_failure_during_generation_is_logged_and_counted_the_same_on_both_endp
 def test_no_release_answers_503(tmp_path):
     app = create_app(settings(tmp_path, tmp_path / "no-releases"))
     with Server(app) as client:
-        assert client.get("/health").json() == {"status": "no_model", "model_version": None}
+        assert client.get("/health").json() == {"status": "no_model", "model_version": None, "engine": "torch"}
         r = client.post("/generate", json={"prompt": "a"})
         assert r.status_code == 503 and "no release to serve" in r.json()["detail"]
 

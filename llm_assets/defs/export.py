@@ -70,7 +70,7 @@ def gguf_model(context: dg.AssetExecutionContext, config: GgufConfig, lake: Lake
         gate = {"name": GGUF_GATE, "passed": worst <= 1 + config.perplexity_budget, "threshold": 1 + config.perplexity_budget,
                 "observed": worst, "rule": "max over types of perplexity / aligned fp32 perplexity <= 1 + budget"}
         found = {**_beside(source, aligned_ppl), "types": figures, "gate": gate}
-        (tmp / "gguf.json").write_text(json.dumps(found, indent=2))
+        gguf_export.write_record(tmp, found)
     return _recorded(lake, "gguf_model", found, figures, {"aligned_disk_bytes": found["aligned_disk_bytes"]},
                      [dg.AssetCheckResult(check_name=GGUF_GATE, passed=gate["passed"], metadata={
                          "threshold": gate["threshold"], "observed": worst, "rule": gate["rule"]})])

@@ -32,6 +32,10 @@ the log, the metrics and the response name the version that answered.
 Generation is batched (lib/release/batching.py): one engine per loaded model decodes up to
 `max_batch_size` requests in each forward pass, with each request's own settings and the model
 directory's generation_config.json (stop at `<|end|>`, repetition penalty, no-repeat n-gram).
+With `engine` llama.cpp the GGUF export of the served model (`gguf_type`, from gguf_model) runs in
+llama.cpp instead, one request at a time, choosing tokens the same way (lib/release/llama_engine.py);
+the endpoints, limits, log and metrics are the same, and /health, the log's `engine` column and
+`llm_engine_info` say which engine answered.
 
 Limits, each a clear 4xx before any model work (serving/guards.py for the first four):
 - a body over `max_body_bytes`: 413, answered from Content-Length without reading the body;
@@ -62,13 +66,15 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
@@ -76,6 +82,7 @@ from llm_assets.lib.common.paths import ProjectPaths, default_project_dir
 from llm_assets.lib.monitor.serving_log import ServingLog
 from llm_assets.lib.posttrain.chat_data import prompt_ids
 from llm_assets.lib.release.batching import BatchEngine, GenerationRequest, QueueFull
+from llm_assets.lib.release.llama_engine import LlamaCppEngine
 from llm_assets.lib.release.release import pointer_path
 from llm_assets.serving.drift_metrics import DriftCollector
 from llm_assets.serving.guards import Guard, error_response, header_timeout_protocol
@@ -101,6 +108,16 @@ class ServeSettings(BaseModel):
     drift_dir: Path = Field(default_factory=lambda: ProjectPaths(default_project_dir()).artifact("drift_report"),
                             description="drift_report's directory: its latest figures are exported at /metrics.")
     model_dir: Path | None = Field(None, description="Serve this model directory instead of the current release.")
+    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What runs the model: torch (the model "
+                                                  "directory, batched: lib/release/batching.py) or llama.cpp (the "
+                                                  "GGUF export of that model, one request at a time: "
+                                                  "lib/release/llama_engine.py).")
+    gguf_type: Literal["f16", "q8_0", "q4_0"] = Field("q8_0", description="With engine llama.cpp: which GGUF file "
+                                                      "of gguf_model is served (model-<type>.gguf).")
+    gguf_dir: Path = Field(default_factory=lambda: ProjectPaths(default_project_dir()).artifact("gguf_model"),
+                           description="With engine llama.cpp: gguf_model's directory; its export must be of the "
+                           "served model (gguf.json's source: that model, or the model a quantized one quantized).")
+    llama_threads: int = Field(1, ge=1, description="With engine llama.cpp: CPU threads llama.cpp decodes with.")
     max_prompt_tokens: int = Field(192, ge=1, description="Longest prompt accepted, in tokens with the chat template "
                                    "applied; a longer one gets 422.")
     max_prompt_chars: int = Field(16_384, ge=1, description="Longest prompt accepted, in characters (all messages), "
@@ -144,7 +161,7 @@ class ModelServer:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.loaded = LoadedModel(settings)
-        self.engines: dict[str, BatchEngine] = {}  # by model version: the release's, the canary's
+        self.engines: dict[str, BatchEngine | LlamaCppEngine] = {}  # by model version: the release's, the canary's
         self._engines_lock = threading.Lock()
         # Tokenizing gets threads of its own: on the default pool a flood of long prompts starves /health.
         self.tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
@@ -159,9 +176,17 @@ class ModelServer:
         self.errors = Counter("llm_errors", "Requests that failed (4xx and 5xx)", ["endpoint", "reason"], registry=r)
         self.batch_size = Histogram("llm_batch_size", "Requests decoded together, per forward pass", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
+        # which runtime answers (llm_engine_info{engine=...} 1), beside the other series, which keep their labels
+        Info("llm_engine", "The engine running the model, and the GGUF type it serves with llama.cpp",
+             registry=r).info({"engine": settings.engine, "gguf_type": settings.gguf_type if self.llama_cpp else ""})
         # the canary named by the release pointer, if any, and its share of requests (serving/routing.py)
-        self.router = CanaryRouter(None if settings.model_dir else settings.releases_dir, load_served, r)
+        self.router = CanaryRouter(None if settings.model_dir else settings.releases_dir,
+                                   partial(load_served, settings=settings), r)
         r.register(DriftCollector(settings.drift_dir))  # llm_drift_* gauges, read at each scrape
+
+    @property
+    def llama_cpp(self) -> bool:
+        return self.settings.engine == "llama.cpp"
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -216,14 +241,15 @@ class ModelServer:
             self.fail(422, "max_new_tokens", f"max_new_tokens {ask.max_new_tokens} is over the cap of "
                       f"{s.max_new_tokens_cap}", "max_tokens")
 
-    def engine_for(self, served: Served) -> BatchEngine:
-        """The batching engine of a loaded model; engines of models no longer served are retired."""
+    def engine_for(self, served: Served) -> BatchEngine | LlamaCppEngine:
+        """The engine of a loaded model (settings.engine's kind); engines of models no longer served are retired."""
         s = self.settings
         with self._engines_lock:
             engine = self.engines.get(served.version)
             if engine is None or engine.model is not served.model or engine.closed:
-                engine = BatchEngine(served.model, served.tokenizer, s.max_batch_size, s.max_queue,
-                                     on_step=self.batch_size.observe)
+                engine = (LlamaCppEngine(served.model, served.tokenizer, s.max_queue, on_step=self.batch_size.observe)
+                          if self.llama_cpp else BatchEngine(served.model, served.tokenizer, s.max_batch_size,
+                                                             s.max_queue, on_step=self.batch_size.observe))
                 self.engines[served.version] = engine
             live = {m.version for m in (self.loaded.current, self.router.canary, served) if m is not None}
             for version in [v for v in self.engines if v not in live]:
@@ -250,7 +276,7 @@ class ModelServer:
         self.log.append({"time": datetime.now(timezone.utc), "request_id": uuid.uuid4().hex,
                          "prompt": ticket.ask.log_prompt, "response": ticket.seq.text, "prompt_tokens": len(ticket.ids),
                          "response_tokens": n, "latency_seconds": time.perf_counter() - ticket.start,
-                         "model_version": ticket.served.version, "status": status})
+                         "model_version": ticket.served.version, "status": status, "engine": self.settings.engine})
 
     async def outcome(self, request: Request, ticket: Ticket):
         """The reply's pieces as they come; the request is logged and counted however it ends: done,
@@ -320,7 +346,8 @@ class ModelServer:
 
     async def health(self):
         served = await asyncio.to_thread(self.loaded.refresh)
-        return {"status": "ok" if served is not None else "no_model", "model_version": served and served.version}
+        return {"status": "ok" if served is not None else "no_model", "model_version": served and served.version,
+                "engine": self.settings.engine}
 
     async def metrics(self):
         return PlainTextResponse(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -20,11 +20,20 @@ class Served(NamedTuple):
     version: str
 
 
-def load_served(path: Path, version: str) -> Served:
-    """A release's model and tokenizer, warmed up, ready to answer (the release and a canary alike)."""
+def load_served(path: Path, version: str, settings: ServeSettings | None = None) -> Served:
+    """A release's model and tokenizer, warmed up, ready to answer (the release and a canary alike):
+    the PyTorch model, or with `settings.engine` llama.cpp the GGUF export of it (lib/release/llama_engine.py)."""
     from transformers import AutoTokenizer
 
     from llm_assets.lib.release.quantize import load_for_inference
+
+    if settings is not None and settings.engine == "llama.cpp":
+        from llm_assets.lib.release.llama_engine import load_gguf, served_gguf
+
+        gguf = served_gguf(path, settings.gguf_dir, settings.gguf_type)
+        # room for the longest prompt and reply the server accepts (llama.cpp warns past the trained context)
+        n_ctx = settings.max_prompt_tokens + settings.max_new_tokens_cap
+        return Served(load_gguf(gguf, path, n_ctx, settings.llama_threads), AutoTokenizer.from_pretrained(path), version)
 
     model = load_for_inference(path)
     # One forward before any request: bitsandbytes repacks 4-bit weights for CPU inference
@@ -60,6 +69,6 @@ class LoadedModel:
             if source is None or (self.current is not None and source[1] == self.current.version):
                 self._pointer_stamp = stamp
                 return self.current
-            self.current = load_served(*source)
+            self.current = load_served(*source, self.settings)
             self._pointer_stamp = stamp
             return self.current

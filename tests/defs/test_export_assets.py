@@ -10,6 +10,7 @@ import pytest
 
 from helpers import lock_md5, materialize_assets, metadata
 from llm_assets.defs.export import gguf_model, onnx_model
+from llm_assets.lib.release.llama_engine import served_gguf
 from llm_assets.lib.tokenizer import packing
 
 SMALL = {"perplexity_windows": 4, "speed_prompts": 2, "speed_tokens": 8, "threads": 1}
@@ -41,6 +42,9 @@ def test_gguf_model_holds_every_type_with_its_figures_and_gate(built):
     assert "| q4_0 |" in m["comparison"] and lock_md5(project, "gguf_model") == m["dvc_md5"]
     check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "gguf_perplexity_within_budget")
     assert check.passed == found["gate"]["passed"] is True and check.blocking
+    # what `llm-assets serve --engine llama.cpp` serves for the aligned model (or a quantization of it)
+    aligned = project / "data/lake/aligned_checkpoint/merged"
+    assert served_gguf(aligned, out, "q8_0") == out / "model-q8_0.gguf"
 
 
 def test_onnx_model_holds_both_graphs_close_to_pytorch(built):

@@ -1,5 +1,6 @@
 from datetime import datetime, timedelta, timezone
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llm_assets.lib.monitor.serving_log import SCHEMA, ServingLog, parts, read_log
@@ -7,7 +8,8 @@ from llm_assets.lib.monitor.serving_log import SCHEMA, ServingLog, parts, read_l
 
 def row(prompt: str, when=None) -> dict:
     return {"time": when or datetime.now(timezone.utc), "request_id": prompt, "prompt": prompt, "response": "r",
-            "prompt_tokens": 1, "response_tokens": 1, "latency_seconds": 0.1, "model_version": "v", "status": "ok"}
+            "prompt_tokens": 1, "response_tokens": 1, "latency_seconds": 0.1, "model_version": "v", "status": "ok",
+            "engine": "torch"}
 
 
 def test_buffered_parts_are_flushed_by_size_time_and_close(tmp_path):
@@ -49,3 +51,11 @@ def test_rows_read_back_as_written_one_part_per_flush(tmp_path):
     (tmp_path / f".{first.name}.tmp").write_bytes(b"half a part")  # a part being written is not read
     assert read_log(tmp_path).to_pylist() == written
     assert pq.read_schema(first) == SCHEMA
+
+
+def test_parts_written_before_the_engine_column_read_back_with_it_null(tmp_path):
+    old_schema = SCHEMA.remove(SCHEMA.get_field_index("engine"))
+    written = row("old")
+    pq.write_table(pa.Table.from_pylist([{k: written[k] for k in old_schema.names}], schema=old_schema),
+                   tmp_path / "requests-20260101T000000-1-abcd-000001.parquet")
+    assert read_log(tmp_path).to_pylist() == [{**written, "engine": None}]

@@ -47,6 +47,7 @@ SCHEMA = pa.schema([
     ("latency_seconds", pa.float64()),
     ("model_version", pa.string()),
     ("status", pa.string()),  # "ok" or the error class of a request that failed during generation
+    ("engine", pa.string()),  # what ran the model: torch | llama.cpp (null in parts written before it was logged)
 ])
 PART_GLOB = "requests-*.parquet"
 

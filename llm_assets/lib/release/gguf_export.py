@@ -66,6 +66,24 @@ def gguf_path(out_dir: Path, gguf_type: str) -> Path:
     return Path(out_dir) / f"model-{gguf_type}.gguf"
 
 
+RECORD = "gguf.json"  # beside the files: the model they were exported from ("source") and their figures
+
+
+def write_record(out_dir: Path, record: dict) -> None:
+    """`gguf.json` in a gguf_model directory: `record` with the exported model's directory as "source"."""
+    if "source" not in record:
+        raise ValueError(f"{RECORD}: the record must name the exported model directory as 'source'")
+    (Path(out_dir) / RECORD).write_text(json.dumps(record, indent=2))
+
+
+def exported_from(out_dir: Path) -> Path:
+    """The model directory a gguf_model directory's files were exported from (resolved)."""
+    path = Path(out_dir) / RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the GGUF files beside it do not say which model they hold")
+    return Path(json.loads(path.read_text())["source"]).resolve()
+
+
 def export(model_dir: Path, out_dir: Path, types: list[str], threads: int = 2) -> dict[str, Path]:
     """{type: path}: the model written once in fp32 with GGUFWriter, then quantized to each type by
     llama.cpp; the fp32 intermediate is deleted."""

@@ -1,0 +1,184 @@
+r"""The model server's engine over a GGUF export run by llama.cpp (llama-cpp-python): the same
+interface as BatchEngine (`submit(request, on_event) -> Sequence`, `Sequence.cancel()`, `close`,
+QueueFull past `max_queue`), so the server and its endpoints do not care which one answers.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from llm_assets.lib.posttrain.chat_data import prompt_ids
+    >>> from llm_assets.lib.pretrain.model import build_model
+    >>> from llm_assets.lib.pretrain.model_dir import save_model
+    >>> from llm_assets.lib.release import gguf_export
+    >>> from llm_assets.lib.release.batching import GenerationRequest, collect
+    >>> from llm_assets.lib.release.llama_engine import LlamaCppEngine, load_gguf
+    >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
+    >>> tok = train_tokenizer(["Explain f(x). Return x + 1."] * 5, vocab_size=300)
+    >>> model_dir, out = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    >>> save_model(build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok, model_dir)
+    >>> files = gguf_export.export(model_dir, out, ["f16"])
+    >>> engine = LlamaCppEngine(load_gguf(files["f16"], model_dir, n_ctx=64), tok, max_queue=8)
+    >>> asks = [GenerationRequest(prompt_ids(tok, [{"role": "user", "content": f"Explain f{i}(x)."}]), max_new_tokens=5)
+    ...         for i in range(3)]
+    >>> [(r.finish_reason, len(r.generated) <= 5) for r in collect(engine, asks)]   # one after another
+    [('length', True), ('length', True), ('length', True)]
+    >>> engine.close()
+
+Requests run one at a time on the engine's thread (llama.cpp's context holds one sequence here;
+its own multi-sequence batching is left for when a model is big enough to gain from it): the
+prompt is evaluated in one llama.cpp decode, then one decode per generated token.
+
+The next token is chosen exactly as the torch engine chooses it (BatchEngine.penalized and .pick,
+on llama.cpp's logits of the last position): the model directory's generation_config.json
+repetition penalty over prompt and reply and its no-repeat n-gram size, greedy below
+MIN_TEMPERATURE, otherwise temperature, top_p and a draw from the request's seeded generator.
+llama.cpp's own sampler has a repetition penalty too (`penalty_repeat`), but over the last
+`last_n` accepted tokens only, and no no-repeat n-gram rule; choosing here keeps the two engines'
+replies the same for the same logits. Stops are the torch engine's: `<|end|>`, eos, the
+generation config's eos ids, a stop string, max_new_tokens; text is decoded by the project's
+tokenizer as BatchEngine's Sequence does it (a half UTF-8 character is held back while streaming).
+A reply also ends ("length") when the context (`n_ctx`) is full.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from llm_assets.lib.posttrain.chat_data import end_token_id
+from llm_assets.lib.release import gguf_export
+from llm_assets.lib.release.batching import BatchEngine, GenerationRequest, QueueFull, Sequence
+
+MAKE_GGUF = "llm-assets materialize --select gguf_model"
+
+
+class GgufModel(NamedTuple):
+    """A GGUF file loaded by llama.cpp, with the penalties of the model directory it was made from."""
+
+    llm: Any  # llama_cpp.Llama keeping every position's logits
+    path: Path
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    eos_ids: tuple[int, ...]  # generation_config's eos_token_id(s)
+
+
+def load_gguf(path: Path, model_dir: Path, n_ctx: int, threads: int = 1) -> GgufModel:
+    """llama.cpp over `path`, and `model_dir`'s generation_config.json (what BatchEngine reads)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_pretrained(model_dir)
+    eos = config.eos_token_id
+    return GgufModel(gguf_export.load(path, n_ctx, threads), Path(path), float(config.repetition_penalty or 1.0),
+                     int(config.no_repeat_ngram_size or 0), tuple([eos] if isinstance(eos, int) else eos or ()))
+
+
+def made_from(model_dir: Path) -> set[Path]:
+    """The model directory and, for a quantized model, the model it quantized (quantization.json's
+    source): a GGUF export of either holds the served weights (llama.cpp's own quantization of them)."""
+    model_dir = Path(model_dir).resolve()
+    found = {model_dir}
+    record = model_dir / "quantization.json"
+    if record.is_file():
+        found.add(Path(json.loads(record.read_text())["source"]).resolve())
+    return found
+
+
+def served_gguf(model_dir: Path, gguf_dir: Path, gguf_type: str) -> Path:
+    """The GGUF file of type `gguf_type` in `gguf_dir` exported from the model in `model_dir`;
+    FileNotFoundError / ValueError naming the path and the command that makes it otherwise."""
+    path = gguf_export.gguf_path(gguf_dir, gguf_type)
+    make = f"make it with `{MAKE_GGUF}` (its config's types must include {gguf_type})"
+    if gguf_type not in gguf_export.GGUF_TYPES:
+        raise ValueError(f"gguf_type: {gguf_type!r}; choose from {sorted(gguf_export.GGUF_TYPES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"--engine llama.cpp: no GGUF export at {path}; {make}")
+    source = gguf_export.exported_from(gguf_dir)
+    if source not in made_from(model_dir):
+        raise ValueError(f"--engine llama.cpp: {path} was exported from {source}, not from the served model "
+                         f"{model_dir} (nor the model it was made from); {make}")
+    return path
+
+
+class LlamaCppEngine:
+    """One request at a time through llama.cpp on a thread of its own; see the module docstring."""
+
+    # The torch engine's token choice, on llama.cpp's logits: same penalties, order and seeded draws.
+    penalized = BatchEngine.penalized
+    pick = BatchEngine.pick
+
+    def __init__(self, model: GgufModel, tokenizer, max_queue: int = 64, on_step: Callable[[int], None] | None = None):
+        if max_queue < 0:
+            raise ValueError(f"max_queue: must be >= 0 (got {max_queue})")
+        self.model, self.tokenizer, self.max_queue, self.on_step = model, tokenizer, max_queue, on_step
+        self.llm = model.llm
+        self.device = torch.device("cpu")  # where Sequence keeps its sampling generator
+        self.penalty, self.ngram = model.repetition_penalty, model.no_repeat_ngram_size
+        self.stop_ids = {end_token_id(tokenizer), tokenizer.eos_token_id, *model.eos_ids}
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: Sequence | None = None
+        self.closed = False
+        self._cond = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="llama.cpp", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[str, object], None]) -> Sequence:
+        if request.max_new_tokens < 1 or not request.prompt_ids:
+            raise ValueError("max_new_tokens: must be at least 1, and the prompt must have a token")
+        with self._cond:
+            if self.closed:
+                raise RuntimeError("the llama.cpp engine is closed")
+            free = 0 if self.running is not None else 1  # an idle engine takes one at once
+            if len(self.waiting) >= self.max_queue + free:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for llama.cpp, which answers one at a "
+                                f"time (the queue limit is {self.max_queue}); retry later")
+            seq = Sequence(request, on_event, self)
+            self.waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new requests; the thread ends once the running and waiting ones are done."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify()
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self.waiting and not self.closed:
+                    self._cond.wait()
+                if not self.waiting:
+                    return  # closed and nothing left
+                self.running = self.waiting.popleft()
+            try:
+                self._generate(self.running)
+            except Exception as e:  # a failure inside llama.cpp fails this request, not the engine
+                self.running.fail(e)
+            finally:
+                with self._cond:
+                    self.running = None
+
+    def _generate(self, seq: Sequence) -> None:
+        """Evaluate the prompt, then a token at a time until the sequence finishes or is cancelled."""
+        llm = self.llm
+        if seq.cancelled:  # its client left while it waited
+            seq.finish_reason = "cancelled"
+            return
+        llm.reset()
+        llm.eval(seq.request.prompt_ids)
+        while not seq.cancelled:
+            logits = torch.from_numpy(llm.scores[llm.n_tokens - 1].copy())  # (vocab,) of the last position
+            seq.choose(self.penalized([seq], logits[None])[0])
+            if seq.finish_reason is not None:
+                return
+            if llm.n_tokens >= llm.n_ctx():  # no room for the token just chosen
+                return seq.finish("length")
+            llm.eval([seq.generated[-1]])
+            if self.on_step is not None:
+                self.on_step(1)
+        seq.finish_reason = "cancelled"
