@@ -151,42 +151,53 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(t, (0, 0, extra, 0) if t.dim() == 4 else (extra, 0)) if extra else t
 
 
-class BatchEngine:
-    """The batching loop over one model on a thread of its own; see the module docstring."""
+class QueuedEngine:
+    """What the serving engines share (BatchEngine here, LlamaCppEngine in llama_engine.py): requests
+    handed in from any thread (`submit`, QueueFull past `max_queue` waiting), one engine thread that
+    answers them (`_loop`, the subclass's), `close`, the stop tokens and the token choice from
+    `generation_config` (a transformers GenerationConfig: its repetition penalty, no-repeat n-gram
+    size and eos ids). Subclasses say how many waiting requests the next step takes (`_free`) and
+    what a full queue means to a client (`_full`), and call `_start` once their own state is set."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64,
+    kind = "engine"  # named in errors
+
+    def __init__(self, tokenizer, generation_config, device: torch.device, max_queue: int = 64,
                  on_step: Callable[[int], None] | None = None):
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError(f"max_batch_size, max_queue: must be >= 1 and >= 0 (got {max_batch_size}, {max_queue})")
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch_size, self.max_queue, self.on_step = max_batch_size, max_queue, on_step
-        self.device = next(model.parameters()).device
-        config = model.generation_config
-        self.penalty = float(config.repetition_penalty or 1.0)
-        self.ngram = int(config.no_repeat_ngram_size or 0)
-        eos = config.eos_token_id
+        if max_queue < 0:
+            raise ValueError(f"max_queue: must be >= 0 (got {max_queue})")
+        self.tokenizer, self.device, self.max_queue, self.on_step = tokenizer, device, max_queue, on_step
+        self.penalty = float(generation_config.repetition_penalty or 1.0)
+        self.ngram = int(generation_config.no_repeat_ngram_size or 0)
+        eos = generation_config.eos_token_id
         self.stop_ids = {end_token_id(tokenizer), tokenizer.eos_token_id,
                          *([eos] if isinstance(eos, int) else list(eos or []))}
-        self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoding steps by batch size
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.rows: list[Sequence] = []
-        self.cache = None  # transformers DynamicCache, one row per sequence in self.rows
-        self.mask: torch.Tensor | None = None  # (rows, width): 1 over each row's tokens, 0 over its left padding
         self.closed = False
         self._cond = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name="batching", daemon=True)
+
+    def _start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name=self.kind, daemon=True)
         self.thread.start()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _free(self) -> int:
+        """Waiting requests the next step takes at once (under the lock)."""
+        raise NotImplementedError
+
+    def _full(self) -> str:
+        raise NotImplementedError
 
     def submit(self, request: GenerationRequest, on_event: Callable[[str, object], None]) -> Sequence:
         if request.max_new_tokens < 1 or not request.prompt_ids:
             raise ValueError("max_new_tokens: must be at least 1, and the prompt must have a token")
         with self._cond:
             if self.closed:
-                raise RuntimeError("the batching engine is closed")
-            free = max(0, self.max_batch_size - len(self.rows))  # places the next step fills from the queue
-            if len(self.waiting) >= self.max_queue + free:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting for a place in a batch of "
-                                f"{self.max_batch_size} (the queue limit is {self.max_queue}); retry later")
+                raise RuntimeError(f"the {self.kind} engine is closed")
+            if len(self.waiting) >= self.max_queue + self._free():
+                raise QueueFull(f"{len(self.waiting)} requests are waiting {self._full()} (the queue limit is "
+                                f"{self.max_queue}); retry later")
             seq = Sequence(request, on_event, self)
             self.waiting.append(seq)
             self._cond.notify()
@@ -198,6 +209,60 @@ class BatchEngine:
             self.closed = True
             self._cond.notify()
         self.thread.join(timeout)
+
+    def penalized(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """(rows, vocab) float scores with generation_config's repetition penalty over each row's
+        prompt and reply, all rows at once (each row padded with its own first token: a repeat
+        changes nothing)."""
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        scores = logits.float()
+        if self.penalty == 1.0:
+            return scores
+        rows = [s.request.prompt_ids + s.generated for s in seqs]
+        width = max(map(len, rows))
+        ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=scores.device)
+        return RepetitionPenaltyLogitsProcessor(self.penalty)(ids, scores)
+
+    def pick(self, seq: Sequence, scores: torch.Tensor) -> int:
+        """The next token for `seq` from its penalized scores (vocab,), as transformers' generate
+        would: no-repeat n-grams, then greedy, or temperature and top_p and a seeded draw."""
+        from transformers import NoRepeatNGramLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+        scores = scores[None]  # (1, vocab)
+        if self.ngram:
+            ids = torch.tensor([seq.request.prompt_ids + seq.generated], device=scores.device)
+            scores = NoRepeatNGramLogitsProcessor(self.ngram)(ids, scores)
+        if not seq.sample:
+            return int(scores.argmax())
+        scores = TemperatureLogitsWarper(seq.request.temperature)(None, scores)
+        if seq.request.top_p < 1.0:
+            scores = TopPLogitsWarper(seq.request.top_p)(None, scores)
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=seq.generator))
+
+
+class BatchEngine(QueuedEngine):
+    """The batching loop over one model on a thread of its own; see the module docstring."""
+
+    kind = "batching"
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64,
+                 on_step: Callable[[int], None] | None = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1 (got {max_batch_size})")
+        super().__init__(tokenizer, model.generation_config, next(model.parameters()).device, max_queue, on_step)
+        self.model, self.max_batch_size = model.eval(), max_batch_size
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoding steps by batch size
+        self.rows: list[Sequence] = []
+        self.cache = None  # transformers DynamicCache, one row per sequence in self.rows
+        self.mask: torch.Tensor | None = None  # (rows, width): 1 over each row's tokens, 0 over its left padding
+        self._start()
+
+    def _free(self) -> int:
+        return max(0, self.max_batch_size - len(self.rows))  # places the next step fills from the queue
+
+    def _full(self) -> str:
+        return f"for a place in a batch of {self.max_batch_size}"
 
     def _loop(self) -> None:
         while True:
@@ -229,36 +294,6 @@ class BatchEngine:
         free = self.max_batch_size - len(self.rows)
         return (not self.rows or len(self.waiting) >= max(1, int(free * JOIN_SHARE))
                 or time.monotonic() - self.waiting[0].submitted >= JOIN_WAIT_S)
-
-    def penalized(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """(rows, vocab) float scores with generation_config's repetition penalty over each row's
-        prompt and reply, all rows at once (each row padded with its own first token: a repeat
-        changes nothing)."""
-        from transformers import RepetitionPenaltyLogitsProcessor
-
-        scores = logits.float()
-        if self.penalty == 1.0:
-            return scores
-        rows = [s.request.prompt_ids + s.generated for s in seqs]
-        width = max(map(len, rows))
-        ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=scores.device)
-        return RepetitionPenaltyLogitsProcessor(self.penalty)(ids, scores)
-
-    def pick(self, seq: Sequence, scores: torch.Tensor) -> int:
-        """The next token for `seq` from its penalized scores (vocab,), as transformers' generate
-        would: no-repeat n-grams, then greedy, or temperature and top_p and a seeded draw."""
-        from transformers import NoRepeatNGramLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
-
-        scores = scores[None]  # (1, vocab)
-        if self.ngram:
-            ids = torch.tensor([seq.request.prompt_ids + seq.generated], device=scores.device)
-            scores = NoRepeatNGramLogitsProcessor(self.ngram)(ids, scores)
-        if not seq.sample:
-            return int(scores.argmax())
-        scores = TemperatureLogitsWarper(seq.request.temperature)(None, scores)
-        if seq.request.top_p < 1.0:
-            scores = TopPLogitsWarper(seq.request.top_p)(None, scores)
-        return int(torch.multinomial(scores.softmax(-1), 1, generator=seq.generator))
 
     def _join(self, seqs: list[Sequence]) -> None:
         """Prefill the joining requests together, choose their first tokens and stack their cache

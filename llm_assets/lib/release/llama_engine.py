@@ -26,7 +26,7 @@ Requests run one at a time on the engine's thread (llama.cpp's context holds one
 its own multi-sequence batching is left for when a model is big enough to gain from it): the
 prompt is evaluated in one llama.cpp decode, then one decode per generated token.
 
-The next token is chosen exactly as the torch engine chooses it (BatchEngine.penalized and .pick,
+The next token is chosen exactly as the torch engine chooses it (QueuedEngine.penalized and .pick,
 on llama.cpp's logits of the last position): the model directory's generation_config.json
 repetition penalty over prompt and reply and its no-repeat n-gram size, greedy below
 MIN_TEMPERATURE, otherwise temperature, top_p and a draw from the request's seeded generator.
@@ -40,40 +40,33 @@ A reply also ends ("length") when the context (`n_ctx`) is full.
 
 from __future__ import annotations
 
-import collections
 import json
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from llm_assets.lib.posttrain.chat_data import end_token_id
 from llm_assets.lib.release import gguf_export
-from llm_assets.lib.release.batching import BatchEngine, GenerationRequest, QueueFull, Sequence
+from llm_assets.lib.release.batching import QueuedEngine, Sequence
 
 MAKE_GGUF = "llm-assets materialize --select gguf_model"
 
 
 class GgufModel(NamedTuple):
-    """A GGUF file loaded by llama.cpp, with the penalties of the model directory it was made from."""
+    """A GGUF file loaded by llama.cpp, with the generation config of the model directory it was made
+    from (its penalties and eos ids, as BatchEngine reads them from the torch model)."""
 
     llm: Any  # llama_cpp.Llama keeping every position's logits
     path: Path
-    repetition_penalty: float
-    no_repeat_ngram_size: int
-    eos_ids: tuple[int, ...]  # generation_config's eos_token_id(s)
+    generation_config: Any  # transformers GenerationConfig
 
 
 def load_gguf(path: Path, model_dir: Path, n_ctx: int, threads: int = 1) -> GgufModel:
-    """llama.cpp over `path`, and `model_dir`'s generation_config.json (what BatchEngine reads)."""
+    """llama.cpp over `path`, and `model_dir`'s generation_config.json."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig.from_pretrained(model_dir)
-    eos = config.eos_token_id
-    return GgufModel(gguf_export.load(path, n_ctx, threads), Path(path), float(config.repetition_penalty or 1.0),
-                     int(config.no_repeat_ngram_size or 0), tuple([eos] if isinstance(eos, int) else eos or ()))
+    return GgufModel(gguf_export.load(path, n_ctx, threads), Path(path), GenerationConfig.from_pretrained(model_dir))
 
 
 def made_from(model_dir: Path) -> set[Path]:
@@ -103,49 +96,25 @@ def served_gguf(model_dir: Path, gguf_dir: Path, gguf_type: str) -> Path:
     return path
 
 
-class LlamaCppEngine:
-    """One request at a time through llama.cpp on a thread of its own; see the module docstring."""
+class LlamaCppEngine(QueuedEngine):
+    """One request at a time through llama.cpp on a thread of its own; see the module docstring.
+    The queue, stops and token choice are QueuedEngine's, the torch engine's: same penalties, order
+    and seeded draws, on llama.cpp's logits."""
 
-    # The torch engine's token choice, on llama.cpp's logits: same penalties, order and seeded draws.
-    penalized = BatchEngine.penalized
-    pick = BatchEngine.pick
+    kind = "llama.cpp"
 
     def __init__(self, model: GgufModel, tokenizer, max_queue: int = 64, on_step: Callable[[int], None] | None = None):
-        if max_queue < 0:
-            raise ValueError(f"max_queue: must be >= 0 (got {max_queue})")
-        self.model, self.tokenizer, self.max_queue, self.on_step = model, tokenizer, max_queue, on_step
-        self.llm = model.llm
-        self.device = torch.device("cpu")  # where Sequence keeps its sampling generator
-        self.penalty, self.ngram = model.repetition_penalty, model.no_repeat_ngram_size
-        self.stop_ids = {end_token_id(tokenizer), tokenizer.eos_token_id, *model.eos_ids}
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        # Sequence keeps its sampling generator on the device: llama.cpp's logits come to the CPU
+        super().__init__(tokenizer, model.generation_config, torch.device("cpu"), max_queue, on_step)
+        self.model, self.llm = model, model.llm
         self.running: Sequence | None = None
-        self.closed = False
-        self._cond = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name="llama.cpp", daemon=True)
-        self.thread.start()
+        self._start()
 
-    def submit(self, request: GenerationRequest, on_event: Callable[[str, object], None]) -> Sequence:
-        if request.max_new_tokens < 1 or not request.prompt_ids:
-            raise ValueError("max_new_tokens: must be at least 1, and the prompt must have a token")
-        with self._cond:
-            if self.closed:
-                raise RuntimeError("the llama.cpp engine is closed")
-            free = 0 if self.running is not None else 1  # an idle engine takes one at once
-            if len(self.waiting) >= self.max_queue + free:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting for llama.cpp, which answers one at a "
-                                f"time (the queue limit is {self.max_queue}); retry later")
-            seq = Sequence(request, on_event, self)
-            self.waiting.append(seq)
-            self._cond.notify()
-        return seq
+    def _free(self) -> int:
+        return 0 if self.running is not None else 1  # an idle engine takes one at once
 
-    def close(self, timeout: float | None = None) -> None:
-        """Take no new requests; the thread ends once the running and waiting ones are done."""
-        with self._cond:
-            self.closed = True
-            self._cond.notify()
-        self.thread.join(timeout)
+    def _full(self) -> str:
+        return "for llama.cpp, which answers one at a time"
 
     def _loop(self) -> None:
         while True:
