@@ -1,46 +1,40 @@
-"""kept_freed_memory: freed big blocks are reused, not handed back to the kernel and faulted in again."""
+"""kept_freed_memory: freed big blocks stay in the process inside the context and go back to the kernel
+after it. Whether that saves page faults and time per training step is measured by
+benchmarks/kept_memory.py, not asserted here: the fault count of a step depends on what else the
+machine runs (a test that counted faults failed in CI beside another process)."""
 
 import subprocess
 import sys
 
 import pytest
 
-# An lm-head-sized step: (2048 tokens x 256) -> 8192 logits, 64 MB of fp32 logits and as much gradient;
-# glibc's malloc serves blocks over 32 MB from mmap whatever its sliding threshold has learnt.
+# A fresh process, so the allocator starts from glibc's defaults: a 64 MB block (over the 32 MB that
+# glibc's sliding mmap threshold can reach) is freed, and RSS says whether it left the process.
 CHILD = """
-import resource, sys, torch
-import contextlib
+import contextlib, sys, psutil, torch
 from llm_assets.lib.common.memory import kept_freed_memory
-torch.manual_seed(0)
-head, x = torch.nn.Linear(256, 8192), torch.randn(2048, 256)
-target = torch.randint(0, 8192, (2048,))
-
-def step():
-    torch.nn.functional.cross_entropy(head(x), target).backward()
-
-faults = []
+rss = lambda: psutil.Process().memory_info().rss
 with kept_freed_memory() if sys.argv[1] == "keep" else contextlib.nullcontext() as kept:
-    for _ in range(12):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        step()
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(kept, sorted(faults[4:])[4])  # the median step once the heap has grown (4-5 steps here)
+    block = torch.ones(2**24)  # 64 MB, written, so its pages are resident
+    before = rss()
+    del block
+    print(kept, (before - rss()) // 2**20)  # MB that left the process when the block was freed
 """
 
 
-def faults_per_step(mode: str) -> tuple[str, int]:
+def mb_returned_on_free(mode: str) -> tuple[str, int]:
     out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True).stdout
-    kept, count = out.split()
-    return kept, int(count)
+    kept, mb = out.split()
+    return kept, int(mb)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_a_training_step_reuses_freed_blocks_instead_of_faulting_them_in_again():
-    _, default = faults_per_step("default")
-    kept, reused = faults_per_step("keep")
+def test_freed_blocks_stay_in_the_process_inside_the_context():
+    _, default = mb_returned_on_free("default")
+    kept, returned = mb_returned_on_free("keep")
     assert kept == "True"
-    assert default > 16_000  # glibc's default: at least the logits' 64 MB (16k pages) faulted in a step
-    assert reused < default / 10  # kept: the blocks stay mapped and the next step reuses them
+    assert default >= 60  # glibc's default: the block came from mmap and was unmapped on free
+    assert returned < 4  # kept: it stays on the heap, for the next step to reuse without faulting
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
