@@ -15,7 +15,10 @@ Inside the context, malloc's mmap path and heap trimming are off (`mallopt(M_MMA
 `mallopt(M_TRIM_THRESHOLD, 2 GiB)`), so freed blocks stay on the heap and the next step reuses
 them. On exit they go back to glibc's default values (the mmap threshold then stays at its initial
 128 kB instead of sliding) and `malloc_trim(0)` returns the free heap to the kernel, so what runs
-next in the process (an evaluation measuring its memory, say) sees an allocator that returns memory. Not thread-safe against a concurrent second training in one process (none runs so).
+next in the process (an evaluation measuring its memory, say) sees an allocator that returns memory.
+One case stays on mmap whatever M_MMAP_MAX says: a block a non-main thread allocates beyond its
+arena's 64 MB heap, which glibc then maps alone (seen once in CI: a 64 MB logits gradient faulted in
+every step; `benchmarks/kept_memory.py` counts the faults on a given machine). Not thread-safe against a concurrent second training in one process (none runs so).
 """
 
 from __future__ import annotations
