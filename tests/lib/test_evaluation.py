@@ -80,6 +80,17 @@ def test_generate_follows_the_models_generation_config(tiny_base_dir, data, tok)
     assert all(max_token_run(r) <= 1 for r in ids)
 
 
+def test_evaluate_model_generates_in_batches_what_one_at_a_time_generates(tiny_base_dir, data, tok):
+    """The quality figures come from batched generation with the shipped config (a repetition
+    penalty here); latency from one prompt at a time. Both give the same replies."""
+    model = load_model(tiny_base_dir)
+    model.generation_config.repetition_penalty = 1.3
+    one_at_a_time, _, _, _ = generate(model, tok, data.prompts, max_new_tokens=5)
+    settings = SMALL.model_copy(update={"batch_size": 3, "latency_prompts": 1})
+    _, texts = evaluate_model(lambda: model, tiny_base_dir, tok, data, settings)
+    assert texts == one_at_a_time
+
+
 def test_rouge_l_is_one_for_the_reference_and_zero_for_nothing_in_common():
     assert rouge_l(["return x times two"], ["return x times two"]) == 1.0
     assert rouge_l(["completely unrelated"], ["return x times two"]) == 0.0
@@ -120,7 +131,8 @@ def test_evaluate_model_figures(tiny_base_dir, data, tok):
     assert evaluate_model(load, tiny_base_dir, tok, data, SMALL, parameters=123)[0].parameters == 123
 
 
-@pytest.mark.parametrize("field", ["perplexity_windows", "generation_prompts", "max_new_tokens", "samples"])
+@pytest.mark.parametrize("field", ["perplexity_windows", "generation_prompts", "max_new_tokens", "samples",
+                                   "batch_size", "latency_prompts"])
 def test_bad_settings_fail_naming_the_field(field):
     with pytest.raises(ValueError, match=f"^{field}: must be at least 1"):
         EvalSettings(**{field: 0}).validate()

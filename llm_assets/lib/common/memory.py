@@ -17,8 +17,8 @@ them. On exit they go back to glibc's default values (the mmap threshold then st
 128 kB instead of sliding) and `malloc_trim(0)` returns the free heap to the kernel, so what runs
 next in the process (an evaluation measuring its memory, say) sees an allocator that returns memory.
 One case stays on mmap whatever M_MMAP_MAX says: a block a non-main thread allocates beyond its
-arena's 64 MB heap, which glibc then maps alone (seen once in CI: a 64 MB logits gradient faulted in
-every step; `benchmarks/kept_memory.py` counts the faults on a given machine). Not thread-safe against a concurrent second training in one process (none runs so).
+arena's 64 MB heap, which glibc then maps alone: the likely cause of the 16,384 faults a step (one
+64 MB logits gradient) seen once in CI. `benchmarks/kept_memory.py` counts them on a given machine. Not thread-safe against a concurrent second training in one process (none runs so).
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ Figures per model (all computed here, on the same examples for every model):
   `repeating_replies`: the share of them with a word three times in a row;
 - `reward_mean`: the mean reward-model score of those generations (when a reward model is given);
 - `latency_ms_per_token_p50/p95`: per-prompt generation time divided by the tokens it generated;
-  `tokens_per_second`: all generated tokens over all generation time (batch size 1, greedy);
+  `tokens_per_second`: all generated tokens over all generation time (batch size 1, greedy), both
+  on the first `latency_prompts` prompts (the other figures generate every prompt, batched);
 - `peak_memory_bytes`: what serving costs: the largest rise of this process's resident memory over
   its level before the model was loaded, sampled every 5 ms while it was loaded and generated (CPU),
   or `torch.cuda.max_memory_allocated` (GPU);
@@ -72,6 +73,10 @@ class EvalSettings(Settings):
     max_new_tokens: int = Field(48, description="Tokens generated per prompt at most (greedy, with each model's "
                                                 "generation_config.json).")
     samples: int = Field(3, description="Generations per model shown in the report.")
+    batch_size: int = Field(64, description="Prompts generated at a time for the quality figures (ROUGE-L, "
+                                            "repetition, reward); left padding changes no reply.")
+    latency_prompts: int = Field(16, description="Of the generation prompts, the first this many are also generated "
+                                                 "one at a time: latency per token and tokens/s of one request.")
 
     def validate(self) -> None:
         for name, value in self.model_dump().items():
@@ -162,19 +167,27 @@ def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
     return float(np.exp(total / count))
 
 
+def shipped_greedy(model, tokenizer):
+    """The model's generation_config.json (the model directory's shipped settings: repetition
+    penalty, n-gram rule), greedy, stopping at `<|end|>` or eos."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.update(do_sample=False, eos_token_id=[end_token_id(tokenizer), tokenizer.eos_token_id],
+                  pad_token_id=tokenizer.pad_token_id)
+    return config
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
              ) -> tuple[list[str], list[float], int, list[list[int]]]:
     """(texts, seconds per generated token per prompt, tokens generated, reply token ids): batch
-    size 1, decoding as the model's generation_config.json says (the model directory's shipped
-    settings), stopping at `<|end|>` or eos."""
-    import copy
-
+    size 1, decoding as the model's generation_config.json says (`shipped_greedy`)."""
     model.eval()
     device = next(model.parameters()).device
     stop = [end_token_id(tokenizer), tokenizer.eos_token_id]
-    config = copy.deepcopy(model.generation_config)
-    config.update(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+    config = shipped_greedy(model, tokenizer)
+    config.max_new_tokens = max_new_tokens
     texts, per_token, generated, replies = [], [], 0, []
     for ids in prompts:
         x = torch.tensor([ids], device=device)
@@ -220,12 +233,16 @@ def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokeniz
                    ) -> tuple[ModelFigures, list[str]]:
     """(figures, generated texts) of the model `load()` returns; memory is measured from before the
     load. `judge`: (reward model, its tokenizer) scoring the generations, or None."""
-    with PeakMemory() as memory:  # what serving costs: loading plus generation
+    with PeakMemory() as memory:  # what serving one request costs: loading plus generation, batch size 1
         model = load()
         start = time.perf_counter()
-        texts, per_token, n_tokens, reply_ids = generate(model, tokenizer, data.prompts, s.max_new_tokens)
+        _, per_token, n_tokens, _ = generate(model, tokenizer, data.prompts[: s.latency_prompts], s.max_new_tokens)
         gen_seconds = time.perf_counter() - start
-    plain = generation.generate_replies(model, tokenizer, data.prompt_chats, s.max_new_tokens)
+    # the quality figures on every prompt, batched: the same greedy replies, a fraction of the time
+    reply_ids = generation.generate_ids(model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size,
+                                        shipped_greedy(model, tokenizer))
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reply_ids]
+    plain = generation.generate_replies(model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size)
     rewards = reward.reward_scores(*judge, data.prompt_chats, texts) if judge else [math.nan]
     ppl = perplexity(model, data.windows)
     loss = reply_loss(model, data.chats, data.pad_id)
