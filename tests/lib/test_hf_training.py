@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from llm_assets.lib.posttrain.chat_data import PadCollator
-from llm_assets.lib.posttrain.hf_training import (ProgressLog, ScheduleSettings, common_arguments, fit,
+from llm_assets.lib.posttrain.hf_training import (ScheduleSettings, common_arguments, fit, progress_log,
                                                   is_main_process, per_device_batch, planned_steps,
                                                   prepare_work_dir, read_run_files, run_identity,
                                                   schedule_callbacks, selection_summary, trainer_arguments,
@@ -115,7 +115,7 @@ def test_common_arguments_resume_in_the_work_dir_and_report_nowhere(tmp_path):
 
 def test_progress_rows_are_forwarded_as_train_or_eval_events():
     events = []
-    progress = ProgressLog(events.append)
+    progress = progress_log(events.append)
     state = SimpleNamespace(global_step=3)
     progress.on_log(None, state, None, logs={"loss": 2.5, "learning_rate": 1e-3, "note": "text"})
     progress.on_log(None, state, None, logs={"eval_loss": 2.1})

@@ -63,8 +63,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from pydantic import Field
-from transformers import EarlyStoppingCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from llm_assets.lib.common.memory import kept_freed_memory
 from llm_assets.lib.common.precision import PRECISIONS, autocast_dtype
@@ -183,7 +181,7 @@ def common_arguments(work_dir: Path, seed: int, save_steps: int, logging_steps: 
         save_steps=save_steps,
         save_total_limit=2,  # the best checkpoint (the result) and the latest (for a resume)
         logging_steps=logging_steps,
-        report_to="none",  # no wandb/tensorboard: progress goes to Dagster through ProgressLog
+        report_to="none",  # no wandb/tensorboard: progress goes to Dagster through progress_log
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
@@ -214,9 +212,11 @@ def trainer_arguments(s: ScheduleSettings, work_dir: Path, n_train: int) -> dict
     )
 
 
-def schedule_callbacks(s: ScheduleSettings) -> list[TrainerCallback]:
+def schedule_callbacks(s: ScheduleSettings) -> list:
     """transformers' EarlyStoppingCallback when patience > 0 (it needs trainer_arguments' best-model
     tracking), else nothing."""
+    from transformers import EarlyStoppingCallback  # not at import: see progress_log
+
     return [EarlyStoppingCallback(early_stopping_patience=s.patience)] if s.patience > 0 else []
 
 
@@ -276,6 +276,8 @@ def prepare_work_dir(work_dir: Path, run_id: str, log: Log) -> str | None:
                 shutil.rmtree(trainer_dir)
             marker.write_text(run_id)
     wait_for_all()
+    from transformers.trainer_utils import get_last_checkpoint  # not at import: see progress_log
+
     last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
     if last:
         log({"event": "resume", "message": f"resuming from {last}"})
@@ -296,27 +298,34 @@ def read_run_files(out: Path) -> tuple[dict, list[dict]]:
     return json.loads((out / "metrics.json").read_text()), history
 
 
-class ProgressLog(TrainerCallback):
-    """Forwards the Trainer's log rows (loss, lr, eval metrics) to `log` and keeps them."""
+def progress_log(log: Log):
+    """A TrainerCallback that forwards the Trainer's log rows (loss, lr, eval metrics) to `log` and
+    keeps them in `.rows`. Its class is made here, not at import: transformers' callback module
+    imports its trainer utilities and peft (4 s), which every `llm-assets` command paid on loading
+    the definitions, training or not."""
+    from transformers import TrainerCallback
 
-    def __init__(self, log: Log):
-        self.log, self.rows = log, []
+    class ProgressLog(TrainerCallback):
+        def __init__(self):
+            self.rows = []
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            self.rows.append(row)
-            self.log({"event": "eval" if any(k.startswith("eval_") for k in row) else "train", **row})
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+                self.rows.append(row)
+                log({"event": "eval" if any(k.startswith("eval_") for k in row) else "train", **row})
+
+    return ProgressLog()
 
 
 def fit(trainer, resume_from: str | None, log: Log) -> tuple:
-    """Train with ProgressLog instead of the console printer: (the Trainer's TrainOutput, seconds in
+    """Train with progress_log instead of the console printer: (the Trainer's TrainOutput, seconds in
     `train()`, the log rows that hold a training "loss" or a held-out figure: the curve). With
     trainer_arguments the trainer's model is the best checkpoint's afterwards."""
     from transformers import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)  # ProgressLog reports the same rows
-    trainer.add_callback(ProgressLog(log))
+    trainer.remove_callback(PrinterCallback)  # progress_log reports the same rows
+    trainer.add_callback(progress_log(log))
     start = time.perf_counter()
     with kept_freed_memory():  # each step reallocates its activations: reuse them, do not page-fault
         trained = trainer.train(resume_from_checkpoint=resume_from)

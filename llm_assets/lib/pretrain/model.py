@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,10 @@ MODEL_SIZES: dict[str, ModelSize] = {
 
 
 def model_config(size: str, vocab_size: int, bos_token_id: int, eos_token_id: int,
-                 pad_token_id: int) -> LlamaConfig:
+                 pad_token_id: int):
     """The `LlamaConfig` of a named size; unknown sizes raise ValueError naming `size`."""
+    from transformers import LlamaConfig  # not at import: transformers' modelling code takes ~2.5 s
+
     if size not in MODEL_SIZES:
         raise ValueError(f"size: unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
     s = MODEL_SIZES[size]
@@ -73,8 +74,10 @@ def model_config(size: str, vocab_size: int, bos_token_id: int, eos_token_id: in
 
 
 def build_model(size: str, vocab_size: int, bos_token_id: int, eos_token_id: int,
-                pad_token_id: int) -> LlamaForCausalLM:
+                pad_token_id: int):
     """A freshly initialized fp32 model (seed torch before calling for a reproducible init)."""
+    from transformers import LlamaForCausalLM
+
     config = model_config(size, vocab_size, bos_token_id, eos_token_id, pad_token_id)
     return LlamaForCausalLM(config).to(torch.float32)
 

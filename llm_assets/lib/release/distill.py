@@ -56,7 +56,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from transformers import Trainer
 
 from llm_assets.lib.evaluate.evaluation import validation_windows
 from llm_assets.lib.posttrain import hf_training
@@ -155,20 +154,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
 
 
-class DistillTrainer(Trainer):
-    """A Trainer whose loss is kd_loss against a frozen teacher (eval_loss: the held-out KL)."""
+def distill_trainer(teacher, temperature: float, **trainer_kwargs):
+    """A Trainer whose loss is kd_loss against a frozen teacher (eval_loss: the held-out KL). Its
+    class is made here, not at import: transformers' Trainer module takes seconds to import (peft,
+    accelerate, datasets), which every `llm-assets` command paid on loading the definitions."""
+    from transformers import Trainer
 
-    def __init__(self, *args, teacher, temperature: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher, self.temperature = teacher.eval().requires_grad_(False), temperature
+    class DistillTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            outputs = model(input_ids=ids, attention_mask=mask)  # no labels: the KL is the loss
+            with torch.no_grad():
+                teacher_logits = frozen(input_ids=ids, attention_mask=mask).logits
+            loss = kd_loss(outputs.logits, teacher_logits, mask, temperature)
+            return (loss, outputs) if return_outputs else loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        outputs = model(input_ids=ids, attention_mask=mask)  # no labels: the KL is the loss
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=ids, attention_mask=mask).logits
-        loss = kd_loss(outputs.logits, teacher_logits, mask, self.temperature)
-        return (loss, outputs) if return_outputs else loss
+    frozen = teacher.eval().requires_grad_(False)
+    return DistillTrainer(**trainer_kwargs)
 
 
 @torch.no_grad()
@@ -220,9 +222,9 @@ def train_student(student, teacher, train_ex: list[dict], eval_ex: list[dict], p
     resume_from = hf_training.prepare_work_dir(work_dir, run_id, log)
     args = TrainingArguments(**hf_training.trainer_arguments(s, work_dir, len(train_ex)),
                              train_sampling_strategy="group_by_length")  # less padding: cheaper steps
-    trainer = DistillTrainer(model=student, args=args, train_dataset=train_ex, eval_dataset=eval_ex,
-                             data_collator=PadCollator(pad_id), callbacks=hf_training.schedule_callbacks(s),
-                             teacher=teacher.to(args.device), temperature=s.temperature)
+    trainer = distill_trainer(teacher.to(args.device), s.temperature, model=student, args=args, train_dataset=train_ex,
+                              eval_dataset=eval_ex, data_collator=PadCollator(pad_id),
+                              callbacks=hf_training.schedule_callbacks(s))
     trained, seconds, history = hf_training.fit(trainer, resume_from, log)
     summary = hf_training.selection_summary(history, hf_training.planned_steps(s, len(train_ex)))
     summary.update(train_loss=trained.training_loss, resumed_from=resume_from or "",
