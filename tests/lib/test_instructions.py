@@ -209,3 +209,19 @@ def test_read_chat_jsonl_drops_and_counts_unusable_records(tmp_path: Path, line,
     assert [source for _, source in chats] == ["c.jsonl#L1", "c.jsonl#L2", "c.jsonl#L4"]  # sources stay aligned
     assert bad.read == 4 and dict(bad.dropped) == {reason: 1} and bad.where[reason][0].startswith("c.jsonl:3")
     assert f"c.jsonl:3: " in bad.first[reason] and match in bad.first[reason]
+
+
+def test_a_corpus_derived_again_is_parsed_once_and_a_changed_one_again(monkeypatch):
+    from llm_assets.lib.posttrain import instructions
+
+    parsed = []
+    real = instructions.pairs_from_source
+    monkeypatch.setattr(instructions, "pairs_from_source", lambda d, t: parsed.append(d) or real(d, t))
+    source = 'def f():\n    """Return one more than it was given."""\n'
+    docs = [stdlib_doc("textwrap.py"), ("stdlib/fresh_for_this_test.py", source)]
+    first = derive_pairs(docs)
+    first.clear()  # the caller's list: the kept one stays whole
+    again, capped = derive_pairs(reversed(docs)), derive_pairs(docs, max_pairs=2)
+    assert len(parsed) == 2 and again and len(capped) == 2  # the second and third calls parsed nothing
+    changed = derive_pairs([docs[0], (docs[1][0], source.replace("one more", "two more"))])
+    assert len(parsed) == 4 and changed[0].output == "Return two more than it was given."
