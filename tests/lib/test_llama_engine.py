@@ -57,11 +57,10 @@ def test_the_engine_streams_whole_characters_refuses_past_its_queue_and_cancels(
         assert "".join(pieces) == streamed.text == whole.text and len(pieces) > 1
         assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # no half character sent mid-stream
 
-        busy, running = threading.Event(), threading.Event()  # the first request's first event holds the engine
-        first = engine.submit(GenerationRequest(ids, 8), lambda *_: running.set() or busy.wait(30))  # thread
-        assert running.wait(30)  # taken off the queue (before this, a second request would find it still waiting)
+        busy = threading.Event()  # the first request's first event holds the engine thread until released
+        first = engine.submit(GenerationRequest(ids, 8), lambda *_: busy.wait(30))
         engine.submit(GenerationRequest(ids, 2), lambda *_: None)
-        with pytest.raises(QueueFull):  # one running, one waiting: max_queue is 1
+        with pytest.raises(QueueFull):  # one running (or about to), one waiting: max_queue is 1
             engine.submit(GenerationRequest(ids, 2), lambda *_: None)
         first.cancel()
         busy.set()

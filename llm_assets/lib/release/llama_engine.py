@@ -111,7 +111,10 @@ class LlamaCppEngine(QueuedEngine):
         self._start()
 
     def _free(self) -> int:
-        return 0 if self.running is not None else 1  # an idle engine takes one at once
+        # an idle engine takes one at once, and so does one whose request has already finished (its
+        # client may have the reply and submit again before the engine thread clears `running`)
+        busy = self.running is not None and self.running.finish_reason is None
+        return 0 if busy else 1
 
     def _full(self) -> str:
         return "for llama.cpp, which answers one at a time"
