@@ -185,9 +185,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
     size 1, decoding as the model's generation_config.json says (`shipped_greedy`)."""
     model.eval()
     device = next(model.parameters()).device
-    stop = [end_token_id(tokenizer), tokenizer.eos_token_id]
     config = shipped_greedy(model, tokenizer)
     config.max_new_tokens = max_new_tokens
+    stop = config.eos_token_id
     texts, per_token, generated, replies = [], [], 0, []
     for ids in prompts:
         x = torch.tensor([ids], device=device)
