@@ -32,6 +32,7 @@ def config(project: Path, n_docs: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_materialize_status_and_restore_byte_for_byte(project: Path):
     assert run(project, "init").returncode == 0
     first = run(project, "materialize", "--select", "raw_corpus", "--config", config(project, 30))
@@ -69,6 +70,7 @@ def test_unknown_selection_and_failed_run_exit_nonzero(project: Path):
     assert "bad.jsonl:1: invalid JSON" in failed.stdout + failed.stderr
 
 
+@pytest.mark.slow
 def test_ingest_takes_each_dropped_file_once_and_a_failed_one_again(project: Path):
     from helpers import shifted_batch
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 from helpers import REPO, dead_pid
@@ -47,6 +48,7 @@ def cli(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(CLI), *args], cwd=project, env=env(project), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_kill_inside_the_dvc_lock_write_then_status_and_the_next_run_need_no_repair(project: Path):
     assert cli(project, "init").returncode == 0
     (project / "fewer.yaml").write_text(yaml.safe_dump(FEWER_DOCUMENTS))
