@@ -129,7 +129,7 @@ def test_jobs_send_steps_to_celery_only_when_a_broker_is_set(monkeypatch):
     from llm_assets.definitions import defs
 
     monkeypatch.delenv(CELERY_BROKER_ENV, raising=False)
-    assert defs().resolve_job_def("data_job").executor_def.name == "multi_or_in_process_executor"
+    assert defs().resolve_job_def("data_job").executor_def.name == "forked_step_executor"  # a process per step
     monkeypatch.setenv(CELERY_BROKER_ENV, "redis://127.0.0.1:6379/0")
     d = defs()
     assert {d.resolve_job_def(job).executor_def.name for job in ("data_job", "ingest_job", "pretrain_job")} == {"celery"}
