@@ -16,7 +16,7 @@ from llm_assets.lib.release import quantize
 from llm_assets.lib.release import candidates as candidates_lib
 from llm_assets.lib.release import release as release_lib
 from llm_assets.lib.tokenizer import packing
-from llm_assets.lib.common.report import figure_markdown, markdown_table
+from llm_assets.lib.common.report import figure_markdown, markdown_table, pyplot
 from llm_assets.lib.common.settings import settings_of
 
 ALIGNMENT_GATE = "aligned_beats_lora"
@@ -41,8 +41,7 @@ class EvalReportConfig(dg.Config, evaluation.EvalSettings):
 
 
 def _plot(rows: dict[str, evaluation.ModelFigures]) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(rows)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), layout="tight")
     for ax, (key, title) in zip(axes, [("val_perplexity", "validation perplexity"),

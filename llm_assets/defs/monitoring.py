@@ -5,7 +5,6 @@ import hashlib
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 
 from llm_assets.defs.resources import LakeResource, artifact_metadata
@@ -88,6 +87,8 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
         tokenizer = load_tokenizer(lake.artifact_dir("tokenizer"))
         if config.use_model_perplexity:
             context.log.warning("no release to score perplexity with: the report leaves that descriptor out")
+    import pandas as pd  # here, as in lib/monitor/drift.py: not paid by every load of the definitions
+
     reference_texts = drift.sample(pd.DataFrame({"text": reference_texts}), config.max_reference_rows)["text"].tolist()
     reference = drift.describe(reference_texts, tokenizer, model)
     current = drift.describe(current_texts, tokenizer, model)
@@ -132,7 +133,7 @@ def _serving_window(lake: LakeResource, window_hours: float, version: str) -> tu
     return log["prompt"].tolist(), posttrain_data.user_prompts(chats), window, log["model_version"].tolist()
 
 
-def _release_and_canary(lake: LakeResource, reference: pd.DataFrame, current: pd.DataFrame, versions: list[str],
+def _release_and_canary(lake: LakeResource, reference: "pd.DataFrame", current: "pd.DataFrame", versions: list[str],
                         config: DriftReportConfig) -> dict:
     """While the release pointer names a canary: the release's and the canary's traffic, each against
     the reference (figures for a version with at least min_current_rows rows, else its row count)."""

@@ -59,14 +59,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
-from datasketch import MinHashLSH
-from datasketch.lean_minhash import LeanMinHash
 from pydantic import Field
 from redis.connection import parse_url
 
@@ -77,6 +76,9 @@ from llm_assets.lib.data.dedup import (MANIFEST, SIGNATURES, DedupParams, Signat
                                        shard_files, split_of, text_sha256, write_signatures)
 from llm_assets.lib.data.minhash import is_empty, signatures
 from llm_assets.lib.data.near_dup import LSH_MARGIN
+
+if TYPE_CHECKING:
+    from datasketch import LeanMinHash
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 BATCH_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()),
@@ -188,6 +190,8 @@ class CorpusIndex:
             connection = redis_connection(lsh_storage)
             self.redis = redis.Redis(**connection)
             storage = {"type": "redis", "basename": self.name + b"lsh", "redis": connection}
+        from datasketch import MinHashLSH  # here, not at the top: see near_dup.candidate_pairs
+
         self.lsh = MinHashLSH(threshold=max(params.threshold - LSH_MARGIN, 0.05), num_perm=params.num_perm,
                               storage_config=storage)
 
@@ -399,4 +403,6 @@ def _text(value: bytes | None) -> str | None:
 
 def _lean(sig: np.ndarray) -> LeanMinHash:
     # Same construction as near_dup.candidate_pairs: LSH only compares the values for equality.
+    from datasketch import LeanMinHash
+
     return LeanMinHash(seed=1, hashvalues=sig, scheme="affine64")

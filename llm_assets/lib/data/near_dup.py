@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from datasketch import LeanMinHash, MinHashLSH
 
 from llm_assets.lib.data.minhash import is_empty
 
@@ -63,6 +62,10 @@ def candidate_pairs(
     sigs: np.ndarray, lsh_threshold: float, storage_config: dict | None = None
 ) -> np.ndarray:
     """Row pairs (i < j) that share at least one LSH band: int (pairs, 2). Rows must be distinct."""
+    # Imported here: datasketch pulls in scipy (~0.9 s), which every process loading the Dagster
+    # definitions would pay for otherwise.
+    from datasketch import LeanMinHash, MinHashLSH
+
     num_perm = sigs.shape[1]
     lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm, storage_config=storage_config)
     # scheme="affine64" only labels the uint64 value range for datasketch's consistency checks;

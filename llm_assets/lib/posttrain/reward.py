@@ -63,7 +63,7 @@ import torch
 from pydantic import Field
 
 from llm_assets.lib.common.atomic import atomic_dir
-from llm_assets.lib.common.report import figure_markdown, plt
+from llm_assets.lib.common.report import figure_markdown, pyplot
 from llm_assets.lib.posttrain import hf_training
 from llm_assets.lib.posttrain.chat_data import TooLong, fit
 from llm_assets.lib.posttrain.preferences import PreferencePair, prompt_messages
@@ -330,7 +330,7 @@ def read_result(out_dir: Path) -> RewardResult:
 def rewards_scatter_markdown(chosen: Sequence[float], rejected: Sequence[float], title: str) -> str:
     """Held-out pairs as points (rejected reward, chosen reward) with the diagonal: points above it
     are pairs the model ranks right. An inline PNG for the asset's metadata."""
-    fig, ax = plt.subplots(figsize=(5, 5), layout="tight")
+    fig, ax = pyplot().subplots(figsize=(5, 5), layout="tight")
     ax.scatter(rejected, chosen, s=12, alpha=0.6, color="#4f6bed")
     lo, hi = min(*chosen, *rejected), max(*chosen, *rejected)
     ax.plot([lo, hi], [lo, hi], ls="--", c="gray", label="chosen = rejected")
