@@ -3,6 +3,7 @@ recent traffic against the prompts the model was trained on)."""
 
 import hashlib
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
@@ -15,6 +16,9 @@ from llm_assets.lib.release.release import current_release
 from llm_assets.lib.common.report import markdown_table
 from llm_assets.lib.common.settings import settings_of
 from llm_assets.lib.monitor import serving_log as log_lib
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dg.observable_source_asset(group_name="monitoring", description=(
