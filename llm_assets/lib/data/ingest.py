@@ -59,7 +59,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -75,10 +74,7 @@ from llm_assets.lib.data.corpus import USER_SUFFIXES, Document, read_user_file
 from llm_assets.lib.data.dedup import (MANIFEST, SIGNATURES, DedupParams, Signatures, read_signatures, read_split,
                                        shard_files, split_of, text_sha256, write_signatures)
 from llm_assets.lib.data.minhash import is_empty, signatures
-from llm_assets.lib.data.near_dup import LSH_MARGIN
-
-if TYPE_CHECKING:
-    from datasketch import LeanMinHash
+from llm_assets.lib.data.near_dup import default_lsh_threshold, lsh_index, sketch
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 BATCH_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()),
@@ -190,10 +186,7 @@ class CorpusIndex:
             connection = redis_connection(lsh_storage)
             self.redis = redis.Redis(**connection)
             storage = {"type": "redis", "basename": self.name + b"lsh", "redis": connection}
-        from datasketch import MinHashLSH  # here, not at the top: see near_dup.candidate_pairs
-
-        self.lsh = MinHashLSH(threshold=max(params.threshold - LSH_MARGIN, 0.05), num_perm=params.num_perm,
-                              storage_config=storage)
+        self.lsh = lsh_index(default_lsh_threshold(params.threshold), params.num_perm, storage)
 
     def signatures(self, texts: list[str]) -> np.ndarray:
         p = self.params
@@ -215,11 +208,11 @@ class CorpusIndex:
             fresh = self._add_shared(sigs, batch)
         rows = [i for i in fresh if not is_empty(sigs.values[i])]
         if len(rows) == 1:  # a session's close reconnects each of datasketch's Redis tables: one goes direct
-            self.lsh.insert(sigs.doc_ids[rows[0]], _lean(sigs.values[rows[0]]), check_duplication=False)
+            self.lsh.insert(sigs.doc_ids[rows[0]], sketch(sigs.values[rows[0]]), check_duplication=False)
             return
         with self.lsh.insertion_session() as session:
             for i in rows:
-                session.insert(sigs.doc_ids[i], _lean(sigs.values[i]), check_duplication=False)
+                session.insert(sigs.doc_ids[i], sketch(sigs.values[i]), check_duplication=False)
 
     def _add_shared(self, sigs: Signatures, batch: str) -> list[int]:
         """Store text hashes and signatures in Redis; the indices of the doc_ids it did not hold."""
@@ -240,7 +233,7 @@ class CorpusIndex:
             return hit, "exact", 1.0
         if is_empty(sig):
             return None
-        found = self.lsh.query(_lean(sig))
+        found = self.lsh.query(sketch(sig))
         best = max(((float((known == sig).mean()), c) for c, known in zip(found, self._signatures_of(found))),
                    default=None)
         if best is not None and best[0] >= self.params.threshold:
@@ -399,10 +392,3 @@ def read_batches(lake_dir: Path, split: str | None = None, exclude: str | None =
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
-
-
-def _lean(sig: np.ndarray) -> LeanMinHash:
-    # Same construction as near_dup.candidate_pairs: LSH only compares the values for equality.
-    from datasketch import LeanMinHash
-
-    return LeanMinHash(seed=1, hashvalues=sig, scheme="affine64")

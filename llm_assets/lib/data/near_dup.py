@@ -58,19 +58,35 @@ def _find(parent: list[int], i: int) -> int:
     return i
 
 
+def default_lsh_threshold(threshold: float) -> float:
+    """The candidate index's threshold for a decision threshold: LSH_MARGIN below it, at least 0.05."""
+    return max(threshold - LSH_MARGIN, 0.05)
+
+
+def lsh_index(lsh_threshold: float, num_perm: int, storage_config: dict | None = None):
+    """datasketch's MinHashLSH (in memory, or where storage_config says, e.g. Redis)."""
+    # Imported here: datasketch pulls in scipy (~0.9 s), which every process loading the Dagster
+    # definitions would pay for otherwise.
+    from datasketch import MinHashLSH
+
+    return MinHashLSH(threshold=lsh_threshold, num_perm=num_perm, storage_config=storage_config)
+
+
+def sketch(sig: np.ndarray):
+    """One signature row as the LeanMinHash datasketch's index takes."""
+    from datasketch import LeanMinHash
+
+    # scheme="affine64" only labels the uint64 value range for datasketch's consistency checks;
+    # the values are this project's OPH signatures, and LSH only compares them for equality.
+    return LeanMinHash(seed=1, hashvalues=sig, scheme="affine64")
+
+
 def candidate_pairs(
     sigs: np.ndarray, lsh_threshold: float, storage_config: dict | None = None
 ) -> np.ndarray:
     """Row pairs (i < j) that share at least one LSH band: int (pairs, 2). Rows must be distinct."""
-    # Imported here: datasketch pulls in scipy (~0.9 s), which every process loading the Dagster
-    # definitions would pay for otherwise.
-    from datasketch import LeanMinHash, MinHashLSH
-
-    num_perm = sigs.shape[1]
-    lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm, storage_config=storage_config)
-    # scheme="affine64" only labels the uint64 value range for datasketch's consistency checks;
-    # the values are this project's OPH signatures, and LSH only compares them for equality.
-    sketches = [LeanMinHash(seed=1, hashvalues=row, scheme="affine64") for row in sigs]
+    lsh = lsh_index(lsh_threshold, sigs.shape[1], storage_config)
+    sketches = [sketch(row) for row in sigs]
     with lsh.insertion_session() as session:
         for i, m in enumerate(sketches):
             session.insert(i, m, check_duplication=False)
@@ -94,7 +110,7 @@ def near_duplicate_clusters(
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     if lsh_threshold is None:
-        lsh_threshold = max(threshold - LSH_MARGIN, 0.05)
+        lsh_threshold = default_lsh_threshold(threshold)
     if not 0.0 < lsh_threshold <= 1.0:
         raise ValueError(f"lsh_threshold must be in (0, 1], got {lsh_threshold!r}")
 
