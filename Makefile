@@ -40,8 +40,11 @@ browser:
 services:
 	command -v redis-server >/dev/null && command -v prometheus >/dev/null && { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server prometheus; }
 
+# One pytest worker per core, each given whole files (module fixtures are built once), files with
+# a slow test first (tests/conftest.py). Many tests wait on servers and sensors, so two overlap.
+TEST_WORKERS ?= $(shell nproc)
 test: install browser services
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ui: install
 	$(CLI) init

@@ -9,6 +9,13 @@ import pytest
 from helpers import load_tiny_config, make_project
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with a `slow` test first, otherwise in collection order: `make test` hands whole files
+    to its workers (pytest-xdist, --dist loadfile), and a long file started last would run alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _dvc_env(tmp_path_factory: pytest.TempPathFactory):
     """DVC keeps per-repo state under /var/tmp/dvc/ and reports analytics by default: keep test

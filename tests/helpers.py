@@ -129,13 +129,16 @@ def shifted_batch(n: int = 40) -> str:
 def uvicorn_thread(app, **config):
     """Serve a FastAPI app on a real uvicorn on loopback, in a thread; yields its base URL, stops it
     the way SIGTERM stops `llm-assets serve` (graceful shutdown, which flushes the serving log).
-    `config`: more uvicorn.Config options (the server's header timeout: http=...)."""
+    `config`: more uvicorn.Config options (the server's header timeout: http=...). No log_config:
+    uvicorn's own would attach handlers to whatever sys.stderr is now (a test's capsys buffer, closed
+    when that test ends) and keep them for the rest of the session; its records reach the root
+    logger (pytest's log capture) instead."""
     import threading
     import time
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -15,7 +15,8 @@ from llm_assets.serving.app import ServeSettings, create_app, uvicorn_config
 
 class Server:
     def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn_config(app, app.state.server.settings, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.server.settings, log_config=None,
+                                                    log_level="warning"))  # see helpers.uvicorn_thread
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
