@@ -91,9 +91,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftReportConfig, l
         tokenizer = load_tokenizer(lake.artifact_dir("tokenizer"))
         if config.use_model_perplexity:
             context.log.warning("no release to score perplexity with: the report leaves that descriptor out")
-    import pandas as pd  # here, as in lib/monitor/drift.py: not paid by every load of the definitions
-
-    reference_texts = drift.sample(pd.DataFrame({"text": reference_texts}), config.max_reference_rows)["text"].tolist()
+    reference_texts = drift.sample(reference_texts, config.max_reference_rows)
     reference = drift.describe(reference_texts, tokenizer, model)
     current = drift.describe(current_texts, tokenizer, model)
     result = drift.detect_drift(reference, current, settings_of(config, drift.DriftSettings))

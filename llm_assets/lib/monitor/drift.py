@@ -50,7 +50,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import numpy as np
 from pydantic import Field
@@ -61,6 +61,7 @@ from llm_assets.lib.tokenizer.tokenizer import BYTE_ALPHABET, SPECIAL_TOKENS
 if TYPE_CHECKING:
     import pandas as pd
 
+T = TypeVar("T")
 REPORT_HTML, SUMMARY, CURRENT = "report.html", "summary.json", "current.parquet"
 DESCRIPTORS = ("length_chars", "words", "non_letter_share", "byte_fallback_rate", "perplexity")
 _WORD = re.compile(r"\w+")
@@ -156,12 +157,16 @@ def detect_drift(reference: pd.DataFrame, current: pd.DataFrame, s: DriftSetting
     return DriftResult(summary, snapshot)
 
 
-def sample(frame: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
-    """At most n rows, drawn without replacement, reproducibly."""
-    if len(frame) <= n:
-        return frame.reset_index(drop=True)
-    idx = np.random.default_rng(seed).choice(len(frame), size=n, replace=False)
-    return frame.iloc[np.sort(idx)].reset_index(drop=True)
+def sample(items: Sequence[T], n: int, seed: int = 0) -> list[T]:
+    """At most n of `items`, drawn without replacement, reproducibly, in their original order.
+
+    >>> sample(list("abcdefgh"), 3), sample(["a", "b"], 3)
+    (['e', 'f', 'h'], ['a', 'b'])
+    """
+    if len(items) <= n:
+        return list(items)
+    idx = np.random.default_rng(seed).choice(len(items), size=n, replace=False)
+    return [items[i] for i in np.sort(idx)]
 
 
 def write_report(out_dir: Path, result: DriftResult, summary: dict, current: pd.DataFrame) -> None:
