@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from helpers import load_tiny_config, make_project
+
+# pytest-xdist workers share the cores: each (and every process it starts: CLI runs, the daemon,
+# torchrun) gets its share of threads, or the OpenMP pools of two workers spin against each other
+# on the same cores (three heavy test files: 90 s with one thread per worker, 100-108 s with two).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
