@@ -272,8 +272,8 @@ def test_two_rank_ddp_run_writes_a_loadable_model(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_a_compiled_run_trains_like_the_eager_one(corpus, tmp_path):
-    """compile: on (what auto picks for a long CPU run) trains the same model as eager, within
-    float noise: torch.compile changes how, not what, the step computes."""
+    """compile: on (what auto picks on CUDA) trains the same model as eager, within float noise:
+    torch.compile changes how, not what, the step computes."""
     short = TINY.model_copy(update={"max_steps": 6, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 0,
                                     "precision": "fp32"})
     events: list[dict] = []
