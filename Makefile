@@ -42,7 +42,8 @@ services:
 	command -v redis-server >/dev/null && command -v prometheus >/dev/null && { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server prometheus; }
 
 # One pytest worker per core, each given whole files (module fixtures are built once), files with
-# a slow test first (tests/conftest.py). Many tests wait on servers and sensors, so two overlap.
+# a slow test first, and each worker its share of the cores' threads (tests/conftest.py).
+# TEST_WORKERS=1: one process.
 TEST_WORKERS ?= $(shell nproc)
 test: install browser services
 	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
