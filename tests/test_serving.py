@@ -1,36 +1,26 @@
 """The model server on a real uvicorn on loopback, serving a tiny model through the release pointer."""
 
 import json
-import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
+from helpers import uvicorn_thread
 from llm_assets.lib.release.release import Gate, publish
 from llm_assets.lib.monitor.serving_log import read_log
-from llm_assets.serving.app import ServeSettings, create_app, uvicorn_config
+from llm_assets.serving.app import ServeSettings, create_app
+from llm_assets.serving.guards import header_timeout_protocol
 
 
-class Server:
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn_config(app, app.state.server.settings, log_config=None,
-                                                    log_level="warning"))  # see helpers.uvicorn_thread
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        return self.client
-
-    def __exit__(self, *exc):
-        self.client.close()
-        self.server.should_exit = True  # what SIGTERM does in `llm-assets serve`
-        self.thread.join(timeout=30)
+@contextmanager
+def served(app):
+    """An httpx client of `app` on a real uvicorn (helpers.uvicorn_thread) with the header read
+    timeout `llm-assets serve` runs it with; leaving stops the server as SIGTERM does."""
+    http = header_timeout_protocol(app.state.server.settings.header_timeout_s)
+    with uvicorn_thread(app, http=http) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
 
 
 @pytest.fixture
@@ -46,7 +36,7 @@ def settings(tmp_path, releases, **kw):
 
 def test_generate_stream_health_metrics_and_every_request_logged(tmp_path, releases):
     app = create_app(settings(tmp_path, releases))
-    with Server(app) as client:
+    with served(app) as client:
         assert client.get("/health").json() == {"status": "ok", "model_version": "v1", "engine": "torch"}
         r = client.post("/generate", json={"prompt": "Explain what `f(x)` does.", "max_new_tokens": 5})
         assert r.status_code == 200
@@ -69,7 +59,7 @@ def test_generate_stream_health_metrics_and_every_request_logged(tmp_path, relea
 
 def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(tmp_path, releases):
     app = create_app(settings(tmp_path, releases, max_prompt_tokens=40, max_new_tokens_cap=8))
-    with Server(app) as client:
+    with served(app) as client:
         r = client.post("/generate", content=b'{"prompt": "x", ', headers={"content-type": "application/json"})
         assert r.status_code == 422 and "json" in r.text.lower()
         r = client.post("/generate", json={"prompt": 42})
@@ -90,7 +80,7 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(tmp_pa
 
 def test_a_new_release_is_served_without_a_restart(tmp_path, releases, tiny_base_dir):
     app = create_app(settings(tmp_path, releases))
-    with Server(app) as client:
+    with served(app) as client:
         assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 2}).json()["model_version"] == "v1"
         time.sleep(0.01)  # a distinct mtime for the pointer
         publish(tiny_base_dir, releases, "v2", [Gate("g", True, 0, 0)], {"model": "test"})
@@ -117,7 +107,7 @@ def test_a_failure_during_generation_is_logged_and_counted_the_same_on_both_endp
     # One place in the batch and no queue: a place a failure did not give back turns the next request into a 429.
     app = create_app(settings(tmp_path, tmp_path / "no-releases", model_dir=broken_model_dir, max_batch_size=1,
                               max_queue=0))
-    with Server(app) as client:
+    with served(app) as client:
         assert client.get("/health").json() == {"status": "ok", "model_version": "dir:broken", "engine": "torch"}
         r = client.post("/generate", json={"prompt": "plain", "max_new_tokens": 3})
         assert r.status_code == 500 and r.json()["detail"].startswith("generation failed: IndexError")
@@ -137,7 +127,7 @@ def test_a_failure_during_generation_is_logged_and_counted_the_same_on_both_endp
 
 def test_no_release_answers_503(tmp_path):
     app = create_app(settings(tmp_path, tmp_path / "no-releases"))
-    with Server(app) as client:
+    with served(app) as client:
         assert client.get("/health").json() == {"status": "no_model", "model_version": None, "engine": "torch"}
         r = client.post("/generate", json={"prompt": "a"})
         assert r.status_code == 503 and "no release to serve" in r.json()["detail"]
