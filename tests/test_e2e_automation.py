@@ -27,15 +27,13 @@ TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
 
 
 def e2e_config() -> dict:
-    """The tiny config with the gates a 30-step model cannot pass opened (as in test_release_assets):
-    the test is about the automation; whether the gates hold or refuse is tested there."""
+    """The tiny config, with the default gates: the first model and the retrained one must each pass
+    them for the release to move."""
     cfg = load_tiny_config()
     # Six steps at the default rate move a tiny adapter so little (Adam's first steps are about
     # lr * sign(gradient), alike for any data) that the nf4-quantized model comes out byte-identical
     # after a retrain; this many steps at this rate make new data show in the released weights.
     cfg["ops"]["lora_checkpoint"]["config"].update(max_steps=20, lr=5e-3, max_len=192)
-    cfg["ops"]["quantized_model"]["config"]["perplexity_budget"] = 1.0
-    cfg["ops"]["eval_report"]["config"].update(min_win_rate=0.0, min_rouge_ratio=0.0, max_empty_generations=3, max_token_run=1000)
     return cfg
 
 

@@ -40,8 +40,9 @@ def _tune(model_dir, chats: list[list[dict]], config) -> dict:
     """Choose and write model_dir's generation_config.json on held-out chats; its metadata."""
     chosen, rows = generation.tune_model_dir(model_dir, chats, settings_of(config, generation.TuningSettings))
     table = markdown_table(["repetition penalty", "no-repeat n-gram", "held-out ROUGE-L", "replies with a word 3x",
-                            "mean reply chars"], [(r["repetition_penalty"], r["no_repeat_ngram_size"], r["rouge_l"],
-                                                   r["repeats_share"], r["mean_reply_chars"]) for r in rows])
+                            "longest token run", "mean reply chars"],
+                           [(r["repetition_penalty"], r["no_repeat_ngram_size"], r["rouge_l"], r["repeats_share"],
+                             r["longest_token_run"], r["mean_reply_chars"]) for r in rows])
     return {"generation_repetition_penalty": float(chosen.repetition_penalty),
             "generation_no_repeat_ngram_size": int(chosen.no_repeat_ngram_size),
             "generation_tuning_rouge_l": max(r["rouge_l"] for r in rows),

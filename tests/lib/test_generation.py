@@ -111,8 +111,9 @@ def test_choose_generation_config_scores_every_candidate_and_prefers_the_simples
     chosen = next(r for r in rows if (r["repetition_penalty"], r["no_repeat_ngram_size"]) ==
                   (config.repetition_penalty, config.no_repeat_ngram_size))
     assert chosen["rouge_l"] == pytest.approx(best)
-    # every simpler candidate scored lower (rows come simplest first)
-    assert all(r["rouge_l"] < best for r in rows[: rows.index(chosen)])
+    # every simpler candidate scored lower or looped longer (rows come simplest first)
+    assert all(r["rouge_l"] < best or r["longest_token_run"] > chosen["longest_token_run"]
+               for r in rows[: rows.index(chosen)])
     assert config.do_sample is False and config.eos_token_id == [end_token_id(tok), tok.eos_token_id]
     assert config.pad_token_id == tok.pad_token_id and config.max_new_tokens == 16
     # all candidates the same: the plain greedy one wins the tie
@@ -120,6 +121,34 @@ def test_choose_generation_config_scores_every_candidate_and_prefers_the_simples
     assert (same.repetition_penalty, same.no_repeat_ngram_size) == (1.0, 0)
     with pytest.raises(ValueError, match=r"chats\[0\]"):
         choose_generation_config(model, tok, [CHATS[0][:1]], 16, grid)
+
+
+def test_a_model_that_scores_nothing_gets_the_rule_that_stops_its_loops_and_never_replies_empty():
+    """Trained to answer half its prompts with a loop and half with nothing: every candidate's
+    ROUGE-L is 0 against unrelated references, so the tie goes to the rule with the shortest token
+    run, and the shipped config still makes the silent prompts say something."""
+    chats = [[{"role": "user", "content": f"{verb} {w}."}, {"role": "assistant", "content": reply}]
+             for w in ("one", "two", "three", "four") for verb, reply in (("Repeat", "go " * 12), ("Hush", ""))]
+    tok = train_tokenizer([m["content"] for chat in chats for m in chat] * 8 + ["zebra quokka"] * 8, vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    batch = pad_batch([encode_chat(tok, chat, 128) for chat in chats], tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    prompts = [chat[:-1] for chat in chats]
+    plain = generate_ids(model, tok, prompts, max_new_tokens=16, batch_size=4)
+    assert max(map(max_token_run, plain)) > 3 and min(map(len, plain)) == 0  # it learned both habits
+    scored = [chat[:-1] + [{"role": "assistant", "content": "Zebra quokka."}] for chat in chats]
+    config, rows = choose_generation_config(model, tok, scored, 16, candidate_grid((1.0,), (0, 3)), batch_size=4)
+    assert [r["rouge_l"] for r in rows] == [0.0, 0.0] and rows[0]["longest_token_run"] > 3
+    assert (config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens) == (1.0, 3, 1)
+    shipped = generate_ids(model, tok, prompts, max_new_tokens=16, batch_size=4, generation_config=config)
+    assert max(map(max_token_run, shipped)) <= 3 and min(map(len, shipped)) >= 1
 
 
 def test_write_generation_config_replaces_the_model_directorys_file(trained, tmp_path):

@@ -20,8 +20,8 @@ directory ships (generation_config.json), chosen on held-out ROUGE-L.
     (3, True, False)
     >>> grid = candidate_grid(penalties=(1.0, 1.3), ngram_sizes=(0, 3))
     >>> config, rows = choose_generation_config(model, tok, chats, 6, grid)
-    >>> len(rows), sorted(rows[0]), config.do_sample
-    (4, ['mean_reply_chars', 'no_repeat_ngram_size', 'repeats_share', 'repetition_penalty', 'rouge_l'], False)
+    >>> len(rows), sorted(rows[0]), config.do_sample, config.min_new_tokens
+    (4, ['longest_token_run', 'mean_reply_chars', 'no_repeat_ngram_size', 'repeats_share', 'repetition_penalty', 'rouge_l'], False, 1)
     >>> model_dir = Path(tempfile.mkdtemp())
     >>> write_generation_config(model_dir, config)
     >>> GenerationConfig.from_pretrained(model_dir).eos_token_id == config.eos_token_id
@@ -36,8 +36,10 @@ row's first real token (checked in the tests against one-at-a-time generation).
 
 `choose_generation_config` decodes held-out chats greedily with each candidate setting and keeps
 the one with the best mean ROUGE-L F1 (Google's `rouge-score`, stemmed, as eval_report scores);
-of equal scores the simplest wins: the lowest repetition penalty, then no n-gram rule, then the
-largest n (which forbids the fewest continuations). Pass chats distinct from the ones the model is
+of equal scores the one whose longest run of one token is shortest, then the simplest: the lowest
+repetition penalty, then no n-gram rule, then the largest n (which forbids the fewest
+continuations). The chosen config also suppresses the stop tokens at the first position, so a
+reply is never empty. Pass chats distinct from the ones the model is
 later evaluated on, or the chosen setting is fitted to the test.
 """
 
@@ -61,15 +63,18 @@ from llm_assets.lib.pretrain.model_dir import context_length, load_model
 GENERATION_CONFIG = "generation_config.json"
 PENALTIES = (1.0, 1.1, 1.2, 1.3, 1.5)  # repetition_penalty candidates; 1.0 = off
 NGRAM_SIZES = (0, 3, 4)  # no_repeat_ngram_size candidates; 0 = no rule
+MIN_REPLY_TOKENS = 1  # a shipped config never ends a reply before its first token: an empty answer helps no one
 _WORD = re.compile(r"\w+")
 
 
-def greedy_config(tokenizer, max_new_tokens: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
-    """A greedy GenerationConfig stopping at `<|end|>` or eos, padding with the tokenizer's pad."""
+def greedy_config(tokenizer, max_new_tokens: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                  min_new_tokens: int = 0):
+    """A greedy GenerationConfig stopping at `<|end|>` or eos (not before min_new_tokens tokens),
+    padding with the tokenizer's pad."""
     from transformers import GenerationConfig
 
     return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                            no_repeat_ngram_size=no_repeat_ngram_size,
+                            no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
                             eos_token_id=[end_token_id(tokenizer), tokenizer.eos_token_id],
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
 
@@ -195,7 +200,8 @@ def choose_generation_config(model, tokenizer, chats: list[list[dict]], max_new_
     """(the best greedy GenerationConfig, one row per candidate): each candidate (keywords of
     greedy_config) decodes every chat's prompt (all turns but the last) and is scored by mean
     ROUGE-L F1 against the chat's last (reference) reply; rows carry the score, the share of
-    replies with a word 3x in a row and the mean reply length in characters."""
+    replies with a word 3x in a row, the longest run of one token in any reply and the mean reply
+    length in characters. Every shipped config generates at least MIN_REPLY_TOKENS tokens."""
     if not chats or not candidates:
         raise ValueError("choose_generation_config: needs at least one chat and one candidate")
     for k, chat in enumerate(chats):
@@ -204,16 +210,20 @@ def choose_generation_config(model, tokenizer, chats: list[list[dict]], max_new_
     prompts, references = [chat[:-1] for chat in chats], [chat[-1]["content"] for chat in chats]
     rows = []
     for cand in sorted(candidates, key=_simplicity):
-        config = greedy_config(tokenizer, max_new_tokens, **cand)
-        replies = generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size, config, precision)
+        config = greedy_config(tokenizer, max_new_tokens, **cand, min_new_tokens=MIN_REPLY_TOKENS)
+        ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, config, precision)
+        replies = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
         score = statistics.fmean(rouge_l_scores(replies, references))
         rows.append({**cand, "rouge_l": score, "repeats_share": statistics.fmean(map(repeats, replies)),
+                     "longest_token_run": max(map(max_token_run, ids)),
                      "mean_reply_chars": statistics.fmean(map(len, replies))})
     best_score = max(r["rouge_l"] for r in rows)
-    # rows are in simplicity order: the first within float noise of the best is the simplest of the best
-    best = next(r for r in rows if r["rouge_l"] >= best_score - 1e-12)
+    # Of the best (within float noise), the one that loops least, then the simplest (rows are in
+    # simplicity order, min keeps the first): a model too weak to score any ROUGE-L still gets
+    # the rule that stops its loops.
+    best = min((r for r in rows if r["rouge_l"] >= best_score - 1e-12), key=lambda r: r["longest_token_run"])
     knobs = {k: best[k] for k in ("repetition_penalty", "no_repeat_ngram_size")}
-    return greedy_config(tokenizer, max_new_tokens, **knobs), rows
+    return greedy_config(tokenizer, max_new_tokens, **knobs, min_new_tokens=MIN_REPLY_TOKENS), rows
 
 
 EVALUATION, TUNING = 0, 1  # the two disjoint halves of held_out_prompts
