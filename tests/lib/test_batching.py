@@ -50,6 +50,38 @@ def test_greedy_replies_batched_equal_replies_alone_and_transformers_generate(ti
         assert [t for t in ids if t not in stop] == [t for t in hf if t not in stop][:len(ids)], request
 
 
+def test_no_stop_token_before_min_new_tokens_as_transformers_generate(tiny):
+    """A model pushed to end every reply at once: with min_new_tokens 0 the reply is empty, with
+    the shipped configs' 1 it has a token, both as transformers' generate decodes them."""
+    model, tok = tiny
+    end = tok.convert_tokens_to_ids("<|end|>")
+
+    def ends_at_once(module, inputs, logits):
+        return logits.index_add(-1, torch.tensor([end]), torch.full((*logits.shape[:-1], 1), 1e4))
+
+    hook = model.lm_head.register_forward_hook(ends_at_once)
+    shipped = model.generation_config
+    try:
+        for min_new in (0, 1):
+            model.generation_config = greedy_config(tok, 12, repetition_penalty=1.3, no_repeat_ngram_size=3,
+                                                    min_new_tokens=min_new)
+            engine = BatchEngine(model, tok, max_batch_size=4)
+            try:
+                replies = [s.generated for s in collect(engine, asks(tok))]
+            finally:
+                engine.close()
+            for request, ids in zip(asks(tok), replies):
+                x = torch.tensor([request.prompt_ids])
+                out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=model.generation_config,
+                                     max_new_tokens=request.max_new_tokens)
+                reply = [t for t in ids if t != end]  # the engine keeps the stop token it picked
+                assert reply == [t for t in out[0, x.shape[1]:].tolist() if t != end]
+                assert len(reply) == min_new and ids[-1] == end  # the forced token, then the stop
+    finally:
+        hook.remove()
+        model.generation_config = shipped
+
+
 def test_seeded_sampling_is_the_same_batched_and_alone_and_tiny_temperatures_are_greedy(tiny):
     model, tok = tiny
     engine = BatchEngine(model, tok, max_batch_size=6)

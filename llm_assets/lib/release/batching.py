@@ -36,7 +36,8 @@ message). `Sequence.cancel()` (a client that went away) drops it at the next ste
   its neighbours (up to float rounding; the tests compare greedy replies batched and alone).
 - Each row's next token is chosen with its own settings, in the order transformers' generate uses:
   the model directory's generation_config (repetition_penalty, no_repeat_ngram_size, over the row's
-  prompt and reply), then temperature and top_p, sampled with the row's own seeded generator.
+  prompt and reply; no stop token before min_new_tokens), then temperature and top_p, sampled
+  with the row's own seeded generator.
   A temperature below MIN_TEMPERATURE is greedy (dividing logits by 1e-300 overflows to inf/nan).
 - A row leaves when it picks a stop token (`<|end|>`, eos, generation_config's eos ids), reaches
   max_new_tokens, its text reaches a stop string, or it is cancelled; its cache rows are dropped
@@ -168,6 +169,7 @@ class QueuedEngine:
         self.tokenizer, self.device, self.max_queue, self.on_step = tokenizer, device, max_queue, on_step
         self.penalty = float(generation_config.repetition_penalty or 1.0)
         self.ngram = int(generation_config.no_repeat_ngram_size or 0)
+        self.min_new_tokens = int(generation_config.min_new_tokens or 0)
         eos = generation_config.eos_token_id
         self.stop_ids = {end_token_id(tokenizer), tokenizer.eos_token_id,
                          *([eos] if isinstance(eos, int) else list(eos or []))}
@@ -226,13 +228,17 @@ class QueuedEngine:
 
     def pick(self, seq: Sequence, scores: torch.Tensor) -> int:
         """The next token for `seq` from its penalized scores (vocab,), as transformers' generate
-        would: no-repeat n-grams, then greedy, or temperature and top_p and a seeded draw."""
+        would: no-repeat n-grams, no stop token before min_new_tokens, then greedy, or temperature
+        and top_p and a seeded draw."""
         from transformers import NoRepeatNGramLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
         scores = scores[None]  # (1, vocab)
         if self.ngram:
             ids = torch.tensor([seq.request.prompt_ids + seq.generated], device=scores.device)
             scores = NoRepeatNGramLogitsProcessor(self.ngram)(ids, scores)
+        if len(seq.generated) < self.min_new_tokens:
+            stops = torch.tensor(sorted(self.stop_ids), device=scores.device)
+            scores = scores.index_fill(1, stops, float("-inf"))
         if not seq.sample:
             return int(scores.argmax())
         scores = TemperatureLogitsWarper(seq.request.temperature)(None, scores)

@@ -28,7 +28,7 @@ prompt is evaluated in one llama.cpp decode, then one decode per generated token
 
 The next token is chosen exactly as the torch engine chooses it (QueuedEngine.penalized and .pick,
 on llama.cpp's logits of the last position): the model directory's generation_config.json
-repetition penalty over prompt and reply and its no-repeat n-gram size, greedy below
+repetition penalty over prompt and reply, its no-repeat n-gram size and min_new_tokens, greedy below
 MIN_TEMPERATURE, otherwise temperature, top_p and a draw from the request's seeded generator.
 llama.cpp's own sampler has a repetition penalty too (`penalty_repeat`), but over the last
 `last_n` accepted tokens only, and no no-repeat n-gram rule; choosing here keeps the two engines'
