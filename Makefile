@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	@# pip 26.3 resolves the same set (same versions) in 22-25 s.
 	$(PY) -m pip install -q 'pip>=26'
 	@# No byte-compiling of the ~40,000 files (52 s on both cores): each module's bytecode is written
-	@# when it is first imported (the demo's imports are ~6,500 modules, ~27 s), see unexport below.
+	@# when it is first imported (the demo's imports are ~6,500 modules, ~27 s): the unexport above.
 	$(PY) -m pip install -q --no-compile -e '.[dev]'
 	@# dagster 1.13's asset-selection parser needs antlr 4.13; dvc (via hydra/omegaconf) pins 4.9
 	@# and only `dvc exp` params need that. Without this, every string selection fails.

@@ -39,8 +39,8 @@ the one with the best mean ROUGE-L F1 (Google's `rouge-score`, stemmed, as eval_
 of equal scores the one whose longest run of one token is shortest, then the simplest: the lowest
 repetition penalty, then no n-gram rule, then the largest n (which forbids the fewest
 continuations). The chosen config also suppresses the stop tokens at the first position, so a
-reply is never empty. Pass chats distinct from the ones the model is
-later evaluated on, or the chosen setting is fitted to the test.
+reply is never empty. Pass chats distinct from the ones the model is later evaluated on, or the
+chosen setting is fitted to the test.
 """
 
 from __future__ import annotations
