@@ -22,16 +22,21 @@ def trained():
     """A tiny model trained for a few seconds on CHATS: it answers and then emits <|end|>, so
     generation stops early (an untrained model always runs to max_new_tokens)."""
     tok = train_tokenizer([m["content"] for chat in CHATS for m in chat] * 4, vocab_size=300)
+    return fit_tiny(CHATS, tok), tok
+
+
+def fit_tiny(chats, tok):
+    """A tiny model trained 60 full-batch steps on `chats` (seeded), in eval mode."""
     torch.manual_seed(0)
     model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    batch = pad_batch([encode_chat(tok, chat, 128) for chat in CHATS], tok.pad_token_id)
+    batch = pad_batch([encode_chat(tok, chat, 128) for chat in chats], tok.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(60):
         loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), tok
+    return model.eval()
 
 
 def test_batched_generation_equals_one_at_a_time_and_stops(trained):
@@ -130,16 +135,7 @@ def test_a_model_that_scores_nothing_gets_the_rule_that_stops_its_loops_and_neve
     chats = [[{"role": "user", "content": f"{verb} {w}."}, {"role": "assistant", "content": reply}]
              for w in ("one", "two", "three", "four") for verb, reply in (("Repeat", "go " * 12), ("Hush", ""))]
     tok = train_tokenizer([m["content"] for chat in chats for m in chat] * 8 + ["zebra quokka"] * 8, vocab_size=300)
-    torch.manual_seed(0)
-    model = build_model("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    batch = pad_batch([encode_chat(tok, chat, 128) for chat in chats], tok.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = fit_tiny(chats, tok)
     prompts = [chat[:-1] for chat in chats]
     plain = generate_ids(model, tok, prompts, max_new_tokens=16, batch_size=4)
     assert max(map(max_token_run, plain)) > 3 and min(map(len, plain)) == 0  # it learned both habits
