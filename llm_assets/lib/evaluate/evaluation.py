@@ -188,7 +188,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
     config = shipped_greedy(model, tokenizer)
     config.max_new_tokens = max_new_tokens
     stop = config.eos_token_id
-    texts, per_token, generated, replies = [], [], 0, []
+    per_token, generated, replies = [], 0, []
     for ids in prompts:
         x = torch.tensor([ids], device=device)
         start = time.perf_counter()
@@ -199,8 +199,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
         generated += n
         per_token.append(seconds / max(1, n))
         replies.append([t for t in new.tolist() if t not in stop])
-        texts.append(tokenizer.decode(replies[-1], skip_special_tokens=True).strip())
-    return texts, per_token, generated, replies
+    return generation.reply_texts(tokenizer, replies), per_token, generated, replies
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -241,7 +240,7 @@ def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokeniz
     # the quality figures on every prompt, batched: the same greedy replies, a fraction of the time
     reply_ids = generation.generate_ids(model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size,
                                         shipped_greedy(model, tokenizer))
-    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reply_ids]
+    texts = generation.reply_texts(tokenizer, reply_ids)
     plain = generation.generate_replies(model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size)
     rewards = reward.reward_scores(*judge, data.prompt_chats, texts) if judge else [math.nan]
     ppl = perplexity(model, data.windows)

@@ -131,7 +131,12 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     `generation_config` (a transformers GenerationConfig) says otherwise, at most max_new_tokens
     tokens, stopped at `<|end|>`/eos, decoded without special tokens and stripped. `precision`
     (fp32, bf16, auto: common/precision.py) sets matmul autocast; the weights stay as loaded."""
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, generation_config, precision)
+    return reply_texts(tokenizer, generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                               generation_config, precision))
+
+
+def reply_texts(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Each reply's text: its token ids decoded without special tokens, stripped."""
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
 
 
@@ -212,7 +217,7 @@ def choose_generation_config(model, tokenizer, chats: list[list[dict]], max_new_
     for cand in sorted(candidates, key=_simplicity):
         config = greedy_config(tokenizer, max_new_tokens, **cand, min_new_tokens=MIN_REPLY_TOKENS)
         ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, config, precision)
-        replies = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
+        replies = reply_texts(tokenizer, ids)
         score = statistics.fmean(rouge_l_scores(replies, references))
         rows.append({**cand, "rouge_l": score, "repeats_share": statistics.fmean(map(repeats, replies)),
                      "longest_token_run": max(map(max_token_run, ids)),
