@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model
 from llm_assets.lib.common.memory import kept_freed_memory
-from llm_assets.lib.common.precision import autocast_dtype, training_attention, use_compile
+from llm_assets.lib.common.precision import autocast_dtype, use_compile
 from llm_assets.lib.pretrain.pretrain import PretrainSettings, make_optimizer, train
 from llm_assets.lib.tokenizer.packing import write_streams
 
@@ -98,7 +98,6 @@ def timed_loop(s: PretrainSettings, vocab_size: int, steps: int, batches: list[t
     optimizer, _ = make_optimizer(raw, s)
     cpu = torch.device("cpu")
     amp_dtype = autocast_dtype(s.precision, cpu)
-    raw.set_attn_implementation(training_attention(cpu, amp_dtype))
     model = torch.compile(raw) if use_compile(s.compile, cpu) else raw
 
     def step(i: int) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_assets.lib.common import precision
-from llm_assets.lib.common.precision import autocast_dtype, bf16_native, cpu_bf16_flags, cpu_flags, training_attention, use_compile
+from llm_assets.lib.common.precision import autocast_dtype, bf16_native, cpu_bf16_flags, cpu_flags, use_compile
 
 CPU = torch.device("cpu")
 
@@ -47,9 +47,3 @@ def test_unknown_settings_are_refused_by_name():
 def test_compile_auto_is_for_cuda_only():
     assert not use_compile("auto", CPU)  # measured slower than eager on this CPU, and 40-70 s to compile
     assert use_compile("on", CPU) and not use_compile("off", CPU)
-
-
-def test_pretraining_attention_is_eager_only_on_a_cpu_under_bf16():
-    assert training_attention(CPU, torch.bfloat16) == "eager"
-    assert training_attention(CPU, None) == "sdpa"  # fp32: the two measured the same
-    assert training_attention(torch.device("cuda"), torch.bfloat16) == "sdpa"  # flash attention there

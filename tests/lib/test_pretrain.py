@@ -22,8 +22,7 @@ import torch
 
 from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model, count_parameters, estimate_parameters
 from llm_assets.lib.pretrain.checkpoints import latest_checkpoint
-from llm_assets.lib.pretrain.pretrain import (PretrainSettings, eval_starts, load_training_tokens, lr_factor, train,
-                                              train_batch)
+from llm_assets.lib.pretrain.pretrain import PretrainSettings, eval_starts, lr_factor, train, train_batch
 from llm_assets.lib.pretrain.run_metrics import PretrainMetrics
 from llm_assets.lib.tokenizer.packing import write_streams
 
@@ -283,28 +282,3 @@ def test_a_compiled_run_trains_like_the_eager_one(corpus, tmp_path):
     assert events[0]["compiled"] is True
     assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-3)
     assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-3)
-
-
-def test_a_bf16_cpu_run_trains_with_eager_attention_and_saves_a_model_the_default_kernel_loads(corpus, tmp_path):
-    """Under bf16 autocast on a CPU the step uses eager attention (precision.training_attention);
-    the saved model does not record it, loads with transformers' default kernel and gives the same
-    validation loss to float noise."""
-    from transformers import AutoModelForCausalLM
-
-    short = TINY.model_copy(update={"max_steps": 4, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 0,
-                                    "precision": "bf16"})
-    events: list[dict] = []
-    metrics = run_train(short, corpus, tmp_path, "bf16", events)
-    assert events[0]["autocast"] == "torch.bfloat16" and events[0]["attention"] == "eager"
-    out = tmp_path / "bf16" / "out"
-    assert json.loads((out / "training_config.json").read_text())["attention"] == "eager"
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config._attn_implementation == "sdpa"
-    _, data = load_training_tokens(corpus[0], 64)
-    x = torch.from_numpy(np.asarray(data["validation"][:4 * 65], dtype=np.int64)).view(4, 65)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        sdpa = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-        model.set_attn_implementation("eager")
-        eager = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-    assert float(sdpa) == pytest.approx(float(eager), rel=1e-2)
-    assert np.isfinite(metrics.val_loss)

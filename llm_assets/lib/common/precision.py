@@ -1,5 +1,5 @@
-"""Which number format, compiler and attention kernel a device trains fastest in: the
-`precision: auto` and `compile: auto` rules every trainer shares, and pretraining's attention.
+"""Which number format and compiler a device trains fastest in: the `precision: auto` and
+`compile: auto` rules every trainer shares.
 
     >>> import torch
     >>> from llm_assets.lib.common.precision import autocast_dtype, bf16_native, cpu_bf16_flags
@@ -84,13 +84,3 @@ def use_compile(setting: str, device: torch.device) -> bool:
     if setting != "auto":
         return setting == "on"
     return device.type == "cuda"
-
-
-def training_attention(device: torch.device, amp_dtype: torch.dtype | None) -> str:
-    """The transformers attention implementation pretraining trains with: "eager" (matmul, softmax,
-    matmul) on a CPU under bf16 autocast, "sdpa" elsewhere. At the demo's shapes (4 heads of 64, 256
-    positions) torch's fused CPU attention kernel runs slower than the plain bf16 matmuls: the demo
-    model's bf16 step measured 0.362 s with eager attention against 0.394 s with sdpa (4 alternating
-    rounds of 10 steps, one process); in fp32 they tie (0.61 s). Saved models do not record it, so
-    what loads them afterwards uses transformers' default."""
-    return "eager" if device.type == "cpu" and amp_dtype == torch.bfloat16 else "sdpa"

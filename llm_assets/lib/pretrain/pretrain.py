@@ -67,7 +67,7 @@ from pydantic import Field, ValidationError
 
 from llm_assets.lib.common.atomic import atomic_dir
 from llm_assets.lib.common.memory import kept_freed_memory
-from llm_assets.lib.common.precision import PRECISIONS, autocast_dtype, training_attention, use_compile
+from llm_assets.lib.common.precision import PRECISIONS, autocast_dtype, use_compile
 from llm_assets.lib.pretrain.checkpoints import resume, run_hash, save_checkpoint
 from llm_assets.lib.pretrain.model_dir import save_model
 from llm_assets.lib.pretrain.model import MODEL_SIZES, build_model, count_parameters
@@ -323,7 +323,6 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
         torch.manual_seed(s.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
         raw = build_model(s.size, meta["vocab_size"], meta["bos_token_id"],
                           meta["eos_token_id"], meta["pad_token_id"]).to(rt.device)
-        raw.set_attn_implementation(training_attention(rt.device, rt.amp_dtype))
         optimizer, scheduler = make_optimizer(raw, s)
         n_params = count_parameters(raw)
         wanted = {k: v for k, v in s.model_dump().items() if k not in OPERATIONAL_FIELDS}
@@ -335,8 +334,7 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
         tokens_per_step = rt.world * s.micro_batch * s.grad_accum * s.seq_len
         val_starts = eval_starts(len(data["validation"]), s)
         emit({"event": "start", "parameters": n_params, "device": str(rt.device), "world_size": rt.world,
-              "autocast": str(rt.amp_dtype), "compiled": rt.compiled, "attention": raw.config._attn_implementation,
-              "tokens_per_step": tokens_per_step,
+              "autocast": str(rt.amp_dtype), "compiled": rt.compiled, "tokens_per_step": tokens_per_step,
               "from_step": start_step, "max_steps": s.max_steps})
         peak_before = peak_flops(s, rt, meta["vocab_size"]) if rt.rank == 0 else 0.0
         window = ProgressWindow(rt.device)
@@ -370,8 +368,7 @@ def train(settings: PretrainSettings, tokens_dir, tokenizer_dir, work_dir, out_d
             final = replace(final, wall_seconds=time.perf_counter() - t_start)
             config = {"settings": s.model_dump(), "model_config": raw.config.to_dict(),
                       "data_meta": meta, "world_size": rt.world, "device": str(rt.device),
-                      "autocast": str(rt.amp_dtype), "compiled": rt.compiled,
-                      "attention": raw.config._attn_implementation, "run_hash": run_id}
+                      "autocast": str(rt.amp_dtype), "compiled": rt.compiled, "run_hash": run_id}
             write_outputs(out_dir, raw, tokenizer, config, history, final)
             emit({"event": "done", **asdict(final)})
         if rt.world > 1:
