@@ -238,10 +238,11 @@ def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokeniz
         _, per_token, n_tokens, _ = generate(model, tokenizer, data.prompts[: s.latency_prompts], s.max_new_tokens)
         gen_seconds = time.perf_counter() - start
     # the quality figures on every prompt, batched: the same greedy replies, a fraction of the time
-    reply_ids = generation.generate_ids(model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size,
-                                        shipped_greedy(model, tokenizer))
+    shipped = shipped_greedy(model, tokenizer)
+    reply_ids = generation.generate_ids(model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size, shipped)
     texts = generation.reply_texts(tokenizer, reply_ids)
-    plain = generation.generate_replies(model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size)
+    plain = texts if generation.decodes_plain_greedy(shipped) else generation.generate_replies(  # no second pass
+        model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size)
     rewards = reward.reward_scores(*judge, data.prompt_chats, texts) if judge else [math.nan]
     ppl = perplexity(model, data.windows)
     loss = reply_loss(model, data.chats, data.pad_id)

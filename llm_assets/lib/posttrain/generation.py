@@ -4,8 +4,9 @@ directory ships (generation_config.json), chosen on held-out ROUGE-L.
     >>> import tempfile, torch
     >>> from pathlib import Path
     >>> from transformers import GenerationConfig
-    >>> from llm_assets.lib.posttrain.generation import (candidate_grid, choose_generation_config, generate_replies,
-    ...                                                  max_token_run, repeats, write_generation_config)
+    >>> from llm_assets.lib.posttrain.generation import (candidate_grid, choose_generation_config, decodes_plain_greedy,
+    ...                                                  generate_replies, greedy_config, max_token_run, repeats,
+    ...                                                  write_generation_config)
     >>> from llm_assets.lib.pretrain.model import build_model
     >>> from llm_assets.lib.tokenizer.tokenizer import train_tokenizer
     >>> chats = [[{"role": "user", "content": f"Explain f{i}(x)."}, {"role": "assistant", "content": f"Return x + {i}."}]
@@ -22,6 +23,8 @@ directory ships (generation_config.json), chosen on held-out ROUGE-L.
     >>> config, rows = choose_generation_config(model, tok, chats, 6, grid)
     >>> len(rows), sorted(rows[0]), config.do_sample, config.min_new_tokens
     (4, ['longest_token_run', 'mean_reply_chars', 'no_repeat_ngram_size', 'repeats_share', 'repetition_penalty', 'rouge_l'], False, 1)
+    >>> decodes_plain_greedy(greedy_config(tok, 6)), decodes_plain_greedy(config)   # a shipped config has a rule
+    (True, False)
     >>> model_dir = Path(tempfile.mkdtemp())
     >>> write_generation_config(model_dir, config)
     >>> GenerationConfig.from_pretrained(model_dir).eos_token_id == config.eos_token_id
@@ -77,6 +80,13 @@ def greedy_config(tokenizer, max_new_tokens: int, repetition_penalty: float = 1.
                             no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
                             eos_token_id=[end_token_id(tokenizer), tokenizer.eos_token_id],
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def decodes_plain_greedy(config) -> bool:
+    """True when a GenerationConfig decodes as greedy_config's defaults do: greedy, no repetition
+    penalty, no n-gram rule, no minimum length (a base model's saved config, say)."""
+    return (not config.do_sample and (config.repetition_penalty or 1.0) == 1.0
+            and not config.no_repeat_ngram_size and not config.min_new_tokens)
 
 
 def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
