@@ -241,7 +241,8 @@ def evaluate_model(load: Callable[[], torch.nn.Module], model_dir: Path, tokeniz
     shipped = shipped_greedy(model, tokenizer)
     reply_ids = generation.generate_ids(model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size, shipped)
     texts = generation.reply_texts(tokenizer, reply_ids)
-    plain = texts if generation.decodes_plain_greedy(shipped) else generation.generate_replies(  # no second pass
+    # a model that ships plain greedy (the base model) would generate the same replies a second time
+    plain = texts if generation.decodes_plain_greedy(shipped) else generation.generate_replies(
         model, tokenizer, data.prompt_chats, s.max_new_tokens, s.batch_size)
     rewards = reward.reward_scores(*judge, data.prompt_chats, texts) if judge else [math.nan]
     ppl = perplexity(model, data.windows)

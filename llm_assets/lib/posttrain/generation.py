@@ -83,8 +83,9 @@ def greedy_config(tokenizer, max_new_tokens: int, repetition_penalty: float = 1.
 
 
 def decodes_plain_greedy(config) -> bool:
-    """True when a GenerationConfig decodes as greedy_config's defaults do: greedy, no repetition
-    penalty, no n-gram rule, no minimum length (a base model's saved config, say)."""
+    """True when a GenerationConfig decodes as greedy_config's defaults do: greedy, none of the rules
+    a shipped config may add (repetition penalty, n-gram rule, minimum length). A base model's
+    saved config is one."""
     return (not config.do_sample and (config.repetition_penalty or 1.0) == 1.0
             and not config.no_repeat_ngram_size and not config.min_new_tokens)
 
